@@ -1,0 +1,26 @@
+# Each target creates the virtual environment and installs requirements.txt when needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: demo test train predict bench clean
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade -q pip
+	$(BIN)/pip install -r requirements.txt
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the whole pipeline on generated synthetic data, offline (a few CPU minutes)
+	$(BIN)/python brain_tumor_segmentation.py --demo --overwrite $(ARGS)
+
+test: $(STAMP)  ## the test suite (a few minutes on 2 CPU cores)
+	$(BIN)/python -m pytest -q tests
+
+train: $(STAMP)  ## train on the real dataset: make train ARGS="--data-dir DIR --epochs 5"
+	$(BIN)/python brain_tumor_segmentation.py $(ARGS)
+
+clean:  ## remove generated outputs and the synthetic demo data (never the real data)
+	rm -rf outputs predictions data/synthetic-demo

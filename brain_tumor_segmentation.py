@@ -1,0 +1,1443 @@
+#!/usr/bin/env python3
+"""Brain tumour segmentation from MRI: a U-Net trained end to end in one file.
+
+    python brain_tumor_segmentation.py --demo            # offline, synthetic data, minutes on a CPU
+    python brain_tumor_segmentation.py                   # the Kaggle dataset (downloaded if needed)
+    python brain_tumor_segmentation.py --data-dir DIR    # any folder with images/ and masks/
+    python brain_tumor_segmentation.py predict --model outputs/model.pth SCAN.png --out preds
+
+Every constant is a field of `Config` below and can be overridden on the command line
+(`--epochs 5 --batch-size 8`); `--help` lists them all. Sections follow the data:
+config, data, model, loss and metrics, training, evaluation, plots, prediction, command line.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import pickle
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # data
+    data_dir: str = _f("", "folder with images/ and masks/; empty: ./data/brain-tumor-segmentation, "
+                           "downloaded from Kaggle when missing")
+    out_dir: str = _f("outputs", "where model.pth, metrics, split and visualizations/ go")
+    demo: bool = _f(False, "train on a generated synthetic dataset (offline, minutes on a CPU)")
+    demo_images: int = _f(600, "number of synthetic slices generated for --demo")
+    limit: int = _f(0, "use only the first N image pairs (0: all); for quick experiments")
+    image_size: int = _f(256, "images and masks are resized to this square size (multiple of 16)")
+    split: str = _f("patient", "patient: no patient in two parts (patients.csv, --groups, or "
+                               "similar neighbouring slices); random: by image, as the seed did")
+    groups: str = _f("", "CSV with columns image,patient_id[,tumor_type] for your own data")
+    val_fraction: float = _f(0.2, "fraction of the data for validation")
+    test_fraction: float = _f(0.1, "fraction of the data for the final test")
+    seed: int = _f(42, "seed of the split, the initial weights, the batch order and augmentation")
+    # model
+    base_width: int = _f(32, "channels of the first encoder block; the U-Net doubles it 4 times")
+    # training recipe
+    recipe: str = _f("seed", "seed: the original recipe; improved: Dice+BCE, AdamW, one-cycle, "
+                             "augmentation, threshold tuned on validation. Fields you set win")
+    epochs: int = _f(20, "training epochs")
+    batch_size: int = _f(16, "images per training step")
+    lr: float = _f(1e-3, "learning rate (the peak one with --schedule onecycle)")
+    optimizer: str = _f("adam", "adam or adamw")
+    weight_decay: float = _f(0.0, "weight decay (decoupled with adamw)")
+    schedule: str = _f("constant", "learning-rate schedule: constant or onecycle")
+    loss: str = _f("dice", "dice: the seed's batch Dice loss; dice+bce: per-image Dice plus BCE")
+    smooth: float = _f(1.0, "smoothing term of the Dice loss")
+    augment: bool = _f(False, "random flips, rotations, scaling and gamma, applied on the device")
+    threshold: float = _f(0.5, "probability above which a pixel is tumour")
+    tune_threshold: bool = _f(False, "after training, pick the threshold with the best validation Dice")
+    # machine
+    device: str = _f("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    amp: str = _f("auto", "mixed precision: auto (bf16 on CUDA, else fp16 with a scaler; off on "
+                          "CPU), bf16, fp16 or off")
+    channels_last: bool = _f(True, "channels-last memory format on CUDA")
+    compile: str = _f("auto", "torch.compile the model: auto (on CUDA), on or off")
+    eval_batch_size: int = _f(64, "images per step in validation, test and prediction")
+    workers: int = _f(0, "threads that decode images once at start-up (0: one per CPU core, max 8)")
+    # outputs and run control
+    panel_images: int = _f(4, "validation images shown in the per-epoch prediction panel")
+    test_samples: int = _f(10, "random test images in the final Original | Ground truth | Prediction panel")
+    resume: str = _f("", "continue from a checkpoint: a path, or 'auto' for OUT_DIR/last.pth")
+    overwrite: bool = _f(False, "allow a new run to replace the outputs of a previous run in OUT_DIR")
+
+
+# What `--recipe NAME` sets, for every field not given explicitly on the command line.
+# The default recipe must match the dataclass defaults, so that --help tells the truth.
+RECIPES = {
+    "seed": dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", loss="dice",
+                 augment=False, tune_threshold=False),
+    "improved": dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, schedule="onecycle",
+                     loss="dice+bce", augment=True, tune_threshold=True),
+}
+# --demo: a synthetic dataset small enough to train well in a few CPU minutes.
+DEMO_DEFAULTS = dict(image_size=64, base_width=16, epochs=12, batch_size=16, out_dir="outputs/demo",
+                     data_dir="data/synthetic-demo")
+DEMO_MARKER = ".synthetic-demo"  # marks a folder --demo generated, and so may regenerate
+KAGGLE_DATASET = "nikhilroxtomar/brain-tumor-segmentation"
+DEFAULT_DATA_DIR = "data/brain-tumor-segmentation"
+PATIENTS_CSV = Path(__file__).resolve().parent / "patients.csv"
+CHECKPOINT_FORMAT = "brain-tumor-segmentation-unet"
+CHECKPOINT_VERSION = 1
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one message without a traceback."""
+
+
+def check_config(cfg: Config) -> None:
+    if cfg.image_size < 16 or cfg.image_size % 16:
+        raise UserError(f"--image-size {cfg.image_size}: must be a multiple of 16 (the U-Net halves it 4 times)")
+    if not 0 < cfg.val_fraction < 1 or not 0 < cfg.test_fraction < 1 or cfg.val_fraction + cfg.test_fraction >= 1:
+        raise UserError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
+    choices = dict(split=("patient", "random"), recipe=tuple(RECIPES), optimizer=("adam", "adamw"),
+                   schedule=("constant", "onecycle"), loss=("dice", "dice+bce"),
+                   amp=("auto", "bf16", "fp16", "off"), compile=("auto", "on", "off"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    for name in ("epochs", "batch_size", "base_width", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+# -----------------------------------------------------------------------------
+# Small utilities: messages, atomic writes
+
+
+def log(*args) -> None:
+    if is_main_process():
+        print(*args, flush=True)
+
+
+def warn(message: str) -> None:
+    if is_main_process():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path | str, write) -> None:
+    """Write through `write(file)` to a temporary file, fsync, then rename over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_json(path, obj) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def save_png(path, image: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise RuntimeError(f"could not encode {path} as PNG")
+    atomic_write(path, lambda f: f.write(buf.tobytes()))
+
+
+def save_figure(path, fig) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+# -----------------------------------------------------------------------------
+# Data: find the pairs, decode each file once, keep the dataset as uint8 tensors
+
+
+def read_image(path: Path | str) -> np.ndarray:
+    """Any PNG/JPEG/TIFF/BMP (gray, RGB, RGBA, 8 or 16 bit) -> float32 gray in [0, 1], original size.
+
+    8-bit images are divided by 255 as the seed did; 16-bit and float images by their own
+    maximum, because their value range depends on the scanner. Raises ValueError when unreadable."""
+    path = Path(path)
+    data = np.fromfile(path, dtype=np.uint8)  # imdecode also copes with non-ASCII paths
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise ValueError(f"{path}: not a readable image (corrupt, empty or unsupported format)")
+    if image.ndim == 3:
+        channels = image.shape[2]
+        if channels == 4:
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)
+        elif channels == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        else:
+            image = image[:, :, 0]
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    image = image.astype(np.float32)
+    image -= min(float(image.min()), 0.0)
+    peak = float(image.max())
+    return image / peak if peak > 0 else image
+
+
+def read_mask(path: Path | str) -> np.ndarray:
+    """A mask file -> bool array at its original size. Accepts 0/255 and 0/1 masks."""
+    mask = read_image(path)
+    # Masks saved as 0/1 in 8 bit read as 0..1/255: treat any non-zero value as tumour then.
+    level = 0.5 if mask.max() > 1.5 / 255 else 0.5 / 255
+    return mask > level
+
+
+def preprocess_image(gray: np.ndarray, size: int) -> np.ndarray:
+    """Float gray [0,1] at any size -> uint8 (size, size). Shared by training and prediction."""
+    interpolation = cv2.INTER_AREA if gray.shape[0] > size else cv2.INTER_LINEAR
+    resized = cv2.resize(gray, (size, size), interpolation=interpolation)
+    return np.clip(resized * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def preprocess_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Bool mask at any size -> uint8 0/1 (size, size): area resize, re-binarized at 50%."""
+    resized = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return (resized >= 0.5).astype(np.uint8)
+
+
+def _sort_key(name: str):
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+def list_images(folder: Path) -> dict[str, Path]:
+    """Image files of a folder by stem; other files are ignored."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+            if path.stem in files:
+                warn(f"{path}: another file has the same name {path.stem!r} ({files[path.stem].name}); "
+                     f"skipped, keep one of them")
+                continue
+            files[path.stem] = path
+    return files
+
+
+def find_pairs(data_dir: Path | str) -> list[tuple[str, Path, Path]]:
+    """(name, image path, mask path) for every image in images/ with a mask of the same name in masks/.
+
+    A missing or empty folder stops the run; an image without a mask, or a mask without an
+    image, is skipped with a warning."""
+    data_dir = Path(data_dir)
+    images_dir, masks_dir = data_dir / "images", data_dir / "masks"
+    for folder in (data_dir, images_dir, masks_dir):
+        if not folder.is_dir():
+            raise UserError(f"{folder}: folder not found. The data folder must hold images/ and masks/ "
+                            f"with one mask per image, of the same name.")
+    images, masks = list_images(images_dir), list_images(masks_dir)
+    if not images:
+        raise UserError(f"{images_dir}: no images found (PNG, JPEG, TIFF or BMP)")
+    if not masks:
+        raise UserError(f"{masks_dir}: no masks found (PNG, JPEG, TIFF or BMP)")
+    for name in sorted(set(images) - set(masks), key=_sort_key):
+        warn(f"{images[name]}: no mask named {name}.* in {masks_dir}; image skipped")
+    for name in sorted(set(masks) - set(images), key=_sort_key):
+        warn(f"{masks[name]}: no image named {name}.* in {images_dir}; mask skipped")
+    names = sorted(set(images) & set(masks), key=_sort_key)
+    if not names:
+        raise UserError(f"{data_dir}: no image in images/ has a mask of the same name in masks/")
+    return [(name, images[name], masks[name]) for name in names]
+
+
+def _load_pair(pair, size):
+    name, image_path, mask_path = pair
+    try:
+        image = read_image(image_path)
+        mask = read_mask(mask_path)
+    except ValueError as e:
+        return name, None, f"{e}; pair {name} skipped"
+    if image.shape != mask.shape:
+        return name, None, (f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                            f"{image.shape[1]}x{image.shape[0]}; pair {name} skipped")
+    return name, (preprocess_image(image, size), preprocess_mask(mask, size)), None
+
+
+def load_dataset(data_dir: Path | str, size: int, limit: int = 0, workers: int = 0) -> dict:
+    """Decode every pair once into uint8 tensors: images (N,1,S,S) 0..255, masks (N,1,S,S) 0/1.
+
+    Unreadable files and size mismatches are skipped with a warning naming the file; nothing
+    in the data folder is ever written."""
+    pairs = find_pairs(data_dir)
+    if limit:
+        pairs = pairs[:limit]
+    workers = workers or min(8, os.cpu_count() or 1)
+    images, masks, names = [], [], []
+    with ThreadPoolExecutor(workers) as pool:  # OpenCV releases the GIL while decoding
+        results = pool.map(lambda p: _load_pair(p, size), pairs)
+        for name, arrays, problem in tqdm(results, total=len(pairs), desc="decoding", unit="img",
+                                          leave=False, disable=not is_main_process()):
+            if problem:
+                warn(problem)
+                continue
+            names.append(name)
+            images.append(arrays[0])
+            masks.append(arrays[1])
+    if not names:
+        raise UserError(f"{data_dir}: none of the {len(pairs)} image/mask pairs could be read")
+    if len(names) < len(pairs):
+        warn(f"{len(pairs) - len(names)} of {len(pairs)} pairs skipped (see the warnings above)")
+    return {"names": names,
+            "images": torch.from_numpy(np.stack(images)).unsqueeze(1),
+            "masks": torch.from_numpy(np.stack(masks)).unsqueeze(1)}
+
+
+def make_synthetic_dataset(folder: Path | str, n: int, size: int = 128, seed: int = 0) -> Path:
+    """Write n MRI-like slices and masks: a skull ring, textured brain, ventricles, noise and
+    tumours of varied size, shape and contrast (about 15% of slices have none)."""
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+
+    def ellipse(cx, cy, ax, ay, angle):
+        c, s = math.cos(angle), math.sin(angle)
+        u, v = (xx - cx) * c + (yy - cy) * s, -(xx - cx) * s + (yy - cy) * c
+        return (u / ax) ** 2 + (v / ay) ** 2
+
+    def smooth_noise(scale, amplitude):
+        noise = rng.standard_normal((size, size)).astype(np.float32)
+        noise = cv2.GaussianBlur(noise, (0, 0), scale)
+        return noise / (noise.std() + 1e-6) * amplitude
+
+    for i in range(n):
+        head = ellipse(0.5 + rng.normal(0, 0.02), 0.5 + rng.normal(0, 0.02), rng.uniform(0.36, 0.44),
+                       rng.uniform(0.41, 0.47), rng.uniform(-0.3, 0.3))
+        brain = head < 0.78
+        image = np.where(head < 1.0, 0.8, 0.0).astype(np.float32)  # skull and scalp
+        image[brain] = 0.0
+        image += brain * (0.38 + smooth_noise(size / 20, 0.06))
+        ventricles = ellipse(0.5, 0.5 + rng.normal(0, 0.02), rng.uniform(0.03, 0.07), rng.uniform(0.08, 0.14),
+                             rng.uniform(-0.2, 0.2)) < 1
+        image[ventricles] = 0.12
+        mask = np.zeros((size, size), bool)
+        if rng.random() > 0.15:
+            radius = rng.uniform(0.04, 0.14)
+            angle, dist = rng.uniform(0, 2 * math.pi), rng.uniform(0, 0.22)
+            cx, cy = 0.5 + dist * math.cos(angle), 0.5 + dist * math.sin(angle)
+            blob = ellipse(cx, cy, radius * rng.uniform(0.7, 1.3), radius * rng.uniform(0.7, 1.3),
+                           rng.uniform(0, math.pi)) + smooth_noise(size / 25, 0.25)
+            mask = (blob < 1) & brain
+            contrast = rng.uniform(0.18, 0.5)
+            ring = rng.random() < 0.3  # ring-enhancing tumours have a darker core
+            core = blob < 0.45
+            image[mask] = 0.38 + contrast
+            if ring:
+                image[mask & core] = 0.38 + contrast * 0.3
+            image += mask * smooth_noise(size / 40, 0.04)
+        image = cv2.GaussianBlur(image, (0, 0), 0.8) + rng.normal(0, 0.03, (size, size)).astype(np.float32)
+        image *= rng.uniform(0.8, 1.15)  # scanners differ in overall brightness
+        cv2.imwrite(str(folder / "images" / f"{i + 1}.png"), np.clip(image * 255, 0, 255).astype(np.uint8))
+        cv2.imwrite(str(folder / "masks" / f"{i + 1}.png"), mask.astype(np.uint8) * 255)
+    return folder
+
+
+def download_dataset(dest: Path) -> Path:
+    """Download the Kaggle dataset into a temporary folder beside `dest`, then move it into place."""
+    help_text = (f"the dataset is not at {dest} and could not be downloaded from Kaggle ({{}}).\n"
+                 f"Three ways forward:\n"
+                 f"  1. Kaggle credentials: put kaggle.json in ~/.kaggle/ (or set KAGGLE_USERNAME and "
+                 f"KAGGLE_KEY) and run again; the dataset is {KAGGLE_DATASET}\n"
+                 f"  2. --data-dir DIR: a folder you already have, with images/ and masks/\n"
+                 f"  3. --demo: train on generated synthetic data, offline")
+    try:
+        # `import kaggle` authenticates at import and calls exit(1) without credentials, printing help.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            from kaggle.api.kaggle_api_extended import KaggleApi
+            api = KaggleApi()
+            api.authenticate()
+    except ImportError:
+        raise UserError(help_text.format("the kaggle package is not installed: pip install kaggle")) from None
+    except (Exception, SystemExit) as e:
+        raise UserError(help_text.format(f"no Kaggle credentials: {str(e).strip() or type(e).__name__}")) from None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+    try:
+        log(f"downloading {KAGGLE_DATASET} into {dest} ...")
+        api.dataset_download_files(KAGGLE_DATASET, path=str(tmp), unzip=True, quiet=False)
+        roots = [p.parent for p in tmp.rglob("images") if p.is_dir() and (p.parent / "masks").is_dir()]
+        if not roots:
+            raise UserError(f"the download of {KAGGLE_DATASET} has no images/ and masks/ folders; "
+                            f"download it by hand and pass --data-dir")
+        os.replace(roots[0], dest)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(help_text.format(f"download failed: {e}")) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def resolve_data_dir(cfg: Config) -> Path:
+    if cfg.demo:
+        folder = Path(cfg.data_dir)
+        marker = folder / DEMO_MARKER
+        wanted = f"{cfg.demo_images} {cfg.seed}"
+        if marker.is_file() and marker.read_text().strip() == wanted:
+            return folder
+        if folder.exists() and not marker.is_file():
+            raise UserError(f"{folder}: --demo writes synthetic data there, but the folder exists and was not made "
+                            f"by --demo; pass another --data-dir (it is never deleted or changed)")
+        log(f"generating {cfg.demo_images} synthetic slices in {folder}")
+        shutil.rmtree(folder, ignore_errors=True)  # only ever a folder that --demo made itself
+        make_synthetic_dataset(folder, cfg.demo_images, seed=cfg.seed)
+        marker.write_text(wanted + "\n")
+        return folder
+    if cfg.data_dir:
+        return Path(cfg.data_dir)
+    if Path(DEFAULT_DATA_DIR).is_dir():
+        return Path(DEFAULT_DATA_DIR)
+    return download_dataset(Path(DEFAULT_DATA_DIR))
+
+
+# --- patient-level splits
+
+
+def read_groups_csv(path: Path | str) -> dict[str, tuple[str, str]]:
+    """image name -> (patient id, tumour type or '') from a CSV with image,patient_id[,tumor_type]."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the groups file ({e.strerror})") from None
+    if not rows or not {"image", "patient_id"} <= set(rows[0]):
+        raise UserError(f"{path}: a groups file needs the columns image,patient_id (and optionally tumor_type)")
+    return {Path(r["image"]).stem: (r["patient_id"], r.get("tumor_type") or "") for r in rows}
+
+
+def group_by_similarity(images: torch.Tensor, names: list[str], min_corr: float = 0.8) -> list[str]:
+    """Approximate patients: consecutive slices (by name) whose 64x64 thumbnails correlate
+    above `min_corr` are put in one group. Neighbouring slices of one patient do so in most
+    cases, of different patients rarely (see patients.csv's README)."""
+    order = sorted(range(len(names)), key=lambda i: _sort_key(names[i]))
+    thumbs = F.interpolate(images.float(), size=(64, 64), mode="area").flatten(1)
+    thumbs = thumbs - thumbs.mean(1, keepdim=True)
+    thumbs = thumbs / thumbs.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    groups, current = [""] * len(names), 0
+    for prev, i in zip([None] + order[:-1], order):
+        if prev is not None and float(thumbs[prev] @ thumbs[i]) < min_corr:
+            current += 1
+        groups[i] = f"similar-{current}"
+    return groups
+
+
+def find_groups(cfg: Config, names: list[str], images: torch.Tensor) -> tuple[list[str], list[str], str]:
+    """Patient id and tumour type of each image, and a sentence saying where they came from."""
+    if cfg.split == "random":
+        return list(names), [""] * len(names), "random split by image (--split random)"
+    table, source = {}, ""
+    if cfg.groups:
+        table, source = read_groups_csv(cfg.groups), cfg.groups
+    elif PATIENTS_CSV.is_file():
+        table, source = read_groups_csv(PATIENTS_CSV), "patients.csv of the Figshare dataset"
+    if table and all(n in table for n in names):
+        return [table[n][0] for n in names], [table[n][1] for n in names], f"split by patient ({source})"
+    if cfg.groups:
+        missing = [n for n in names if n not in table]
+        raise UserError(f"{cfg.groups}: no patient for {len(missing)} images, for example {missing[0]!r}")
+    groups = group_by_similarity(images, names)
+    return groups, [""] * len(names), ("split by groups of similar neighbouring slices: APPROXIMATE, "
+                                       "pass --groups FILE.csv with the patient of each image for an exact one")
+
+
+def split_by_group(groups: list[str], strata: list[str], fractions: tuple[float, float], seed: int) -> dict:
+    """Indices of train/val/test such that no group is in two parts, each stratum (tumour type)
+    split in the same proportions. `fractions` are (val, test); train gets the rest."""
+    rng = np.random.default_rng(seed)
+    members_of: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members_of.setdefault(g, []).append(i)
+    by_stratum: dict[str, dict[str, list[int]]] = {}
+    for g, members in members_of.items():
+        # A group whose images disagree on the stratum goes by its most common one: it stays whole.
+        labels = [strata[i] for i in members]
+        by_stratum.setdefault(max(sorted(set(labels)), key=labels.count), {})[g] = members
+    parts = {"train": [], "val": [], "test": []}
+    for stratum in sorted(by_stratum):
+        stratum_groups = by_stratum[stratum]
+        keys = sorted(stratum_groups)
+        rng.shuffle(keys)
+        total = sum(len(v) for v in stratum_groups.values())
+        targets = {"test": fractions[1] * total, "val": fractions[0] * total}
+        filled = {"test": 0, "val": 0}
+        for key in keys:
+            members = stratum_groups[key]
+            # Fill test first, then validation, each up to its share; the rest trains.
+            part = next((p for p in ("test", "val") if filled[p] + len(members) / 2 <= targets[p]), "train")
+            if part != "train":
+                filled[part] += len(members)
+            parts[part].extend(members)
+    if not parts["train"] or not parts["val"] or not parts["test"]:
+        raise UserError(f"{len(set(groups))} patients/groups are too few for a train/val/test split; "
+                        f"add data or use --split random")
+    return {k: sorted(v) for k, v in parts.items()}
+
+
+def make_split(cfg: Config, data: dict) -> dict:
+    groups, strata, how = find_groups(cfg, data["names"], data["images"])
+    parts = split_by_group(groups, strata, (cfg.val_fraction, cfg.test_fraction), cfg.seed)
+    names = data["names"]
+    split = {"how": how, "seed": cfg.seed}
+    for part, idx in parts.items():
+        split[part] = [names[i] for i in idx]
+        split[f"{part}_patients"] = sorted({groups[i] for i in idx})
+    split["groups"] = dict(zip(names, groups))
+    split["tumor_types"] = {n: s for n, s in zip(names, strata) if s}
+    return split
+
+
+def split_indices(split: dict, names: list[str]) -> dict[str, torch.Tensor]:
+    position = {n: i for i, n in enumerate(names)}
+    out = {}
+    for part in ("train", "val", "test"):
+        missing = [n for n in split[part] if n not in position]
+        if missing:
+            raise UserError(f"the split names {len(missing)} images that are not in the data folder "
+                            f"(for example {missing[0]!r}): resume with the same --data-dir")
+        out[part] = torch.tensor([position[n] for n in split[part]], dtype=torch.long)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True))
+
+
+class UNet(nn.Module):
+    """U-Net: 4 encoder blocks 1->w->2w->4w->8w with max pooling, a 16w bottleneck (512 channels
+    at 16x16 for w=32 and a 256x256 input), 4 decoder blocks that upsample with 2x2 transposed
+    convolutions and concatenate the encoder features, and a 1x1 convolution to one logit."""
+
+    def __init__(self, in_channels: int = 1, width: int = 32):
+        super().__init__()
+        widths = [width * 2 ** i for i in range(4)]
+        self.encoders = nn.ModuleList()
+        channels = in_channels
+        for w in widths:
+            self.encoders.append(conv_block(channels, w))
+            channels = w
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = conv_block(widths[-1], widths[-1] * 2)
+        self.upsamples = nn.ModuleList(nn.ConvTranspose2d(w * 2, w, 2, stride=2) for w in reversed(widths))
+        self.decoders = nn.ModuleList(conv_block(w * 2, w) for w in reversed(widths))
+        self.head = nn.Conv2d(widths[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for encoder in self.encoders:
+            x = encoder(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for upsample, decoder, skip in zip(self.upsamples, self.decoders, reversed(skips)):
+            x = decoder(torch.cat([upsample(x), skip], dim=1))
+        return self.head(x)
+
+
+# -----------------------------------------------------------------------------
+# Loss and metrics (always float32)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, per_image: bool = False):
+    """The seed's loss, 1 - (2*sum(p*t) + smooth) / (sum(p^2) + sum(t^2) + smooth), on sigmoid
+    probabilities; sums over the whole batch, or per image and then averaged."""
+    p, t = torch.sigmoid(logits.float()), target.float()
+    dims = (1, 2, 3) if per_image else (0, 1, 2, 3)
+    intersection = (p * t).sum(dims)
+    denominator = (p * p).sum(dims) + (t * t).sum(dims)
+    return (1 - (2 * intersection + smooth) / (denominator + smooth)).mean()
+
+
+def compute_loss(logits, target, cfg: Config) -> torch.Tensor:
+    if cfg.loss == "dice":
+        return dice_loss(logits, target, cfg.smooth)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    return dice_loss(logits, target, cfg.smooth, per_image=True) + bce
+
+
+def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per image (N, 3): true positives, false positives, false negatives of binary masks."""
+    pred, target = pred.flatten(1).bool(), target.flatten(1).bool()
+    tp = (pred & target).sum(1)
+    fp = (pred & ~target).sum(1)
+    fn = (~pred & target).sum(1)
+    return torch.stack([tp, fp, fn], 1).double()
+
+
+def scores_from_counts(counts: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image Dice, IoU, precision, recall from (N, 3) counts.
+
+    Convention for empty masks: an empty ground truth with an empty prediction scores 1 on
+    every metric, and any metric whose denominator is otherwise 0 scores 0 (so a prediction on
+    a tumour-free slice, or a missed tumour, counts as a full miss). No image is skipped."""
+    c = np.asarray(counts, dtype=np.float64).reshape(-1, 3)
+    tp, fp, fn = c[:, 0], c[:, 1], c[:, 2]
+    both_empty = (tp + fp + fn) == 0
+
+    def ratio(num, den):
+        return np.where(both_empty, 1.0, np.divide(num, den, out=np.zeros_like(num), where=den > 0))
+
+    return {"dice": ratio(2 * tp, 2 * tp + fp + fn), "iou": ratio(tp, tp + fp + fn),
+            "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn)}
+
+
+def hd95(pred: np.ndarray, target: np.ndarray) -> float:
+    """95th-percentile symmetric Hausdorff distance in pixels between two binary masks (as MONAI:
+    the larger of the two directed 95th percentiles). NaN when both are empty, inf when one is."""
+    pred, target = pred.astype(bool), target.astype(bool)
+    if not pred.any() and not target.any():
+        return float("nan")
+    if not pred.any() or not target.any():
+        return float("inf")
+
+    def border(m):  # pixels outside the image count as background, so edge pixels are border
+        eroded = cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        return m & ~eroded.astype(bool)
+
+    def distances_to(m):  # distance of each pixel to the nearest border pixel of m
+        return cv2.distanceTransform((~border(m)).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+
+    d_pt = distances_to(target)[border(pred)]
+    d_tp = distances_to(pred)[border(target)]
+    return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
+
+
+def bootstrap_interval(values: np.ndarray, groups: list[str], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean over images, resampling whole groups (patients) with replacement."""
+    keys = sorted(set(groups))
+    index = {k: i for i, k in enumerate(keys)}
+    g = np.array([index[x] for x in groups])
+    sums = np.bincount(g, weights=values, minlength=len(keys))
+    counts = np.bincount(g, minlength=len(keys)).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(keys), size=(n, len(keys)))
+    means = sums[draws].sum(1) / counts[draws].sum(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    return device
+
+
+def setup_device(cfg: Config) -> tuple[torch.device, int, int]:
+    """Device, rank and world size; under torchrun also joins the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = pick_device(cfg.device)
+    if world > 1:
+        import torch.distributed as dist
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world
+
+
+def amp_dtype(cfg: Config, device: torch.device):
+    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def to_input(images_u8: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = images_u8.to(device, non_blocking=True).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
+    """Random horizontal flip, rotation (+-15 deg), scaling (0.9-1.1) and gamma, on the device.
+    Left-right flips keep anatomy plausible; vertical ones would not."""
+    n = x.shape[0]
+
+    def uniform(low, high):
+        return torch.rand(n, device=x.device, generator=generator) * (high - low) + low
+
+    angle = uniform(-math.pi / 12, math.pi / 12)
+    scale = torch.exp(uniform(-0.1, 0.1))
+    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos * flip, -sin, zero], 1), torch.stack([sin * flip, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    gamma = torch.exp(uniform(-0.3, 0.3)).view(n, 1, 1, 1)
+    return x.clamp(0, 1).pow(gamma), y
+
+
+def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
+    """Constant, or one-cycle: linear warm-up over 30% of the steps to lr, cosine down to lr/1e4."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    warmup = max(1, int(0.3 * total_steps))
+    if step < warmup:
+        return cfg.lr / 25 + (cfg.lr - cfg.lr / 25) * step / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return cfg.lr / 1e4 + (cfg.lr - cfg.lr / 1e4) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Shuffled indices of one epoch, as (steps, batch) for this process: deterministic in
+    (seed, epoch), so a resumed run sees the same batches. The ragged remainder is dropped
+    (a different one each epoch) to keep shapes fixed."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    per_rank = n // world
+    mine = perm[rank * per_rank:(rank + 1) * per_rank]
+    steps = max(1, len(mine) // batch_size)
+    if len(mine) < batch_size:  # tiny datasets: one smaller batch
+        return mine.view(1, -1)
+    return mine[:steps * batch_size].view(steps, batch_size)
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; training stops at the end of the current step. A second Ctrl-C
+    interrupts at once."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # only the main thread can install handlers
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        log(f"\n{signal.Signals(signum).name} received: stopping after this step (again to abort)")
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def checkpoint_state(model, optimizer, scaler, cfg, split, history, epoch, step, extra) -> dict:
+    """Everything needed to use or resume a model, as tensors and plain Python types only,
+    so that torch.load(weights_only=True) can read it."""
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "model": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()},
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            "config": dataclasses.asdict(cfg), "split": split, "history": history,
+            "epoch": epoch, "step": step, "image_size": cfg.image_size, "base_width": cfg.base_width,
+            "threshold": cfg.threshold, **extra}
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path | str) -> dict:
+    """Load and check a checkpoint without running any code stored in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: refused, it holds Python objects that could run code when loaded; "
+                        f"only checkpoints written by this script can be used") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or another kind of "
+                        f"file: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a checkpoint of this script's U-Net")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path}: checkpoint format version {state.get('version')}, but this script reads "
+                        f"version {CHECKPOINT_VERSION}; use the script version that wrote it")
+    return state
+
+
+def model_from_checkpoint(state: dict, path, device) -> nn.Module:
+    model = UNet(width=int(state["base_width"]))
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError):
+        raise UserError(f"{path}: its weights do not fit this U-Net (saved with other channel widths "
+                        f"or another architecture)") from None
+    return model.to(device).eval()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def prepare_out_dir(cfg: Config) -> Path:
+    """A new run never silently replaces an earlier run's model: it refuses unless --resume or
+    --overwrite is given."""
+    out = Path(cfg.out_dir)
+    if cfg.resume or not (out / "model.pth").exists() and not (out / "last.pth").exists():
+        return out
+    if not cfg.overwrite:
+        raise UserError(f"{out} already holds the outputs of an earlier run (model.pth). Continue it with "
+                        f"--resume, pick another --out-dir, or replace it with --overwrite")
+    if is_main_process():
+        for name in ("model.pth", "last.pth"):
+            with contextlib.suppress(FileNotFoundError):
+                (out / name).unlink()
+        shutil.rmtree(out / "visualizations", ignore_errors=True)
+    return out
+
+
+def train(cfg: Config) -> dict:
+    """The whole pipeline: data, split, training with validation, test evaluation, plots.
+    Returns the test metrics."""
+    t_start = time.time()
+    resume_state = None
+    if cfg.resume:
+        path = Path(cfg.out_dir) / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
+        resume_state = load_checkpoint(path)
+        saved = Config(**{k: v for k, v in resume_state["config"].items() if k in Config.__dataclass_fields__})
+        cfg = dataclasses.replace(saved, device=cfg.device, resume=str(path), out_dir=cfg.out_dir or saved.out_dir)
+        log(f"resuming {path} at epoch {resume_state['epoch'] + 1}, step {resume_state['step']}")
+    check_config(cfg)
+    out = prepare_out_dir(cfg)
+    device, rank, world = setup_device(cfg)
+    main = rank == 0
+    log("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                               f" ({torch.get_num_threads()} threads)") + (f", {world} processes" if world > 1 else ""))
+    if main:
+        save_json(out / "config.json", dataclasses.asdict(cfg))
+
+    # Data, decoded once, kept as uint8 tensors on the training device.
+    data_dir = resolve_data_dir(cfg)
+    t0 = time.time()
+    data = load_dataset(data_dir, cfg.image_size, cfg.limit, cfg.workers)
+    split = resume_state["split"] if resume_state else make_split(cfg, data)
+    idx = split_indices(split, data["names"])
+    log(f"data: {len(data['names'])} pairs from {data_dir} at {cfg.image_size}x{cfg.image_size}, decoded in "
+        f"{time.time() - t0:.1f} s; {split['how']}")
+    log(f"split: train {len(idx['train'])} images ({len(split['train_patients'])} patients), val "
+        f"{len(idx['val'])} ({len(split['val_patients'])}), test {len(idx['test'])} ({len(split['test_patients'])})")
+    if main:
+        save_json(out / "split.json", split)
+    images = data["images"].to(device)
+    masks = data["masks"].to(device)
+
+    # Model, optimizer, precision.
+    torch.manual_seed(cfg.seed)
+    model = UNet(width=cfg.base_width).to(device)
+    if main:
+        print_model_summary(model, cfg, device)
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dtype = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    opt_kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if device.type == "cuda":
+        opt_kwargs["fused"] = True
+    optimizer = opt_class(model.parameters(), **opt_kwargs)
+    history = {"epoch": [], "train_loss": [], "val_loss": [], "val_dice": [], "val_iou": [], "lr": [],
+               "epoch_seconds": [], "images_per_second": []}
+    start_epoch, start_step, loss_sum, best = 0, 0, 0.0, {"epoch": 0, "val_dice": -1.0}
+    if resume_state:
+        unwrap(model).load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+        history = resume_state["history"]
+        start_epoch, start_step = resume_state["epoch"], resume_state["step"]
+        loss_sum, best = resume_state["epoch_loss_sum"], resume_state["best"]
+    train_model = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+        train_model = torch.compile(train_model)
+    log(f"precision: {dtype or torch.float32}, channels-last: {channels_last}, compiled: "
+        f"{train_model is not model and world == 1 or cfg.compile == 'on'}")
+
+    n_train = len(idx["train"])
+    steps_per_epoch = batch_order(n_train, cfg.batch_size, cfg.seed, 0, rank, world).shape[0]
+    total_steps = cfg.epochs * steps_per_epoch
+    panel_idx = idx["val"][torch.randperm(len(idx["val"]), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.panel_images]]
+    train_idx = idx["train"].to(device)
+
+    def save_last(epoch, step, loss_total):
+        state = checkpoint_state(model, optimizer, scaler, cfg, split, history, epoch, step,
+                                 {"epoch_loss_sum": loss_total, "best": best})
+        save_checkpoint(out / "last.pth", state)
+
+    stopped = None
+    with StopFlag() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            order = batch_order(n_train, cfg.batch_size, cfg.seed, epoch, rank, world)
+            model.train()
+            t_epoch, seen = time.time(), 0
+            step_losses = torch.zeros(len(order), device=device)
+            bar = tqdm(total=len(order) * order.shape[1] * world, initial=start_step * order.shape[1] * world,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", dynamic_ncols=True, leave=False, mininterval=1,
+                       disable=not main)
+            for step in range(start_step, len(order)):
+                global_step = epoch * steps_per_epoch + step
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg, global_step, total_steps)
+                batch = train_idx[order[step].to(device)]
+                x = to_input(images[batch], device, channels_last)
+                y = masks[batch].float()
+                if cfg.augment:
+                    g = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + global_step)
+                    x, y = augment_batch(x, y, g)
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    logits = train_model(x)
+                loss = compute_loss(logits, y, cfg)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                step_losses[step] = loss.detach()
+                scaler.step(optimizer)
+                scaler.update()
+                seen += len(batch) * world
+                # Reading the loss costs a device sync; do it only when the bar is redrawn.
+                if device.type == "cpu" or step % 20 == 0 or step == len(order) - 1:
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise NonFiniteLoss(f"the loss became {value} at epoch {epoch + 1}, step {step + 1}; "
+                                            f"the last good checkpoint in {out} was kept. Try a lower --lr, "
+                                            f"or --amp off")
+                    bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                bar.update(len(batch) * world)
+                if stop_requested(stop, world):
+                    stopped = (epoch, step + 1)
+                    break
+            bar.close()
+            if stopped:
+                loss_sum += float(step_losses[start_step:stopped[1]].sum())
+                if main:
+                    save_last(epoch, stopped[1], loss_sum)
+                break
+            train_loss = (loss_sum + float(step_losses[start_step:].sum())) / len(order)
+            if not math.isfinite(train_loss):
+                bad = int((~torch.isfinite(step_losses)).nonzero()[0])
+                raise NonFiniteLoss(f"the loss became non-finite at epoch {epoch + 1}, step {bad + 1}; the last "
+                                    f"good checkpoint in {out} was kept. Try a lower --lr, or --amp off")
+            start_step, loss_sum = 0, 0.0
+            seconds = time.time() - t_epoch
+            val = evaluate(model, images, masks, idx["val"], cfg, device, dtype, channels_last, cfg.threshold,
+                           rank=rank, world=world)
+            for key, value in (("epoch", epoch + 1), ("train_loss", train_loss), ("val_loss", val["loss"]),
+                               ("val_dice", val["dice"]), ("val_iou", val["iou"]),
+                               ("lr", optimizer.param_groups[0]["lr"]), ("epoch_seconds", seconds),
+                               ("images_per_second", seen / seconds)):
+                history[key].append(value)
+            improved = val["dice"] > best["val_dice"]
+            if improved:
+                best = {"epoch": epoch + 1, "val_dice": val["dice"], "val_iou": val["iou"], "val_loss": val["loss"]}
+            log(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f} | val loss {val['loss']:.4f} "
+                f"dice {val['dice']:.4f} iou {val['iou']:.4f} | {seconds:.1f} s, {seen / seconds:.1f} img/s"
+                + ("  * best, saved" if improved else ""))
+            if main:
+                if improved:
+                    save_checkpoint(out / "model.pth", checkpoint_state(
+                        model, None, None, cfg, split, history, epoch + 1, 0, {"metrics": best, "best": best}))
+                save_last(epoch + 1, 0, 0.0)
+                save_epoch_panel(out / "visualizations" / "epochs" / f"epoch_{epoch + 1:03d}.png", model,
+                                 images[panel_idx.to(device)], masks[panel_idx.to(device)], cfg, device, dtype,
+                                 channels_last, f"epoch {epoch + 1}: val Dice {val['dice']:.3f}")
+                plot_curves(out / "visualizations" / "loss_curves.png", history)
+    if stopped:
+        sys.stdout.flush()
+        raise Interrupted(f"stopped at epoch {stopped[0] + 1}, step {stopped[1]}; {out / 'last.pth'} holds the "
+                          f"run. Continue it with:\n  python {Path(sys.argv[0]).name} --resume --out-dir {out}",
+                          code=130 if stop.signal == signal.SIGINT else 143)
+
+    if not main:
+        return {}
+    # The best epoch's weights, evaluated once on the test split.
+    state = load_checkpoint(out / "model.pth")
+    best_model = model_from_checkpoint(state, out / "model.pth", device)
+    threshold = cfg.threshold
+    if cfg.tune_threshold:
+        threshold = tune_threshold(best_model, images, masks, idx["val"], cfg, device, dtype)
+        state["threshold"] = threshold
+        save_checkpoint(out / "model.pth", state)
+        log(f"threshold chosen on validation: {threshold:.2f}")
+    metrics = evaluate_test(best_model, images, masks, idx["test"], data["names"], split, cfg, device, dtype,
+                            threshold, out)
+    metrics.update(best_epoch=best["epoch"], best_val_dice=best["val_dice"],
+                   total_seconds=time.time() - t_start)
+    save_json(out / "metrics.json", metrics)
+    t = metrics["test"]
+    log(f"test ({t['images']} images, {t['patients']} patients): Dice {t['dice']:.4f} "
+        f"[95% CI {t['dice_ci95'][0]:.4f}-{t['dice_ci95'][1]:.4f}], IoU {t['iou']:.4f}, "
+        f"precision {t['precision']:.4f}, recall {t['recall']:.4f}, HD95 {t['hd95']:.1f} px")
+    log(f"outputs in {out}/: model.pth, last.pth, metrics.json, test_per_image.csv, split.json, config.json, "
+        f"visualizations/  ({time.time() - t_start:.1f} s in all)")
+    return metrics
+
+
+class Interrupted(UserError):
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def stop_requested(stop: StopFlag, world: int) -> bool:
+    if world == 1:
+        return stop.signal is not None
+    import torch.distributed as dist
+    flag = torch.tensor([1.0 if stop.signal is not None else 0.0])
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
+
+def print_model_summary(model: nn.Module, cfg: Config, device: torch.device) -> None:
+    from torchsummary import summary  # its device argument must match the model's (see NOTES)
+    with contextlib.redirect_stdout(io.StringIO()) as text, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchsummary 1.5.1 reads tensors that require grad
+        summary(model, (1, cfg.image_size, cfg.image_size), device=device.type)
+    print(text.getvalue(), flush=True)
+    model.train()
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def predict_probabilities(model, images_u8: torch.Tensor, batch_size: int, device, dtype, channels_last=False):
+    """Sigmoid probabilities (N,1,S,S) float32 for uint8 images, in eval mode, in large batches."""
+    model.eval()
+    out = []
+    for start in range(0, len(images_u8), batch_size):
+        x = to_input(images_u8[start:start + batch_size], device, channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out.append(torch.sigmoid(model(x).float()))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(model, images, masks, indices, cfg, device, dtype, channels_last, threshold, rank=0, world=1) -> dict:
+    """Mean loss (over batches), and per-image mean Dice and IoU of one split part."""
+    mine = indices[rank::world].to(device)
+    loss_sum, n_batches, dice_sum, iou_sum = 0.0, 0, 0.0, 0.0
+    for start in range(0, len(mine), cfg.eval_batch_size):
+        batch = mine[start:start + cfg.eval_batch_size]
+        model.eval()
+        x = to_input(images[batch], device, channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x)
+        y = masks[batch]
+        loss_sum += float(compute_loss(logits, y, cfg)) * len(batch)
+        scores = scores_from_counts(confusion_counts(torch.sigmoid(logits.float()) > threshold, y).cpu())
+        dice_sum += scores["dice"].sum()
+        iou_sum += scores["iou"].sum()
+        n_batches += len(batch)
+    totals = torch.tensor([loss_sum, dice_sum, iou_sum, n_batches], dtype=torch.float64)
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(totals)
+    loss_sum, dice_sum, iou_sum, n = totals.tolist()
+    n = max(n, 1)
+    return {"loss": loss_sum / n, "dice": dice_sum / n, "iou": iou_sum / n}
+
+
+def tune_threshold(model, images, masks, val_idx, cfg, device, dtype) -> float:
+    probs = predict_probabilities(model, images[val_idx.to(device)], cfg.eval_batch_size, device, dtype)
+    target = masks[val_idx.to(device)]
+    candidates = np.round(np.arange(0.2, 0.81, 0.05), 2)
+    dice = [scores_from_counts(confusion_counts(probs > t, target).cpu())["dice"].mean() for t in candidates]
+    return float(candidates[int(np.argmax(dice))])
+
+
+def summarize(scores: dict[str, np.ndarray], counts: np.ndarray) -> dict:
+    hd = scores["hd95"][np.isfinite(scores["hd95"])]
+    c = counts.sum(0)
+    return {"images": int(len(counts)),
+            **{k: float(scores[k].mean()) for k in ("dice", "iou", "precision", "recall")},
+            "hd95": float(hd.mean()) if len(hd) else float("nan"),
+            "hd95_images": int(len(hd)),
+            "pooled_dice": float(2 * c[0] / max(2 * c[0] + c[1] + c[2], 1))}
+
+
+def evaluate_test(model, images, masks, test_idx, names, split, cfg, device, dtype, threshold, out: Path) -> dict:
+    """Per-image and pooled Dice, IoU, precision, recall and HD95 on the test split, a 95%
+    bootstrap interval over patients, a per-image CSV and the test plots."""
+    idx = test_idx.to(device)
+    probs = predict_probabilities(model, images[idx], cfg.eval_batch_size, device, dtype)
+    pred = (probs > threshold)
+    target = masks[idx].bool()
+    counts = confusion_counts(pred, target).cpu().numpy()
+    scores = scores_from_counts(counts)
+    pred_np, target_np = pred.cpu().numpy()[:, 0], target.cpu().numpy()[:, 0]
+    scores["hd95"] = np.array([hd95(p, t) for p, t in zip(pred_np, target_np)])
+    test_names = [names[i] for i in test_idx.tolist()]
+    groups = [split["groups"].get(n, n) for n in test_names]
+    types = [split.get("tumor_types", {}).get(n, "") for n in test_names]
+    summary = summarize(scores, counts)
+    summary["patients"] = len(set(groups))
+    summary["dice_ci95"] = list(bootstrap_interval(scores["dice"], groups, seed=cfg.seed))
+    by_type = {t: summarize({k: v[np.array(types) == t] for k, v in scores.items()}, counts[np.array(types) == t])
+               for t in sorted(set(types)) if t}
+    rows = [{"image": n, "patient": g, "tumor_type": t, "gt_pixels": int(c[0] + c[2]), "pred_pixels": int(c[0] + c[1]),
+             **{k: round(float(scores[k][i]), 5) for k in ("dice", "iou", "precision", "recall", "hd95")}}
+            for i, (n, g, t, c) in enumerate(zip(test_names, groups, types, counts))]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "test_per_image.csv", lambda f: f.write(buf.getvalue().encode()))
+    images_np = images[idx].cpu().numpy()[:, 0]
+    vis = out / "visualizations"
+    rng = np.random.default_rng(cfg.seed)
+    sample = rng.choice(len(test_names), size=min(cfg.test_samples, len(test_names)), replace=False)
+    plot_samples(vis / "test_samples.png", images_np, target_np, pred_np, scores["dice"], test_names, sample,
+                 f"{len(sample)} random test images")
+    worst = np.argsort(scores["dice"], kind="stable")[:min(cfg.test_samples, len(test_names))]
+    plot_samples(vis / "worst_predictions.png", images_np, target_np, pred_np, scores["dice"], test_names, worst,
+                 f"the {len(worst)} test images with the lowest Dice")
+    plot_dice_histogram(vis / "test_dice_histogram.png", scores["dice"], summary["dice"])
+    return {"test": summary, "by_tumor_type": by_type, "threshold": threshold, "split": split["how"],
+            "empty_masks": "an empty ground truth with an empty prediction scores 1 on every metric; "
+                           "otherwise a zero denominator scores 0; HD95 is averaged over images where both "
+                           "masks are non-empty",
+            "hd95_unit": f"pixels at {cfg.image_size}x{cfg.image_size}"}
+
+
+# -----------------------------------------------------------------------------
+# Plots
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # no screen needed: servers and CI
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(path: Path, history: dict) -> None:
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(history["epoch"], history["train_loss"], "o-", label="training loss")
+    ax1.plot(history["epoch"], history["val_loss"], "o-", label="validation loss")
+    ax1.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax1.legend()
+    ax2.plot(history["epoch"], history["val_dice"], "o-", color="tab:green", label="validation Dice")
+    ax2.plot(history["epoch"], history["val_iou"], "o-", color="tab:olive", label="validation IoU")
+    ax2.set(xlabel="epoch", ylabel="score", title="Validation Dice and IoU", ylim=(0, 1))
+    ax2.legend()
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def save_epoch_panel(path, model, images_u8, masks_u8, cfg, device, dtype, channels_last, title) -> None:
+    """One row per validation image: Original | Ground truth | Prediction, written with OpenCV
+    because it costs milliseconds, which matters once an epoch takes seconds on a GPU."""
+    probs = predict_probabilities(model, images_u8, cfg.eval_batch_size, device, dtype, channels_last)
+    model.train()
+    rows = []
+    for img, gt, p in zip(images_u8.cpu().numpy()[:, 0], masks_u8.cpu().numpy()[:, 0], probs.cpu().numpy()[:, 0]):
+        rows.append(np.hstack([img, gt * 255, (p > cfg.threshold).astype(np.uint8) * 255]))
+    panel = np.vstack(rows)
+    scale = max(1, 256 // cfg.image_size)
+    panel = cv2.resize(panel, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    header = np.zeros((28, panel.shape[1]), np.uint8)
+    cv2.putText(header, title + "   (original | ground truth | prediction)", (6, 19), cv2.FONT_HERSHEY_SIMPLEX,
+                0.5, 255, 1, cv2.LINE_AA)
+    save_png(path, np.vstack([header, panel]))
+
+
+def plot_samples(path, images, targets, preds, dice, names, which, title) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(which), 3, figsize=(8, 2.7 * len(which)), squeeze=False)
+    for row, i in zip(axes, which):
+        for ax, picture, label in zip(row, (images[i], targets[i], preds[i]), ("Original", "Ground truth", "Prediction")):
+            ax.imshow(picture, cmap="gray", vmin=0, vmax=255 if picture.dtype == np.uint8 and picture.max() > 1 else 1)
+            ax.set_title(f"{label}: {names[i]}" if label == "Original" else
+                         f"{label}, Dice {dice[i]:.3f}" if label == "Prediction" else label, fontsize=9)
+            ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def plot_dice_histogram(path, dice: np.ndarray, mean: float) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(dice, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
+    ax.axvline(mean, color="tab:red", label=f"mean {mean:.3f}")
+    ax.set(xlabel="Dice per test image", ylabel="images", title="Test Dice per image")
+    ax.legend()
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# Prediction: segment new scans with a trained model.pth
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    """Image files named directly or found in the named folders (not recursive), one per name."""
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += [p for p in sorted(path.iterdir(), key=lambda p: _sort_key(p.stem))
+                      if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    unique: dict[str, Path] = {}
+    for f in files:
+        if f.stem in unique:
+            warn(f"{f}: same name as {unique[f.stem]}, and outputs are named after the file; skipped")
+        else:
+            unique[f.stem] = f
+    if not unique:
+        raise UserError(f"no images (PNG, JPEG, TIFF or BMP) in {', '.join(inputs)}")
+    return list(unique.values())
+
+
+def make_overlay(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The scan in gray with the tumour tinted red and outlined in yellow (BGR, uint8)."""
+    scan = cv2.cvtColor(np.clip(gray * 255 + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    tinted = scan.copy()
+    tinted[mask] = (0, 0, 255)
+    overlay = cv2.addWeighted(tinted, 0.35, scan, 0.65, 0)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(overlay, contours, -1, (0, 255, 255), max(1, round(min(mask.shape) / 256)))
+    return overlay
+
+
+def predict(model_path, inputs: list[str], out_dir, masks_dir: str = "", batch_size: int = 16,
+            device: str = "auto", overwrite: bool = False) -> list[dict]:
+    """Write a binary mask at the input's size, an overlay and one CSV row per input image.
+
+    The image size and threshold come from the checkpoint. With `masks_dir`, each image with a
+    mask of the same name also gets Dice and IoU, computed as in the test evaluation."""
+    state = load_checkpoint(model_path)
+    dev = pick_device(device)
+    model = model_from_checkpoint(state, model_path, dev)
+    size, threshold = int(state["image_size"]), float(state["threshold"])
+    files = collect_inputs(inputs)
+    out = Path(out_dir)
+    for item in inputs:
+        folder = Path(item).resolve()
+        if folder.is_dir() and (out.resolve() == folder or folder in out.resolve().parents):
+            raise UserError(f"--out {out} is inside the input folder {item}; choose a folder outside it, "
+                            f"input folders are never written to")
+    truth = list_images(Path(masks_dir)) if masks_dir and Path(masks_dir).is_dir() else {}
+    if masks_dir and not truth:
+        raise UserError(f"{masks_dir}: no masks found (PNG, JPEG, TIFF or BMP)")
+    targets = [out / "predictions.csv"] + [out / sub / f"{f.stem}.png" for f in files for sub in ("masks", "overlays")]
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise UserError(f"{out}: {len(existing)} output files exist already (for example {existing[0]}); "
+                        f"pass --overwrite to replace them, or choose another --out")
+    dtype = amp_dtype(Config(), dev)
+    rows, skipped, t0 = [], 0, time.time()
+    bar = tqdm(total=len(files), desc="predicting", unit="img", disable=not is_main_process())
+    for start in range(0, len(files), batch_size):
+        batch = []
+        for f in files[start:start + batch_size]:
+            try:
+                batch.append((f, read_image(f)))
+            except ValueError as e:
+                warn(f"{e}; skipped")
+                skipped += 1
+        probs = []
+        if batch:
+            x = torch.from_numpy(np.stack([preprocess_image(g, size) for _, g in batch])).unsqueeze(1)
+            probs = predict_probabilities(model, x, batch_size, dev, dtype).cpu().numpy()[:, 0]
+        for (f, gray), prob in zip(batch, probs):
+            full = cv2.resize(prob, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
+            mask = full > threshold
+            save_png(out / "masks" / f"{f.stem}.png", mask.astype(np.uint8) * 255)
+            save_png(out / "overlays" / f"{f.stem}.png", make_overlay(gray, mask))
+            row = {"image": str(f), "width": gray.shape[1], "height": gray.shape[0],
+                   "tumor_pixels": int(mask.sum()), "tumor_fraction": round(float(mask.mean()), 6),
+                   "mean_probability": round(float(full[mask].mean()) if mask.any() else 0.0, 4)}
+            if f.stem in truth:
+                try:
+                    target = preprocess_mask(read_mask(truth[f.stem]), size)
+                    counts = confusion_counts(torch.from_numpy(prob > threshold)[None], torch.from_numpy(target)[None])
+                    scores = scores_from_counts(counts)
+                    row.update(dice=round(float(scores["dice"][0]), 5), iou=round(float(scores["iou"][0]), 5))
+                except ValueError as e:
+                    warn(f"{e}; no Dice for {f.name}")
+            elif masks_dir:
+                warn(f"{f.name}: no mask named {f.stem}.* in {masks_dir}; no Dice for it")
+            rows.append(row)
+        bar.update(len(files[start:start + batch_size]))
+    bar.close()
+    if not rows:
+        raise UserError("none of the inputs could be read; nothing was written")
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "predictions.csv", lambda fh: fh.write(buf.getvalue().encode()))
+    seconds = time.time() - t0
+    log(f"{len(rows)} images segmented in {seconds:.2f} s ({seconds / len(rows):.3f} s each) on {dev}"
+        + (f", {skipped} unreadable skipped" if skipped else "") + f"; masks, overlays and predictions.csv in {out}/")
+    scored = [r for r in rows if "dice" in r]
+    if scored:
+        log(f"against {len(scored)} masks: Dice {np.mean([r['dice'] for r in scored]):.4f}, "
+            f"IoU {np.mean([r['iou'] for r in scored]):.4f} (mean over images, at {size}x{size})")
+    return rows
+
+
+def predict_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog=f"{Path(sys.argv[0]).name} predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Segment MRI slices with a trained model: a mask at each input's size, an overlay, "
+                    "and predictions.csv (tumour area and mean probability per image).")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders of images")
+    parser.add_argument("--model", default="outputs/model.pth", help="checkpoint written by training")
+    parser.add_argument("--out", default="predictions", help="output folder")
+    parser.add_argument("--masks", default="", help="folder of true masks (same file names): report Dice and IoU")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier prediction")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    predict(args.model, args.inputs, args.out, args.masks, args.batch_size, args.device, args.overwrite)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def build_parser(defaults: Config) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a U-Net to segment brain tumours in MRI slices (run `predict --help` for "
+                    "segmenting new scans with a trained model).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if f.name == "resume":
+            parser.add_argument(flag, nargs="?", const="auto", default=argparse.SUPPRESS, help=f.metadata["help"])
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f.metadata["help"] + f" (default: {default})")
+        else:
+            parser.add_argument(flag, type=type(default), default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                help=f.metadata["help"] + f" (default: {default!r})")
+    return parser
+
+
+def config_from_args(argv: list[str]) -> Config:
+    """Dataclass defaults, then the --demo and --recipe presets, then what the user typed."""
+    given = vars(build_parser(Config()).parse_args(argv))
+    values = {}
+    if given.get("demo"):
+        values.update(DEMO_DEFAULTS)
+    values.update(RECIPES[given.get("recipe", Config.recipe)] if given.get("recipe", Config.recipe) in RECIPES else {})
+    values.update(given)
+    return Config(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "predict":
+            predict_main(argv[1:])
+        else:
+            train(config_from_args(argv))
+        return 0
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.code
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except torch.cuda.OutOfMemoryError:
+        print("error: the GPU ran out of memory. Try a smaller --batch-size (half the current one) or "
+              "--eval-batch-size, or close other programs using the GPU", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""U-Net architecture, Dice loss, metrics, bootstrap interval, learning-rate schedule,
+batch order and augmentation of brain_tumor_segmentation.py."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import brain_tumor_segmentation as bts
+
+# -----------------------------------------------------------------------------
+# UNet
+
+
+def test_unet_width32_shapes_at_256():
+    torch.manual_seed(0)
+    model = bts.UNet(width=32).eval()
+    seen = {}
+    hooks = [model.bottleneck.register_forward_hook(lambda m, i, o: seen.__setitem__("bottleneck", o.shape))]
+    for k, encoder in enumerate(model.encoders):
+        hooks.append(encoder.register_forward_hook(
+            lambda m, i, o, k=k: seen.__setitem__(f"enc{k}", o.shape)))
+    with torch.no_grad():
+        out = model(torch.rand(2, 1, 256, 256))
+    for h in hooks:
+        h.remove()
+    assert out.shape == (2, 1, 256, 256)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert seen["bottleneck"] == (2, 512, 16, 16)
+    assert [seen[f"enc{k}"][1] for k in range(4)] == [32, 64, 128, 256]
+    assert [seen[f"enc{k}"][-1] for k in range(4)] == [256, 128, 64, 32]
+
+
+def test_unet_layers():
+    model = bts.UNet(width=32)
+    assert len(model.encoders) == 4 and len(model.upsamples) == 4 and len(model.decoders) == 4
+    for up, w in zip(model.upsamples, [256, 128, 64, 32]):
+        assert isinstance(up, nn.ConvTranspose2d)
+        assert up.kernel_size == (2, 2) and up.stride == (2, 2)
+        assert (up.in_channels, up.out_channels) == (2 * w, w)
+    assert isinstance(model.head, nn.Conv2d)
+    assert model.head.kernel_size == (1, 1)
+    assert (model.head.in_channels, model.head.out_channels) == (32, 1)
+    assert isinstance(model.pool, nn.MaxPool2d)
+
+
+def test_unet_width8_at_64_and_backward():
+    torch.manual_seed(0)
+    model = bts.UNet(width=8)
+    x = torch.rand(2, 1, 64, 64)
+    out = model(x)
+    assert out.shape == (2, 1, 64, 64)
+    out.mean().backward()
+    assert model.encoders[0][0].weight.grad is not None
+    assert model.encoders[0][0].weight.grad.abs().sum() > 0
+    assert model.bottleneck[0].out_channels == 128
+
+
+def test_unet_output_depends_on_input_position():
+    """Each output pixel is a logit for the same input pixel: shifting the input shifts the logits
+    (away from the borders; max pooling makes it exact only for shifts by multiples of 16)."""
+    torch.manual_seed(0)
+    model = bts.UNet(width=4).eval()
+    x = torch.zeros(1, 1, 64, 64)
+    x[..., 8:24, 8:24] = 1
+    with torch.no_grad():
+        a = model(x)
+        b = model(torch.roll(x, (16, 16), (2, 3)))
+    torch.testing.assert_close(a[..., 4:28, 4:28], b[..., 20:44, 20:44], atol=1e-4, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# dice_loss
+
+
+def logits_for(p):
+    return torch.logit(torch.tensor(p, dtype=torch.float64)).float()
+
+
+P_A = [[0.9, 0.2], [0.6, 0.1]]
+T_A = [[1.0, 0.0], [1.0, 0.0]]
+# sum(p*t) = 1.5, sum(p^2) = 0.81 + 0.04 + 0.36 + 0.01 = 1.22, sum(t^2) = 2
+LOSS_A = 1 - (2 * 1.5 + 1) / (1.22 + 2 + 1)  # 1 - 4 / 4.22 = 0.052132...
+P_B = [[0.5, 0.5], [0.5, 0.5]]
+T_B = [[0.0, 0.0], [0.0, 1.0]]
+# sum(p*t) = 0.5, sum(p^2) = 1.0, sum(t^2) = 1
+LOSS_B = 1 - (2 * 0.5 + 1) / (1.0 + 1 + 1)  # 1/3
+
+
+def test_dice_loss_hand_computed_2x2():
+    logits = logits_for(P_A).view(1, 1, 2, 2)
+    target = torch.tensor(T_A).view(1, 1, 2, 2)
+    loss = bts.dice_loss(logits, target, smooth=1.0)
+    assert loss.ndim == 0
+    assert float(loss) == pytest.approx(1 - 4 / 4.22, abs=1e-6)
+    assert float(loss) == pytest.approx(0.0521327, abs=1e-6)
+    # smooth enters numerator and denominator
+    loss2 = bts.dice_loss(logits, target, smooth=2.0)
+    assert float(loss2) == pytest.approx(1 - (3 + 2) / (3.22 + 2), abs=1e-6)
+
+
+def test_dice_loss_batch_vs_per_image():
+    logits = torch.stack([logits_for(P_A), logits_for(P_B)]).view(2, 1, 2, 2)
+    target = torch.tensor([T_A, T_B]).view(2, 1, 2, 2)
+    per_image = bts.dice_loss(logits, target, smooth=1.0, per_image=True)
+    assert float(per_image) == pytest.approx((LOSS_A + LOSS_B) / 2, abs=1e-6)
+    # the batch loss pools the sums of both images: 1 - (2*2.0 + 1) / (2.22 + 3 + 1)
+    batch = bts.dice_loss(logits, target, smooth=1.0)
+    assert float(batch) == pytest.approx(1 - 5 / 6.22, abs=1e-6)
+    assert abs(float(batch) - float(per_image)) > 1e-3  # 0.1961 vs 0.1927: the two modes differ
+
+
+def test_dice_loss_perfect_prediction_near_zero():
+    target = torch.zeros(2, 1, 16, 16)
+    target[:, :, 4:10, 3:12] = 1
+    logits = (target * 2 - 1) * 30
+    assert float(bts.dice_loss(logits, target)) < 1e-4
+    assert float(bts.dice_loss(logits, target, per_image=True)) < 1e-4
+    assert float(bts.dice_loss(-logits, target)) > 0.95  # the opposite prediction is nearly 1
+
+
+def test_dice_loss_smooth_makes_empty_vs_empty_zero():
+    target = torch.zeros(1, 1, 8, 8)
+    logits = torch.full((1, 1, 8, 8), -30.0)
+    assert float(bts.dice_loss(logits, target, smooth=1.0)) == pytest.approx(0.0, abs=1e-6)
+    # without the smooth term the same perfect prediction would score the worst loss
+    assert float(bts.dice_loss(logits, target, smooth=0.0)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_dice_loss_float32_for_bf16_logits():
+    gen = torch.Generator().manual_seed(0)
+    logits32 = torch.randn(2, 1, 8, 8, generator=gen)
+    target = (torch.rand(2, 1, 8, 8, generator=gen) > 0.5).float()
+    logits16 = logits32.to(torch.bfloat16)
+    loss = bts.dice_loss(logits16, target)
+    assert loss.dtype == torch.float32
+    expected = bts.dice_loss(logits16.float(), target)
+    assert float(loss) == float(expected)
+    # same value in plain float64 arithmetic on the bf16 logits
+    p, t = torch.sigmoid(logits16.double()), target.double()
+    ref = 1 - (2 * (p * t).sum() + 1) / ((p * p).sum() + (t * t).sum() + 1)
+    assert float(loss) == pytest.approx(float(ref), abs=1e-5)
+    loss_bce = bts.compute_loss(logits16, target, bts.Config(loss="dice+bce"))
+    assert loss_bce.dtype == torch.float32
+
+
+def test_dice_loss_gradient_flows():
+    logits = logits_for(P_A).view(1, 1, 2, 2).requires_grad_()
+    bts.dice_loss(logits, torch.tensor(T_A).view(1, 1, 2, 2)).backward()
+    g = logits.grad.view(-1)
+    assert g[0] < 0 and g[2] < 0  # tumour pixels: raising the logit lowers the loss
+    assert g[1] > 0 and g[3] > 0  # background pixels: raising it raises the loss
+
+
+def test_compute_loss_dice_plus_bce():
+    logits = torch.stack([logits_for(P_A), logits_for(P_B)]).view(2, 1, 2, 2)
+    target = torch.tensor([T_A, T_B]).view(2, 1, 2, 2)
+    p = torch.tensor([P_A, P_B]).view(-1).double()
+    t = target.view(-1).double()
+    bce = float(-(t * p.log() + (1 - t) * (1 - p).log()).mean())
+    got = bts.compute_loss(logits, target, bts.Config(loss="dice+bce"))
+    assert float(got) == pytest.approx((LOSS_A + LOSS_B) / 2 + bce, abs=1e-5)
+    assert float(bts.compute_loss(logits, target, bts.Config(loss="dice"))) == pytest.approx(1 - 5 / 6.22, abs=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# confusion_counts + scores_from_counts
+
+
+def test_confusion_counts_and_scores_exact():
+    target = torch.zeros(1, 1, 4, 4, dtype=torch.uint8)
+    pred = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    target[0, 0, 0, :] = 1          # 4 tumour pixels in row 0
+    target[0, 0, 1, 0] = 1          # and one in row 1: 5 in all
+    pred[0, 0, 0, :3] = True        # 3 of them found (tp = 3)
+    pred[0, 0, 3, 3] = True         # one false alarm (fp = 1); missed: (0,3), (1,0) (fn = 2)
+    counts = bts.confusion_counts(pred, target)
+    assert counts.dtype == torch.float64
+    assert counts.tolist() == [[3.0, 1.0, 2.0]]
+    s = bts.scores_from_counts(counts)
+    assert s["dice"][0] == pytest.approx(6 / 9)
+    assert s["iou"][0] == pytest.approx(3 / 6)
+    assert s["precision"][0] == pytest.approx(3 / 4)
+    assert s["recall"][0] == pytest.approx(3 / 5)
+
+
+def test_confusion_counts_per_image():
+    target = torch.zeros(3, 1, 4, 4)
+    pred = torch.zeros(3, 1, 4, 4)
+    target[0, 0, :2, :2] = 1
+    pred[0, 0, :2, :2] = 1          # perfect
+    pred[1, 0, 0, 0] = 1            # false alarm on an empty slice
+    target[2, 0, 3, :] = 1          # missed tumour
+    counts = bts.confusion_counts(pred > 0.5, target)
+    assert counts.tolist() == [[4, 0, 0], [0, 1, 0], [0, 0, 4]]
+    s = bts.scores_from_counts(counts)
+    assert s["dice"].tolist() == [1.0, 0.0, 0.0]
+    assert s["iou"].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_scores_both_empty_is_one():
+    s = bts.scores_from_counts(np.array([[0, 0, 0]]))
+    for key in ("dice", "iou", "precision", "recall"):
+        assert s[key].tolist() == [1.0], key
+
+
+def test_scores_empty_truth_with_prediction_is_zero():
+    s = bts.scores_from_counts(np.array([[0, 7, 0]]))
+    assert s["dice"][0] == 0 and s["iou"][0] == 0 and s["precision"][0] == 0
+    assert s["recall"][0] == 0  # 0/0 with a non-empty prediction: scored 0, not 1 or nan
+
+
+def test_scores_missed_tumour_is_zero():
+    s = bts.scores_from_counts(np.array([[0, 0, 9]]))
+    for key in ("dice", "iou", "precision", "recall"):
+        assert s[key][0] == 0.0, key
+        assert not np.isnan(s[key][0])
+
+
+# -----------------------------------------------------------------------------
+# hd95
+
+
+def square(size=40, top=10, left=10, side=12):
+    m = np.zeros((size, size), bool)
+    m[top:top + side, left:left + side] = True
+    return m
+
+
+def test_hd95_identical_is_zero():
+    assert bts.hd95(square(), square()) == 0.0
+
+
+def test_hd95_shift_by_3_pixels():
+    a = square()
+    b = np.roll(a, 3, axis=1)
+    assert bts.hd95(a, b) == pytest.approx(3.0, abs=0.25)
+    assert bts.hd95(b, a) == pytest.approx(bts.hd95(a, b))  # symmetric
+    c = np.roll(a, 6, axis=0)
+    assert bts.hd95(a, c) == pytest.approx(6.0, abs=0.5)
+
+
+def test_hd95_empty_cases():
+    empty = np.zeros((40, 40), bool)
+    assert math.isnan(bts.hd95(empty, empty))
+    assert bts.hd95(square(), empty) == math.inf
+    assert bts.hd95(empty, square()) == math.inf
+
+
+def test_hd95_mask_filling_the_image():
+    full = np.ones((40, 40), bool)
+    value = bts.hd95(full, square())
+    assert math.isfinite(value) and value > 0
+
+
+# -----------------------------------------------------------------------------
+# bootstrap_interval
+
+
+def test_bootstrap_interval_contains_mean_and_narrows():
+    rng = np.random.default_rng(0)
+    small = rng.random(40)
+    small_groups = [f"p{i // 4}" for i in range(40)]       # 10 patients
+    large = rng.random(800)
+    large_groups = [f"p{i // 4}" for i in range(800)]      # 200 patients
+    lo_s, hi_s = bts.bootstrap_interval(small, small_groups, n=500, seed=1)
+    lo_l, hi_l = bts.bootstrap_interval(large, large_groups, n=500, seed=1)
+    assert lo_s < small.mean() < hi_s
+    assert lo_l < large.mean() < hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 2
+    assert 0 <= lo_s and hi_s <= 1
+
+
+def test_bootstrap_interval_deterministic_for_seed():
+    rng = np.random.default_rng(1)
+    values = rng.random(30)
+    groups = [str(i % 7) for i in range(30)]
+    a = bts.bootstrap_interval(values, groups, n=300, seed=5)
+    assert a == bts.bootstrap_interval(values, groups, n=300, seed=5)
+    assert a != bts.bootstrap_interval(values, groups, n=300, seed=6)
+
+
+def test_bootstrap_interval_resamples_whole_groups():
+    # every group has a constant value: the interval of the mean can only come from resampling groups
+    values = np.array([0.0] * 5 + [1.0] * 5)
+    lo, hi = bts.bootstrap_interval(values, ["a"] * 5 + ["b"] * 5, n=400, seed=0)
+    assert lo == 0.0 and hi == 1.0
+    lo, hi = bts.bootstrap_interval(np.full(6, 0.3), ["a", "a", "b", "b", "c", "c"], n=100, seed=0)
+    assert lo == pytest.approx(0.3) and hi == pytest.approx(0.3)
+
+
+# -----------------------------------------------------------------------------
+# learning_rate
+
+
+def test_learning_rate_constant():
+    cfg = bts.Config(schedule="constant", lr=3e-4)
+    assert {bts.learning_rate(cfg, s, 100) for s in (0, 1, 50, 99)} == {3e-4}
+
+
+def test_learning_rate_onecycle():
+    cfg = bts.Config(schedule="onecycle", lr=2e-3)
+    total = 1000
+    lrs = [bts.learning_rate(cfg, s, total) for s in range(total)]
+    assert lrs[0] < cfg.lr / 10
+    assert lrs[0] == pytest.approx(cfg.lr / 25)
+    peak = int(np.argmax(lrs))
+    assert peak == 300
+    assert lrs[300] == pytest.approx(cfg.lr)
+    assert max(lrs) <= cfg.lr * (1 + 1e-12)
+    assert all(a < b for a, b in zip(lrs[:300], lrs[1:301]))     # rises during warm-up
+    assert all(a >= b for a, b in zip(lrs[300:], lrs[301:]))     # then only falls
+    assert cfg.lr / 1e4 <= lrs[-1] < 2 * cfg.lr / 1e4
+    assert bts.learning_rate(cfg, total, total) == pytest.approx(cfg.lr / 1e4)
+
+
+# -----------------------------------------------------------------------------
+# batch_order
+
+
+def test_batch_order_deterministic_and_epoch_dependent():
+    a = bts.batch_order(50, 8, seed=3, epoch=0)
+    assert a.shape == (6, 8) and a.dtype == torch.long
+    assert torch.equal(a, bts.batch_order(50, 8, seed=3, epoch=0))
+    assert not torch.equal(a, bts.batch_order(50, 8, seed=3, epoch=1))
+    assert not torch.equal(a, bts.batch_order(50, 8, seed=4, epoch=0))
+
+
+@pytest.mark.parametrize("n, batch", [(50, 8), (48, 8), (7, 16), (33, 1)])
+def test_batch_order_each_index_at_most_once(n, batch):
+    for epoch in range(3):
+        order = bts.batch_order(n, batch, seed=0, epoch=epoch).flatten()
+        assert len(set(order.tolist())) == len(order)
+        assert order.min() >= 0 and order.max() < n
+        assert len(order) >= n - batch + 1 if n >= batch else len(order) == n
+
+
+def test_batch_order_ranks_get_disjoint_equal_shards():
+    n, batch = 45, 4
+    r0 = bts.batch_order(n, batch, seed=1, epoch=2, rank=0, world=2)
+    r1 = bts.batch_order(n, batch, seed=1, epoch=2, rank=1, world=2)
+    assert r0.shape == r1.shape == (5, 4)
+    assert not set(r0.flatten().tolist()) & set(r1.flatten().tolist())
+    single = bts.batch_order(n, batch, seed=1, epoch=2)
+    assert single.shape == (11, 4)
+
+
+# -----------------------------------------------------------------------------
+# augment_batch
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 32, 32, generator=gen)
+    y = torch.zeros(3, 1, 32, 32)
+    y[:, :, 8:20, 10:24] = 1
+    return x, y
+
+
+def test_augment_batch_shapes_binary_range():
+    x, y = _batch()
+    xa, ya = bts.augment_batch(x, y, torch.Generator().manual_seed(1))
+    assert xa.shape == x.shape and ya.shape == y.shape
+    assert xa.dtype == torch.float32 and ya.dtype == torch.float32
+    assert set(ya.unique().tolist()) <= {0.0, 1.0}
+    assert xa.min() >= 0 and xa.max() <= 1
+    assert not torch.equal(xa, x)  # something was done
+    # a +-15 degree rotation with 0.9-1.1 scaling keeps the tumour area roughly the same
+    area, area_a = y.sum((1, 2, 3)), ya.sum((1, 2, 3))
+    assert torch.all((area_a / area - 1).abs() < 0.35)
+
+
+def test_augment_batch_deterministic_for_generator_seed():
+    x, y = _batch()
+    a = bts.augment_batch(x, y, torch.Generator().manual_seed(7))
+    b = bts.augment_batch(x, y, torch.Generator().manual_seed(7))
+    c = bts.augment_batch(x, y, torch.Generator().manual_seed(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_augment_batch_moves_image_and_mask_together():
+    x = torch.zeros(4, 1, 32, 32)
+    x[:, :, 6:14, 4:12] = 1.0  # bright square = tumour, off-centre so that a flip moves it
+    y = x.clone()
+    xa, ya = bts.augment_batch(x, y, torch.Generator().manual_seed(3))
+    for i in range(4):
+        bright = xa[i, 0] > 0.5
+        inter = (bright & (ya[i, 0] > 0)).sum()
+        union = (bright | (ya[i, 0] > 0)).sum()
+        assert inter / union > 0.8
