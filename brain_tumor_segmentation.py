@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 import warnings
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +62,9 @@ class Config:
     val_fraction: float = _f(0.2, "fraction of the data for validation")
     test_fraction: float = _f(0.1, "fraction of the data for the final test")
     seed: int = _f(42, "seed of the split, the initial weights, the batch order and augmentation")
+    folds: int = _f(0, "K >= 3: K-fold cross-validation over patients, one model per fold in OUT_DIR/fold_N "
+                       "(the next fold validates); 0: one 70/20/10 split")
+    fold: int = _f(-1, "with --folds: run only this fold (0-based); -1: all of them, then a summary")
     # model
     base_width: int = _f(32, "channels of the first encoder block; the U-Net doubles it 4 times")
     # training recipe
@@ -85,6 +87,7 @@ class Config:
                           "CPU), bf16, fp16 or off")
     channels_last: bool = _f(True, "channels-last memory format on CUDA")
     compile: str = _f("auto", "torch.compile the model: auto (on CUDA), on or off")
+    deterministic: bool = _f(False, "repeatable CUDA runs: deterministic kernels, no cuDNN autotuning (slower)")
     eval_batch_size: int = _f(64, "images per step in validation, test and prediction")
     workers: int = _f(0, "threads that decode images once at start-up (0: one per CPU core, max 8)")
     # outputs and run control
@@ -129,9 +132,12 @@ def check_config(cfg: Config) -> None:
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    for name in ("epochs", "batch_size", "base_width", "eval_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.folds and not (cfg.folds >= 3 and cfg.fold < cfg.folds):
+        raise UserError("--folds must be 0 or at least 3 (test, validation and training folds), and --fold below it")
+    for name, low in (("epochs", 1), ("batch_size", 1), ("base_width", 1), ("eval_batch_size", 1),
+                      ("demo_images", 10), ("panel_images", 0), ("test_samples", 0), ("workers", 0), ("limit", 0)):
+        if getattr(cfg, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}")
 
 
 # -----------------------------------------------------------------------------
@@ -164,7 +170,11 @@ def atomic_write(path: Path | str, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        with contextlib.suppress(AttributeError, OSError):  # no fchmod on Windows
+            os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -430,6 +440,8 @@ def resolve_data_dir(cfg: Config) -> Path:
                             f"by --demo; pass another --data-dir (it is never deleted or changed)")
         log(f"generating {cfg.demo_images} synthetic slices in {folder}")
         shutil.rmtree(folder, ignore_errors=True)  # only ever a folder that --demo made itself
+        folder.mkdir(parents=True)
+        marker.write_text("incomplete\n")  # written first: an interrupted generation is still ours
         make_synthetic_dataset(folder, cfg.demo_images, seed=cfg.seed)
         marker.write_text(wanted + "\n")
         return folder
@@ -447,29 +459,48 @@ def read_groups_csv(path: Path | str) -> dict[str, tuple[str, str]]:
     """image name -> (patient id, tumour type or '') from a CSV with image,patient_id[,tumor_type]."""
     path = Path(path)
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets add a byte-order mark
             rows = list(csv.DictReader(f))
     except OSError as e:
         raise UserError(f"{path}: cannot read the groups file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: the groups file is not UTF-8 text; save it as CSV (UTF-8)") from None
     if not rows or not {"image", "patient_id"} <= set(rows[0]):
         raise UserError(f"{path}: a groups file needs the columns image,patient_id (and optionally tumor_type)")
+    if any(not r["image"] or not r["patient_id"] for r in rows):
+        raise UserError(f"{path}: every row needs an image and a patient_id")
     return {Path(r["image"]).stem: (r["patient_id"], r.get("tumor_type") or "") for r in rows}
+
+
+def neighbour_correlations(images: torch.Tensor, names: list[str]) -> tuple[list[int], np.ndarray]:
+    """Images in name order, and the correlation of each one's 64x64 thumbnail with the previous one's."""
+    order = sorted(range(len(names)), key=lambda i: _sort_key(names[i]))
+    thumbs = F.interpolate(images[order].float(), size=(64, 64), mode="area").flatten(1)
+    thumbs = thumbs - thumbs.mean(1, keepdim=True)
+    thumbs = thumbs / thumbs.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    return order, (thumbs[1:] * thumbs[:-1]).sum(1).numpy()
 
 
 def group_by_similarity(images: torch.Tensor, names: list[str], min_corr: float = 0.8) -> list[str]:
     """Approximate patients: consecutive slices (by name) whose 64x64 thumbnails correlate
     above `min_corr` are put in one group. Neighbouring slices of one patient do so in most
     cases, of different patients rarely (see patients.csv's README)."""
-    order = sorted(range(len(names)), key=lambda i: _sort_key(names[i]))
-    thumbs = F.interpolate(images.float(), size=(64, 64), mode="area").flatten(1)
-    thumbs = thumbs - thumbs.mean(1, keepdim=True)
-    thumbs = thumbs / thumbs.norm(dim=1, keepdim=True).clamp_min(1e-6)
-    groups, current = [""] * len(names), 0
-    for prev, i in zip([None] + order[:-1], order):
-        if prev is not None and float(thumbs[prev] @ thumbs[i]) < min_corr:
-            current += 1
-        groups[i] = f"similar-{current}"
+    order, corr = neighbour_correlations(images, names)
+    groups = [""] * len(names)
+    for position, i in enumerate(order):
+        groups[i] = f"similar-{int((corr[:position] < min_corr).sum())}"
     return groups
+
+
+def table_fits_images(images: torch.Tensor, names: list[str], patients: list[str]) -> bool:
+    """Whether a patient table describes these pixels: in the Figshare data, neighbouring slices
+    of one patient correlate above 0.8 in 86% of cases, of two patients in 1%. Other data that
+    merely has numbered files (the demo's, a user's) shows no such difference."""
+    order, corr = neighbour_correlations(images, names)
+    same = np.array([patients[a] == patients[b] for a, b in zip(order[:-1], order[1:])])
+    if same.sum() < 2 or (~same).sum() < 1:
+        return bool(same.sum()) or len(names) < 3  # too few slices to tell: trust the names
+    return float((corr[same] > 0.8).mean() - (corr[~same] > 0.8).mean()) > 0.3
 
 
 def find_groups(cfg: Config, names: list[str], images: torch.Tensor) -> tuple[list[str], list[str], str]:
@@ -481,28 +512,37 @@ def find_groups(cfg: Config, names: list[str], images: torch.Tensor) -> tuple[li
         table, source = read_groups_csv(cfg.groups), cfg.groups
     elif PATIENTS_CSV.is_file():
         table, source = read_groups_csv(PATIENTS_CSV), "patients.csv of the Figshare dataset"
-    if table and all(n in table for n in names):
-        return [table[n][0] for n in names], [table[n][1] for n in names], f"split by patient ({source})"
     if cfg.groups:
         missing = [n for n in names if n not in table]
-        raise UserError(f"{cfg.groups}: no patient for {len(missing)} images, for example {missing[0]!r}")
+        if missing:
+            raise UserError(f"{cfg.groups}: no patient for {len(missing)} images, for example {missing[0]!r}")
+    if table and all(n in table for n in names):
+        patients = [table[n][0] for n in names]
+        if cfg.groups or table_fits_images(images, names, patients):
+            return patients, [table[n][1] for n in names], f"split by patient ({source})"
     groups = group_by_similarity(images, names)
     return groups, [""] * len(names), ("split by groups of similar neighbouring slices: APPROXIMATE, "
                                        "pass --groups FILE.csv with the patient of each image for an exact one")
+
+
+def groups_by_stratum(groups: list[str], strata: list[str]) -> dict[str, dict[str, list[int]]]:
+    """stratum -> group -> image indices. A group whose images disagree on the stratum goes by
+    its most common one, so that it stays whole."""
+    members_of: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members_of.setdefault(g, []).append(i)
+    by_stratum: dict[str, dict[str, list[int]]] = {}
+    for g, members in members_of.items():
+        labels = [strata[i] for i in members]
+        by_stratum.setdefault(max(sorted(set(labels)), key=labels.count), {})[g] = members
+    return by_stratum
 
 
 def split_by_group(groups: list[str], strata: list[str], fractions: tuple[float, float], seed: int) -> dict:
     """Indices of train/val/test such that no group is in two parts, each stratum (tumour type)
     split in the same proportions. `fractions` are (val, test); train gets the rest."""
     rng = np.random.default_rng(seed)
-    members_of: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        members_of.setdefault(g, []).append(i)
-    by_stratum: dict[str, dict[str, list[int]]] = {}
-    for g, members in members_of.items():
-        # A group whose images disagree on the stratum goes by its most common one: it stays whole.
-        labels = [strata[i] for i in members]
-        by_stratum.setdefault(max(sorted(set(labels)), key=labels.count), {})[g] = members
+    by_stratum = groups_by_stratum(groups, strata)
     parts = {"train": [], "val": [], "test": []}
     for stratum in sorted(by_stratum):
         stratum_groups = by_stratum[stratum]
@@ -524,9 +564,36 @@ def split_by_group(groups: list[str], strata: list[str], fractions: tuple[float,
     return {k: sorted(v) for k, v in parts.items()}
 
 
+def fold_by_group(groups: list[str], strata: list[str], folds: int, seed: int) -> np.ndarray:
+    """The fold (0..folds-1) of each image: whole groups, each stratum spread evenly over the folds."""
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(len(groups), dtype=int)
+    for stratum, stratum_groups in sorted(groups_by_stratum(groups, strata).items()):
+        keys = sorted(stratum_groups)
+        rng.shuffle(keys)
+        keys.sort(key=lambda k: -len(stratum_groups[k]))  # big groups first, then fill the gaps
+        filled = np.zeros(folds)
+        for key in keys:
+            f = int(np.argmin(filled + rng.random(folds) * 1e-3))  # random tie-break
+            filled[f] += len(stratum_groups[key])
+            fold[stratum_groups[key]] = f
+    if len(set(fold.tolist())) < folds:
+        raise UserError(f"{len(set(groups))} patients/groups are too few for {folds} folds")
+    return fold
+
+
 def make_split(cfg: Config, data: dict) -> dict:
+    """Train/val/test by group. With --folds K: fold --fold is the test part, the next fold
+    validation, the other K-2 train."""
     groups, strata, how = find_groups(cfg, data["names"], data["images"])
-    parts = split_by_group(groups, strata, (cfg.val_fraction, cfg.test_fraction), cfg.seed)
+    if cfg.folds > 1:
+        fold = fold_by_group(groups, strata, cfg.folds, cfg.seed)
+        test, val = cfg.fold % cfg.folds, (cfg.fold + 1) % cfg.folds
+        parts = {"train": np.flatnonzero((fold != test) & (fold != val)).tolist(),
+                 "val": np.flatnonzero(fold == val).tolist(), "test": np.flatnonzero(fold == test).tolist()}
+        how += f"; fold {test + 1} of {cfg.folds} is the test part"
+    else:
+        parts = split_by_group(groups, strata, (cfg.val_fraction, cfg.test_fraction), cfg.seed)
     names = data["names"]
     split = {"how": how, "seed": cfg.seed}
     for part, idx in parts.items():
@@ -687,8 +754,14 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # libraries that say just "cuda" (torchsummary) mean this one
     return device
 
 
@@ -700,8 +773,7 @@ def setup_device(cfg: Config) -> tuple[torch.device, int, int]:
     if world > 1:
         import torch.distributed as dist
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
+            device = pick_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, rank, world
@@ -710,7 +782,8 @@ def setup_device(cfg: Config) -> tuple[torch.device, int, int]:
 def amp_dtype(cfg: Config, device: torch.device):
     if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
         return None
-    if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.is_bf16_supported()):
+    # bf16 only where it is native (compute capability 8+); older GPUs would emulate it slowly.
+    if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.get_device_capability(device)[0] >= 8):
         return torch.bfloat16
     return torch.float16
 
@@ -794,6 +867,29 @@ class NonFiniteLoss(UserError):
     pass
 
 
+def check_finite(step_losses: torch.Tensor, first: int, last: int, epoch: int, out: Path) -> None:
+    """Stop, naming the first bad step, when a loss or gradient of steps first..last is NaN or inf."""
+    bad = (~torch.isfinite(step_losses[first:last + 1])).nonzero()
+    if len(bad):
+        step = first + int(bad[0])
+        raise NonFiniteLoss(f"the loss or its gradient became {float(step_losses[step])} at epoch {epoch + 1}, "
+                            f"step {step + 1}; nothing was saved after that, so the last good checkpoints in "
+                            f"{out} are intact. Try a lower --lr, or --amp off")
+
+
+def forward_backward(model, optimizer, scaler, x, y, cfg: Config, dtype) -> torch.Tensor:
+    """Loss and gradients of one batch; the caller then steps the optimizer. Returns the loss
+    without a device sync, turned NaN when a gradient is not finite."""
+    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = model(x)
+    loss = compute_loss(logits, y, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if scaler.is_enabled():  # a grad scaler skips steps with non-finite gradients by itself
+        return loss.detach()
+    return loss.detach() + 0 * nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+
+
 def checkpoint_state(model, optimizer, scaler, cfg, split, history, epoch, step, extra) -> dict:
     """Everything needed to use or resume a model, as tensors and plain Python types only,
     so that torch.load(weights_only=True) can read it."""
@@ -816,18 +912,27 @@ def load_checkpoint(path: Path | str) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path}: refused, it holds Python objects that could run code when loaded; "
-                        f"only checkpoints written by this script can be used") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about old pickle protocols before refusing
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise UserError(f"{path}: refused, it holds Python objects that could run code when loaded; "
+                            f"only checkpoints written by this script can be used") from None
+        raise UserError(f"{path}: not a PyTorch checkpoint (another kind of file)") from None
+    except Exception as e:  # torch raises many kinds for damaged files: all mean the same to a user
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or another kind of "
-                        f"file: {str(e).splitlines()[0][:120]})") from None
+                        f"file: {detail})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint of this script's U-Net")
     if state.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"{path}: checkpoint format version {state.get('version')}, but this script reads "
                         f"version {CHECKPOINT_VERSION}; use the script version that wrote it")
+    missing = [k for k in ("model", "config", "split", "history", "base_width", "image_size", "threshold")
+               if k not in state]
+    if missing:
+        raise UserError(f"{path}: incomplete checkpoint, {', '.join(missing)} missing")
     return state
 
 
@@ -846,6 +951,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
+RUN_OUTPUTS = ("model.pth", "last.pth", "metrics.json", "test_per_image.csv", "split.json", "config.json")
+# What --resume may change; the rest of a resumed run's settings come from its checkpoint.
+RESUMABLE_FIELDS = ("device", "workers", "eval_batch_size", "compile", "data_dir", "panel_images", "test_samples",
+                    "epochs")
+
+
 def prepare_out_dir(cfg: Config) -> Path:
     """A new run never silently replaces an earlier run's model: it refuses unless --resume or
     --overwrite is given."""
@@ -856,28 +967,49 @@ def prepare_out_dir(cfg: Config) -> Path:
         raise UserError(f"{out} already holds the outputs of an earlier run (model.pth). Continue it with "
                         f"--resume, pick another --out-dir, or replace it with --overwrite")
     if is_main_process():
-        for name in ("model.pth", "last.pth"):
+        for name in RUN_OUTPUTS:
             with contextlib.suppress(FileNotFoundError):
                 (out / name).unlink()
         shutil.rmtree(out / "visualizations", ignore_errors=True)
     return out
 
 
-def train(cfg: Config) -> dict:
+def resume_config(cfg: Config, explicit: frozenset, state: dict, path: Path) -> Config:
+    """The checkpoint's configuration, with the few fields --resume may change that the user typed."""
+    saved = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
+    ignored = sorted(explicit - set(RESUMABLE_FIELDS) - {"resume", "out_dir", "overwrite", "folds", "fold"})
+    if ignored:
+        warn(f"resuming with the checkpoint's settings: {', '.join('--' + k.replace('_', '-') for k in ignored)} "
+             f"ignored (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_FIELDS)} can change)")
+    keep = {k: getattr(cfg, k) for k in explicit if k in RESUMABLE_FIELDS}
+    # The run continues in the folder of the checkpoint it resumes.
+    return dataclasses.replace(saved, **keep, resume=str(path), out_dir=str(path.parent))
+
+
+def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
     """The whole pipeline: data, split, training with validation, test evaluation, plots.
-    Returns the test metrics."""
+    `explicit` names the fields typed on the command line. Returns the test metrics."""
     t_start = time.time()
     resume_state = None
     if cfg.resume:
         path = Path(cfg.out_dir) / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
         resume_state = load_checkpoint(path)
-        saved = Config(**{k: v for k, v in resume_state["config"].items() if k in Config.__dataclass_fields__})
-        cfg = dataclasses.replace(saved, device=cfg.device, resume=str(path), out_dir=cfg.out_dir or saved.out_dir)
+        if resume_state.get("optimizer") is None or "epoch_loss_sum" not in resume_state:
+            raise UserError(f"{path}: a best-model file, not a resumable state; resume from last.pth")
+        cfg = resume_config(cfg, explicit, resume_state, path)
         log(f"resuming {path} at epoch {resume_state['epoch'] + 1}, step {resume_state['step']}")
     check_config(cfg)
     out = prepare_out_dir(cfg)
     device, rank, world = setup_device(cfg)
     main = rank == 0
+    if resume_state and resume_state["step"] and resume_state.get("world", 1) != world:
+        raise UserError(f"{cfg.resume} stopped in the middle of an epoch with {resume_state.get('world', 1)} "
+                        f"processes; resume it with that many (the batches of an epoch depend on it)")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned kernels differ run to run
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
     log("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
     log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                                f" ({torch.get_num_threads()} threads)") + (f", {world} processes" if world > 1 else ""))
@@ -885,7 +1017,12 @@ def train(cfg: Config) -> dict:
         save_json(out / "config.json", dataclasses.asdict(cfg))
 
     # Data, decoded once, kept as uint8 tensors on the training device.
-    data_dir = resolve_data_dir(cfg)
+    if main:  # one process downloads or generates; the others wait, then read
+        data_dir = resolve_data_dir(cfg)
+    if world > 1:
+        torch.distributed.barrier()
+    if not main:
+        data_dir = resolve_data_dir(cfg)
     t0 = time.time()
     data = load_dataset(data_dir, cfg.image_size, cfg.limit, cfg.workers)
     split = resume_state["split"] if resume_state else make_split(cfg, data)
@@ -928,10 +1065,12 @@ def train(cfg: Config) -> dict:
     train_model = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+    # Triton, which torch.compile uses on GPUs, needs compute capability 7.0 or newer.
+    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"
+                                       and torch.cuda.get_device_capability(device) >= (7, 0))
+    if compiled:
         train_model = torch.compile(train_model)
-    log(f"precision: {dtype or torch.float32}, channels-last: {channels_last}, compiled: "
-        f"{train_model is not model and world == 1 or cfg.compile == 'on'}")
+    log(f"precision: {dtype or torch.float32}, channels-last: {channels_last}, compiled: {compiled}")
 
     n_train = len(idx["train"])
     steps_per_epoch = batch_order(n_train, cfg.batch_size, cfg.seed, 0, rank, world).shape[0]
@@ -941,7 +1080,7 @@ def train(cfg: Config) -> dict:
 
     def save_last(epoch, step, loss_total):
         state = checkpoint_state(model, optimizer, scaler, cfg, split, history, epoch, step,
-                                 {"epoch_loss_sum": loss_total, "best": best})
+                                 {"epoch_loss_sum": loss_total, "best": best, "world": world})
         save_checkpoint(out / "last.pth", state)
 
     stopped = None
@@ -962,40 +1101,30 @@ def train(cfg: Config) -> dict:
                 x = to_input(images[batch], device, channels_last)
                 y = masks[batch].float()
                 if cfg.augment:
-                    g = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + global_step)
+                    g = torch.Generator(device=device).manual_seed((cfg.seed * 7919 + global_step) * world + rank)
                     x, y = augment_batch(x, y, g)
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    logits = train_model(x)
-                loss = compute_loss(logits, y, cfg)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                step_losses[step] = loss.detach()
+                step_losses[step] = forward_backward(train_model, optimizer, scaler, x, y, cfg, dtype)
+                # Reading the loss costs a device sync; do it only when the bar is redrawn (on a CPU:
+                # every step, so that bad numbers never reach the weights).
+                if device.type == "cpu" or step % 20 == 0 or step == len(order) - 1:
+                    check_finite(step_losses, start_step, step, epoch, out)
+                    bar.set_postfix(loss=f"{float(step_losses[step]):.4f}", refresh=False)
                 scaler.step(optimizer)
                 scaler.update()
                 seen += len(batch) * world
-                # Reading the loss costs a device sync; do it only when the bar is redrawn.
-                if device.type == "cpu" or step % 20 == 0 or step == len(order) - 1:
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        raise NonFiniteLoss(f"the loss became {value} at epoch {epoch + 1}, step {step + 1}; "
-                                            f"the last good checkpoint in {out} was kept. Try a lower --lr, "
-                                            f"or --amp off")
-                    bar.set_postfix(loss=f"{value:.4f}", refresh=False)
                 bar.update(len(batch) * world)
-                if stop_requested(stop, world):
+                if (world == 1 or step % 20 == 0 or step == len(order) - 1) and stop_requested(stop, world, device):
                     stopped = (epoch, step + 1)
                     break
             bar.close()
             if stopped:
+                check_finite(step_losses, start_step, stopped[1] - 1, epoch, out)
                 loss_sum += float(step_losses[start_step:stopped[1]].sum())
                 if main:
                     save_last(epoch, stopped[1], loss_sum)
                 break
+            check_finite(step_losses, start_step, len(order) - 1, epoch, out)
             train_loss = (loss_sum + float(step_losses[start_step:].sum())) / len(order)
-            if not math.isfinite(train_loss):
-                bad = int((~torch.isfinite(step_losses)).nonzero()[0])
-                raise NonFiniteLoss(f"the loss became non-finite at epoch {epoch + 1}, step {bad + 1}; the last "
-                                    f"good checkpoint in {out} was kept. Try a lower --lr, or --amp off")
             start_step, loss_sum = 0, 0.0
             seconds = time.time() - t_epoch
             val = evaluate(model, images, masks, idx["val"], cfg, device, dtype, channels_last, cfg.threshold,
@@ -1016,17 +1145,20 @@ def train(cfg: Config) -> dict:
                     save_checkpoint(out / "model.pth", checkpoint_state(
                         model, None, None, cfg, split, history, epoch + 1, 0, {"metrics": best, "best": best}))
                 save_last(epoch + 1, 0, 0.0)
-                save_epoch_panel(out / "visualizations" / "epochs" / f"epoch_{epoch + 1:03d}.png", model,
-                                 images[panel_idx.to(device)], masks[panel_idx.to(device)], cfg, device, dtype,
-                                 channels_last, f"epoch {epoch + 1}: val Dice {val['dice']:.3f}")
+                if len(panel_idx):
+                    save_epoch_panel(out / "visualizations" / "epochs" / f"epoch_{epoch + 1:03d}.png", model,
+                                     images[panel_idx.to(device)], masks[panel_idx.to(device)], cfg, device,
+                                     dtype, channels_last, f"epoch {epoch + 1}: val Dice {val['dice']:.3f}")
                 plot_curves(out / "visualizations" / "loss_curves.png", history)
     if stopped:
         sys.stdout.flush()
+        launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
         raise Interrupted(f"stopped at epoch {stopped[0] + 1}, step {stopped[1]}; {out / 'last.pth'} holds the "
-                          f"run. Continue it with:\n  python {Path(sys.argv[0]).name} --resume --out-dir {out}",
+                          f"run. Continue it with:\n  {launcher} {Path(sys.argv[0]).name} --resume --out-dir "
+                          f"{Path(cfg.out_dir).parent if cfg.folds else out}" + (f" --folds {cfg.folds}" if cfg.folds else ""),
                           code=130 if stop.signal == signal.SIGINT else 143)
 
-    if not main:
+    if not main:  # the test evaluation runs on rank 0 alone
         return {}
     # The best epoch's weights, evaluated once on the test split.
     state = load_checkpoint(out / "model.pth")
@@ -1051,23 +1183,61 @@ def train(cfg: Config) -> dict:
     return metrics
 
 
+def cross_validate(cfg: Config, explicit: frozenset = frozenset()) -> dict:
+    """One model per fold in OUT_DIR/fold_N, then the mean and spread of the test Dice. With
+    --resume, finished folds are kept, an interrupted one continues, and folds not yet begun
+    take the settings of the first fold."""
+    out, results = Path(cfg.out_dir), []
+    if cfg.overwrite and not cfg.resume and is_main_process():
+        for k in range(cfg.folds):
+            shutil.rmtree(out / f"fold_{k + 1}", ignore_errors=True)
+    for k in range(cfg.folds):
+        fold_cfg = dataclasses.replace(cfg, fold=k, out_dir=str(out / f"fold_{k + 1}"))
+        fold_out = Path(fold_cfg.out_dir)
+        if cfg.resume and (fold_out / "metrics.json").is_file():
+            log(f"fold {k + 1}: done already, kept")
+            results.append(json.loads((fold_out / "metrics.json").read_text()))
+            continue
+        if cfg.resume and not (fold_out / "last.pth").is_file():
+            first = out / "fold_1" / "last.pth"
+            if first.is_file():
+                saved = resume_config(cfg, explicit, load_checkpoint(first), first)
+                fold_cfg = dataclasses.replace(saved, fold=k, out_dir=str(fold_out))
+            fold_cfg = dataclasses.replace(fold_cfg, resume="")
+        log(f"=== fold {k + 1} of {cfg.folds} ===")
+        results.append(train(fold_cfg, explicit))
+    if not is_main_process():
+        return {}
+    dice = np.array([r["test"]["dice"] for r in results])
+    summary = {"folds": cfg.folds, "test_dice_per_fold": dice.tolist(), "test_dice_mean": float(dice.mean()),
+               "test_dice_std": float(dice.std(ddof=1)),
+               "test_iou_mean": float(np.mean([r["test"]["iou"] for r in results])),
+               "test_images": int(sum(r["test"]["images"] for r in results))}
+    save_json(out / "cv_summary.json", summary)
+    log(f"cross-validation over {cfg.folds} folds of patients: test Dice {summary['test_dice_mean']:.4f} "
+        f"+- {summary['test_dice_std']:.4f} (mean +- sd over folds); {out / 'cv_summary.json'}")
+    return summary
+
+
 class Interrupted(UserError):
-    def __init__(self, message, code):
+    def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
 
 
-def stop_requested(stop: StopFlag, world: int) -> bool:
+def stop_requested(stop: StopFlag, world: int, device: torch.device) -> bool:
+    """Whether any process got a stop signal: all stop at the same step."""
     if world == 1:
         return stop.signal is not None
     import torch.distributed as dist
-    flag = torch.tensor([1.0 if stop.signal is not None else 0.0])
+    flag = torch.tensor([1.0 if stop.signal is not None else 0.0], device=device)
     dist.all_reduce(flag)
     return flag.item() > 0
 
 
 def print_model_summary(model: nn.Module, cfg: Config, device: torch.device) -> None:
     from torchsummary import summary  # its device argument must match the model's (see NOTES)
+    model.eval()  # its forward pass must not update the batch-norm statistics
     with contextlib.redirect_stdout(io.StringIO()) as text, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchsummary 1.5.1 reads tensors that require grad
         summary(model, (1, cfg.image_size, cfg.image_size), device=device.type)
@@ -1108,7 +1278,7 @@ def evaluate(model, images, masks, indices, cfg, device, dtype, channels_last, t
         dice_sum += scores["dice"].sum()
         iou_sum += scores["iou"].sum()
         n_batches += len(batch)
-    totals = torch.tensor([loss_sum, dice_sum, iou_sum, n_batches], dtype=torch.float64)
+    totals = torch.tensor([loss_sum, dice_sum, iou_sum, n_batches], dtype=torch.float64, device=device)
     if world > 1:
         import torch.distributed as dist
         dist.all_reduce(totals)
@@ -1166,11 +1336,12 @@ def evaluate_test(model, images, masks, test_idx, names, split, cfg, device, dty
     vis = out / "visualizations"
     rng = np.random.default_rng(cfg.seed)
     sample = rng.choice(len(test_names), size=min(cfg.test_samples, len(test_names)), replace=False)
-    plot_samples(vis / "test_samples.png", images_np, target_np, pred_np, scores["dice"], test_names, sample,
-                 f"{len(sample)} random test images")
     worst = np.argsort(scores["dice"], kind="stable")[:min(cfg.test_samples, len(test_names))]
-    plot_samples(vis / "worst_predictions.png", images_np, target_np, pred_np, scores["dice"], test_names, worst,
-                 f"the {len(worst)} test images with the lowest Dice")
+    if len(sample):
+        plot_samples(vis / "test_samples.png", images_np, target_np, pred_np, scores["dice"], test_names, sample,
+                     f"{len(sample)} random test images")
+        plot_samples(vis / "worst_predictions.png", images_np, target_np, pred_np, scores["dice"], test_names,
+                     worst, f"the {len(worst)} test images with the lowest Dice")
     plot_dice_histogram(vis / "test_dice_histogram.png", scores["dice"], summary["dice"])
     return {"test": summary, "by_tumor_type": by_type, "threshold": threshold, "split": split["how"],
             "empty_masks": "an empty ground truth with an empty prediction scores 1 on every metric; "
@@ -1408,6 +1579,11 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
     return parser
 
 
+def explicit_fields(argv: list[str]) -> frozenset:
+    """The Config fields typed on the command line."""
+    return frozenset(vars(build_parser(Config()).parse_args(argv)))
+
+
 def config_from_args(argv: list[str]) -> Config:
     """Dataclass defaults, then the --demo and --recipe presets, then what the user typed."""
     given = vars(build_parser(Config()).parse_args(argv))
@@ -1421,22 +1597,35 @@ def config_from_args(argv: list[str]) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    batch_size = 0
     try:
         if argv and argv[0] == "predict":
             predict_main(argv[1:])
         else:
-            train(config_from_args(argv))
+            cfg = config_from_args(argv)
+            batch_size = cfg.batch_size
+            if cfg.folds and cfg.fold < 0:
+                cross_validate(cfg, explicit_fields(argv))
+            else:
+                train(cfg, explicit_fields(argv))
         return 0
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return e.code
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except torch.cuda.OutOfMemoryError:
-        print("error: the GPU ran out of memory. Try a smaller --batch-size (half the current one) or "
-              "--eval-batch-size, or close other programs using the GPU", file=sys.stderr)
+        hint = f"--batch-size {max(1, batch_size // 2)}" if batch_size > 1 else "a smaller --eval-batch-size"
+        print(f"error: the GPU ran out of memory. Try {hint}, or close other programs that use the GPU",
+              file=sys.stderr)
         return 1
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

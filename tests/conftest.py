@@ -10,7 +10,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -20,8 +19,6 @@ if str(REPO_ROOT) not in sys.path:
 # finds the shared/ folder beside it.
 REAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-# Small tensors: one thread avoids oversubscription on a busy machine and keeps results stable.
-torch.set_num_threads(1)
 cv2.setNumThreads(1)
 
 

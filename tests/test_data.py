@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import brain_tumor_segmentation as bts
-from conftest import REAL_DIR, square_pair, write_pair
+from conftest import square_pair, write_pair
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -551,10 +551,10 @@ def test_group_by_similarity_same_image_apart_when_not_neighbours():
     assert len(set(groups)) == 3  # only consecutive slices are joined
 
 
-def test_make_split_by_patient_from_shipped_csv():
+def test_make_split_by_patient_from_shipped_csv(real_dir):
     assert bts.PATIENTS_CSV.is_file()
-    names = [str(i) for i in range(1, 61)]
-    data = {"names": names, "images": torch.zeros(60, 1, 16, 16, dtype=torch.uint8)}
+    data = bts.load_dataset(real_dir / "brain-tumor-segmentation", 64, limit=150, workers=1)
+    names = data["names"]
     cfg = bts.Config(seed=3)
     split = bts.make_split(cfg, data)
     assert "split by patient" in split["how"]
@@ -566,11 +566,20 @@ def test_make_split_by_patient_from_shipped_csv():
     assert not patients["val"] & patients["test"]
     assert all(patients[p] for p in patients)
     assert split["train_patients"] == sorted(patients["train"])
-    assert split["groups"]["1"] == table["1"][0]
-    assert split["tumor_types"]["1"] == table["1"][1]
+    assert split["groups"][names[0]] == table[names[0]][0]
+    assert split["tumor_types"][names[0]] == table[names[0]][1]
     # the split indices point back at the same names
     idx = bts.split_indices(split, names)
     assert [names[i] for i in idx["test"].tolist()] == split["test"]
+
+
+def test_shipped_patients_csv_is_not_used_for_other_numbered_data(tmp_path):
+    # The demo's files are named 1..N like the Figshare dataset's, but they are not its patients.
+    folder = bts.make_synthetic_dataset(tmp_path / "synthetic", n=60, size=32, seed=0)
+    data = bts.load_dataset(folder, 32, workers=1)
+    split = bts.make_split(bts.Config(seed=3), data)
+    assert "split by patient" not in split["how"] and "APPROXIMATE" in split["how"]
+    assert not split["tumor_types"]
 
 
 def test_split_indices_unknown_name_is_user_error():

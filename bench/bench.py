@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Training speed of brain_tumor_segmentation.py's fast path against the seed's plain loop, on one device.
+
+    .venv/bin/python bench/bench.py --data-dir ../shared/data                     # CPU or GPU
+    .venv/bin/python bench/bench.py --data-dir ../shared/data --full-run          # + a timed 20-epoch run (GPU)
+
+Prints, for each loop, training images/s (median of --repeats timings after warm-up), the ratios,
+the model's FLOPs per training image (torch.utils.flop_counter), the achieved FLOP/s and that as a
+fraction of a large matrix product's FLOP/s measured here in the same precision.
+
+- fast path: the script's own code: uint8 tensors already on the device, batches sliced there,
+  its precision, channels-last and torch.compile settings (`auto` as in training).
+- seed loop: the seed README's loop: a Dataset that reads and resizes the original-size PNGs with
+  OpenCV on every access, a DataLoader (num_workers=0 and a tuned count), float32, no compile.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import brain_tumor_segmentation as bts  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class SeedDataset(Dataset):
+    """The seed's per-item loading: decode, resize and scale on every access."""
+
+    def __init__(self, pairs, size):
+        self.pairs, self.size = pairs, size
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        image_path, mask_path = self.pairs[i]
+        image = cv2.resize(cv2.imread(str(image_path), cv2.IMREAD_GRAYSCALE), (self.size, self.size)) / 255.0
+        mask = cv2.resize(cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE), (self.size, self.size)) > 127
+        return torch.tensor(image[None], dtype=torch.float32), torch.tensor(mask[None], dtype=torch.float32)
+
+
+def time_steps(step, batch_size, steps, warmup, repeats, device):
+    """Median images/s over `repeats` timings of `steps` steps each, after `warmup` steps."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        rates.append(steps * batch_size / (time.perf_counter() - t0))
+    return statistics.median(rates), rates
+
+
+def fast_path(cfg, images, masks, device):
+    """A step of the script's training loop: slice uint8 tensors on the device, its precision."""
+    torch.manual_seed(0)
+    model = bts.UNet(width=cfg.base_width).to(device)
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dtype = bts.amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
+    train_model = torch.compile(model) if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda") else model
+    model.train()
+    order = torch.randperm(len(images), device=device)
+    state = {"i": 0}
+
+    def step():
+        start = (state["i"] * cfg.batch_size) % (len(images) - cfg.batch_size + 1)
+        batch = order[start:start + cfg.batch_size]
+        state["i"] += 1
+        x = bts.to_input(images[batch], device, channels_last)
+        bts.forward_backward(train_model, optimizer, scaler, x, masks[batch].float(), cfg, dtype)
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step, dtype
+
+
+def seed_loop(pairs, cfg, device, workers):
+    torch.manual_seed(0)
+    model = bts.UNet(width=cfg.base_width).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = DataLoader(SeedDataset(pairs, cfg.image_size), batch_size=cfg.batch_size, shuffle=True,
+                        num_workers=workers, drop_last=True, persistent_workers=workers > 0,
+                        pin_memory=device.type == "cuda")
+    state = {"it": iter(loader)}
+
+    def step():
+        try:
+            x, y = next(state["it"])
+        except StopIteration:
+            state["it"] = iter(loader)
+            x, y = next(state["it"])
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = bts.dice_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def flops_per_image(cfg, device):
+    model = bts.UNet(width=cfg.base_width).to(device)
+    x = torch.rand(2, 1, cfg.image_size, cfg.image_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        bts.dice_loss(model(x), (x > 0.5).float()).backward()
+    return counter.get_total_flops() / 2
+
+
+def matmul_flops(device, dtype, n=4096 if torch.cuda.is_available() else 2048, repeats=5):
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"),
+                   help="folder with brain-tumor-segmentation/ (256x256) and brain-tumor-segmentation-512-sample/")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--base-width", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="the tuned DataLoader's workers")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", default="auto")
+    p.add_argument("--full-run", action="store_true", help="also time a whole 20-epoch run of the script")
+    args = p.parse_args()
+    device = bts.pick_device(args.device)
+    cfg = bts.Config(batch_size=args.batch_size, image_size=args.image_size, base_width=args.base_width,
+                     compile=args.compile)
+    data = Path(args.data_dir)
+    originals = data / "brain-tumor-segmentation-512-sample"
+    pairs = [(p, originals / "masks" / p.name) for p in sorted((originals / "images").glob("*.png"))]
+    # The seed loop decodes original-size files; repeat the 512x512 sample to a full epoch's worth.
+    pairs = (pairs * (2000 // max(1, len(pairs)) + 1))[:2000]
+    t0 = time.perf_counter()
+    loaded = bts.load_dataset(data / "brain-tumor-segmentation", args.image_size, limit=512)
+    images, masks = loaded["images"].to(device), loaded["masks"].to(device)
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+          f" ({torch.get_num_threads()} threads), torch {torch.__version__}; batch {args.batch_size}, "
+          f"{args.image_size}x{args.image_size}, width {args.base_width}; data decoded in {time.perf_counter() - t0:.1f} s")
+
+    step, dtype = fast_path(cfg, images, masks, device)
+    fast, fast_all = time_steps(step, args.batch_size, args.steps, args.warmup, args.repeats, device)
+    results = {"fast path": fast}
+    for workers in (0, args.workers):
+        step = seed_loop(pairs, cfg, device, workers)
+        results[f"seed loop, {workers} workers"], _ = time_steps(step, args.batch_size, args.steps, args.warmup,
+                                                                 args.repeats, device)
+    flops = flops_per_image(cfg, device)
+    peak = matmul_flops(device, dtype or torch.float32)
+    print(f"model: {flops / 1e9:.1f} GFLOP per training image (forward + backward)")
+    print(f"matrix product, {dtype or torch.float32}: {peak / 1e12:.2f} TFLOP/s")
+    for name, rate in results.items():
+        print(f"{name:24s} {rate:9.2f} images/s  {rate * flops / 1e12:7.3f} TFLOP/s  "
+              f"{rate * flops / peak:6.1%} of the matrix product  x{fast / rate:.2f} slower than the fast path"
+              if name != "fast path" else
+              f"{name:24s} {rate:9.2f} images/s  {rate * flops / 1e12:7.3f} TFLOP/s  "
+              f"{rate * flops / peak:6.1%} of the matrix product  (repeats: {', '.join(f'{r:.2f}' for r in fast_all)})")
+    if args.full_run:
+        cmd = [sys.executable, str(ROOT / "brain_tumor_segmentation.py"), "--data-dir",
+               str(data / "brain-tumor-segmentation"), "--out-dir", "/tmp/bench-full-run", "--overwrite"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        print(f"whole 20-epoch run, start to finish: {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

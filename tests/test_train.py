@@ -1,0 +1,283 @@
+"""End-to-end training runs on tiny synthetic data, the command line, and reliability:
+resume after SIGINT, crash-safe checkpoints, NaN detection, identical same-seed runs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import brain_tumor_segmentation as bts
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "brain_tumor_segmentation.py"
+
+TINY = ["--image-size", "32", "--base-width", "4", "--batch-size", "8", "--epochs", "3",
+        "--test-samples", "3", "--panel-images", "2", "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return bts.make_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic", n=40, size=64, seed=1)
+
+
+def run(args):
+    return bts.main([str(a) for a in args])
+
+
+def metrics_without_timing(out: Path) -> dict:
+    m = json.loads((out / "metrics.json").read_text())
+    m.pop("total_seconds")
+    return m
+
+
+def history_without_timing(path: Path) -> dict:
+    h = bts.load_checkpoint(path)["history"]
+    return {k: v for k, v in h.items() if k not in ("epoch_seconds", "images_per_second")}
+
+
+def test_end_to_end_writes_every_output(synthetic, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["--data-dir", synthetic, "--out-dir", out, *TINY]) == 0
+    printed = capsys.readouterr().out
+    for expected in ("configuration:", "device: cpu", "Total params", "split: train", "test (", "Dice"):
+        assert expected in printed
+    for name in ("model.pth", "last.pth", "metrics.json", "split.json", "config.json", "test_per_image.csv",
+                 "visualizations/loss_curves.png", "visualizations/test_samples.png",
+                 "visualizations/worst_predictions.png", "visualizations/test_dice_histogram.png",
+                 *(f"visualizations/epochs/epoch_{e:03d}.png" for e in (1, 2, 3))):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    test = metrics["test"]
+    assert 0 <= test["dice"] <= 1 and 0 <= test["iou"] <= test["dice"] + 1e-9
+    assert test["dice_ci95"][0] <= test["dice"] <= test["dice_ci95"][1]
+    assert "empty" in metrics["empty_masks"]
+    split = json.loads((out / "split.json").read_text())
+    assert sorted(split["train"] + split["val"] + split["test"], key=int) == [str(i) for i in range(1, 41)]
+    assert len(split["test"]) == test["images"]
+    state = bts.load_checkpoint(out / "model.pth")
+    assert state["epoch"] == metrics["best_epoch"] and state["config"]["image_size"] == 32
+    assert set(state["split"]["test"]) == set(split["test"])
+    assert json.loads((out / "config.json").read_text())["base_width"] == 4
+
+
+def test_help_lists_every_config_field_with_its_default():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for field in bts.dataclasses.fields(bts.Config):
+        assert "--" + field.name.replace("_", "-") in text, field.name
+    assert "default: 256" in text and "default: 16" in text and "default: 0.001" in text
+
+
+def test_command_line_overrides_and_presets():
+    cfg = bts.config_from_args(["--epochs", "5", "--batch-size", "8"])
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.image_size, cfg.device) == (5, 8, 1e-3, 256, "auto")
+    demo = bts.config_from_args(["--demo", "--image-size", "96"])
+    assert demo.image_size == 96 and demo.base_width == bts.DEMO_DEFAULTS["base_width"]
+    improved = bts.config_from_args(["--recipe", "improved", "--lr", "5e-4"])
+    assert improved.loss == "dice+bce" and improved.augment and improved.lr == 5e-4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image-size", "100"], "multiple of 16"),
+    (["--val-fraction", "0.6", "--test-fraction", "0.5"], "sum to less than 1"),
+    (["--loss", "focal"], "choose one of"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--epochs", "0"], "CUDA is not available"
+     if not torch.cuda.is_available() else "at least 1"),
+])
+def test_bad_settings_give_one_clear_error(args, message, synthetic, tmp_path, capsys):
+    assert run(["--data-dir", synthetic, "--out-dir", tmp_path / "o", *TINY, *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_dataset_without_kaggle_credentials_says_what_to_do(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE")}
+    env.update(HOME=str(tmp_path), KAGGLE_CONFIG_DIR=str(tmp_path / "nokaggle"))
+    result = subprocess.run([sys.executable, str(SCRIPT), "--epochs", "1"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    for way in ("Kaggle", "--data-dir", "--demo"):
+        assert way in result.stderr
+    assert not (tmp_path / "data" / "brain-tumor-segmentation").exists()  # no half-finished download left
+
+
+def test_second_run_refuses_to_replace_an_earlier_model(synthetic, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["--data-dir", synthetic, "--out-dir", out, *TINY, "--epochs", "1"]) == 0
+    before = (out / "model.pth").read_bytes()
+    assert run(["--data-dir", synthetic, "--out-dir", out, *TINY, "--epochs", "1"]) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert (out / "model.pth").read_bytes() == before
+    assert run(["--data-dir", synthetic, "--out-dir", out, *TINY, "--epochs", "1", "--overwrite"]) == 0
+
+
+def test_same_seed_runs_are_identical_on_cpu(synthetic, tmp_path):
+    for name in ("a", "b"):
+        assert run(["--data-dir", synthetic, "--out-dir", tmp_path / name, *TINY, "--recipe", "improved"]) == 0
+    assert metrics_without_timing(tmp_path / "a") == metrics_without_timing(tmp_path / "b")
+    assert history_without_timing(tmp_path / "a" / "last.pth") == history_without_timing(tmp_path / "b" / "last.pth")
+    wa, wb = (bts.load_checkpoint(tmp_path / n / "model.pth")["model"] for n in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigint_then_resume_gives_the_same_result_as_an_uninterrupted_run(synthetic, tmp_path, monkeypatch, capsys):
+    args = ["--data-dir", synthetic, *TINY, "--recipe", "improved"]
+    assert run([*args, "--out-dir", tmp_path / "straight"]) == 0
+
+    calls = {"n": 0}
+    real_loss = bts.compute_loss
+
+    def loss_then_ctrl_c(logits, target, cfg):
+        calls["n"] += 1
+        if calls["n"] == 5:  # epoch 2, step 1: 3 training steps and 1 validation batch per epoch
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(logits, target, cfg)
+
+    monkeypatch.setattr(bts, "compute_loss", loss_then_ctrl_c)
+    out = tmp_path / "interrupted"
+    assert run([*args, "--out-dir", out]) == 130
+    err = capsys.readouterr().err
+    assert "--resume" in err and "Traceback" not in err
+    state = bts.load_checkpoint(out / "last.pth")
+    assert (state["epoch"], state["step"]) == (1, 1)  # one step into epoch 2
+    assert not (out / "metrics.json").exists()
+    monkeypatch.setattr(bts, "compute_loss", real_loss)
+
+    assert run(["--resume", "--out-dir", out]) == 0
+    assert metrics_without_timing(out) == metrics_without_timing(tmp_path / "straight")
+    assert history_without_timing(out / "last.pth") == history_without_timing(tmp_path / "straight" / "last.pth")
+    # the resumed run extends the loss curve instead of starting a new one
+    assert bts.load_checkpoint(out / "last.pth")["history"]["epoch"] == [1, 2, 3]
+
+
+def test_resume_keeps_the_best_model_unless_a_later_epoch_beats_it(synthetic, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert run(["--data-dir", synthetic, "--out-dir", out, *TINY, "--epochs", "2"]) == 0
+    best = bts.load_checkpoint(out / "model.pth")
+    # Pretend the best epoch was unbeatable: resuming must not replace model.pth.
+    last = bts.load_checkpoint(out / "last.pth")
+    last["best"] = {**last["best"], "val_dice": 2.0}
+    last["config"]["epochs"] = 3
+    bts.save_checkpoint(out / "last.pth", last)
+    assert run(["--resume", str(out / "last.pth"), "--out-dir", out]) == 0
+    after = bts.load_checkpoint(out / "model.pth")
+    assert after["epoch"] == best["epoch"]
+    assert all(torch.equal(after["model"][k], best["model"][k]) for k in best["model"])
+    assert bts.load_checkpoint(out / "last.pth")["epoch"] == 3
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(synthetic, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real_loss = bts.compute_loss
+
+    def nan_in_epoch_2(logits, target, cfg):
+        loss = real_loss(logits, target, cfg)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(bts, "compute_loss", nan_in_epoch_2)
+    out = tmp_path / "run"
+    assert run(["--data-dir", synthetic, "--out-dir", out, *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "epoch 2, step 1" in err and "Traceback" not in err
+    last = bts.load_checkpoint(out / "last.pth")
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert bts.load_checkpoint(out / "model.pth")["epoch"] == 1
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """Identity forward, infinite backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_non_finite_gradient_is_caught_too(synthetic, tmp_path, monkeypatch, capsys):
+    real_loss = bts.compute_loss
+
+    def infinite_gradient(logits, target, cfg):
+        return real_loss(InfiniteGradient.apply(logits), target, cfg)
+
+    monkeypatch.setattr(bts, "compute_loss", infinite_gradient)
+    assert run(["--data-dir", synthetic, "--out-dir", tmp_path / "run", *TINY]) == 1
+    assert "epoch 1, step 1" in capsys.readouterr().err
+
+
+KILLER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import brain_tumor_segmentation as bts
+i = 0
+while True:
+    i += 1
+    bts.save_checkpoint(bts.Path({path!r}), {{"format": bts.CHECKPOINT_FORMAT, "version": bts.CHECKPOINT_VERSION,
+                        "i": i, "weights": torch.full((4_000_000,), float(i))}})
+    print(i, flush=True)
+"""
+
+
+def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
+    path = tmp_path / "model.pth"
+    code = KILLER.format(root=str(ROOT), path=str(path))
+    for delay in (0.05, 0.13, 0.29):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "1" or path.exists()  # at least one complete write
+        time.sleep(delay)  # each write takes tens of milliseconds: the kill lands mid-write
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = bts.load_checkpoint(path)
+        assert torch.all(state["weights"] == state["i"])
+
+
+def test_checkpoint_of_another_version_gets_a_clear_message(tmp_path):
+    path = tmp_path / "old.pth"
+    torch.save({"format": bts.CHECKPOINT_FORMAT, "version": 0, "model": {}}, path)
+    with pytest.raises(bts.UserError, match="version 0"):
+        bts.load_checkpoint(path)
+
+
+def test_demo_learns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run(["--demo", "--demo-images", "240", "--epochs", "8", "--workers", "1", "--test-samples", "3"]) == 0
+    metrics = json.loads((tmp_path / "outputs" / "demo" / "metrics.json").read_text())
+    assert metrics["test"]["dice"] >= 0.7
+
+
+def test_demo_never_overwrites_a_folder_it_did_not_make(tmp_path, capsys):
+    precious = tmp_path / "mine"
+    (precious / "images").mkdir(parents=True)
+    (precious / "images" / "keep.png").write_bytes(b"not mine to delete")
+    assert run(["--demo", "--data-dir", precious, "--out-dir", tmp_path / "o", "--demo-images", "4"]) == 1
+    assert "never deleted" in capsys.readouterr().err
+    assert (precious / "images" / "keep.png").read_bytes() == b"not mine to delete"
+
+
+def test_cross_validation_trains_one_model_per_fold_on_disjoint_patients(synthetic, tmp_path):
+    out = tmp_path / "cv"
+    assert run(["--data-dir", synthetic, "--out-dir", out, *TINY, "--epochs", "1", "--folds", "3"]) == 0
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert len(summary["test_dice_per_fold"]) == 3 and summary["test_images"] == 40
+    tests = [set(json.loads((out / f"fold_{k}" / "split.json").read_text())["test_patients"]) for k in (1, 2, 3)]
+    assert not (tests[0] & tests[1]) and not (tests[0] & tests[2]) and not (tests[1] & tests[2])
+    for k in (1, 2, 3):
+        split = json.loads((out / f"fold_{k}" / "split.json").read_text())
+        parts = [set(split[f"{p}_patients"]) for p in ("train", "val", "test")]
+        assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+        assert (out / f"fold_{k}" / "model.pth").is_file()
+    # --resume keeps finished folds
+    before = (out / "fold_1" / "model.pth").stat().st_mtime_ns
+    assert run(["--data-dir", synthetic, "--out-dir", out, *TINY, "--epochs", "1", "--folds", "3", "--resume"]) == 0
+    assert (out / "fold_1" / "model.pth").stat().st_mtime_ns == before
