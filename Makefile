@@ -9,7 +9,6 @@ ARGS   ?=
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade -q pip
 	$(BIN)/pip install -r requirements.txt
 	touch $(STAMP)
 

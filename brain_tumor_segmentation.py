@@ -916,7 +916,9 @@ def load_checkpoint(path: Path | str) -> dict:
             warnings.simplefilter("ignore")  # torch warns about old pickle protocols before refusing
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
+        with open(path, "rb") as f:
+            raw_pickle = f.read(1) == b"\x80"  # a bare pickle, not torch.save's zip: may hold code
+        if "Unsupported global" in str(e) or raw_pickle:
             raise UserError(f"{path}: refused, it holds Python objects that could run code when loaded; "
                             f"only checkpoints written by this script can be used") from None
         raise UserError(f"{path}: not a PyTorch checkpoint (another kind of file)") from None
@@ -1029,7 +1031,8 @@ def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
     idx = split_indices(split, data["names"])
     log(f"data: {len(data['names'])} pairs from {data_dir} at {cfg.image_size}x{cfg.image_size}, decoded in "
         f"{time.time() - t0:.1f} s; {split['how']}")
-    log(f"split: train {len(idx['train'])} images ({len(split['train_patients'])} patients), val "
+    unit = "patients" if "by patient" in split["how"] else "groups"
+    log(f"split: train {len(idx['train'])} images ({len(split['train_patients'])} {unit}), val "
         f"{len(idx['val'])} ({len(split['val_patients'])}), test {len(idx['test'])} ({len(split['test_patients'])})")
     if main:
         save_json(out / "split.json", split)
@@ -1405,7 +1408,7 @@ def plot_samples(path, images, targets, preds, dice, names, which, title) -> Non
                          f"{label}, Dice {dice[i]:.3f}" if label == "Prediction" else label, fontsize=9)
             ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title
     save_figure(path, fig)
     plt.close(fig)
 
