@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: demo test train predict bench clean
+.PHONY: demo test train bench clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ test: $(STAMP)  ## the test suite (a few minutes on 2 CPU cores)
 
 train: $(STAMP)  ## train on the real dataset: make train ARGS="--data-dir DIR --epochs 5"
 	$(BIN)/python brain_tumor_segmentation.py $(ARGS)
+
+bench: $(STAMP)  ## training speed: this script's fast path against the seed's plain loop (bench/RESULTS.md)
+	$(BIN)/python bench/bench.py $(ARGS)
 
 clean:  ## remove generated outputs and the synthetic demo data (never the real data)
 	rm -rf outputs predictions data/synthetic-demo

@@ -887,7 +887,8 @@ def forward_backward(model, optimizer, scaler, x, y, cfg: Config, dtype) -> torc
     scaler.scale(loss).backward()
     if scaler.is_enabled():  # a grad scaler skips steps with non-finite gradients by itself
         return loss.detach()
-    return loss.detach() + 0 * nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return loss.detach() + 0 * nn.utils.get_total_norm(grads)
 
 
 def checkpoint_state(model, optimizer, scaler, cfg, split, history, epoch, step, extra) -> dict:
@@ -1386,12 +1387,15 @@ def save_epoch_panel(path, model, images_u8, masks_u8, cfg, device, dtype, chann
     because it costs milliseconds, which matters once an epoch takes seconds on a GPU."""
     probs = predict_probabilities(model, images_u8, cfg.eval_batch_size, device, dtype, channels_last)
     model.train()
+    scale = max(1, 256 // cfg.image_size)
     rows = []
     for img, gt, p in zip(images_u8.cpu().numpy()[:, 0], masks_u8.cpu().numpy()[:, 0], probs.cpu().numpy()[:, 0]):
-        rows.append(np.hstack([img, gt * 255, (p > cfg.threshold).astype(np.uint8) * 255]))
-    panel = np.vstack(rows)
-    scale = max(1, 256 // cfg.image_size)
-    panel = cv2.resize(panel, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+        tiles = [cv2.resize(t, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+                 for t in (img, gt * 255, (p > cfg.threshold).astype(np.uint8) * 255)]
+        gap = np.full((tiles[0].shape[0], 4), 96, np.uint8)  # gray lines keep the black tiles apart
+        rows.append(np.hstack([tiles[0], gap, tiles[1], gap, tiles[2]]))
+        rows.append(np.full((4, rows[-1].shape[1]), 96, np.uint8))
+    panel = np.vstack(rows[:-1])
     header = np.zeros((28, panel.shape[1]), np.uint8)
     cv2.putText(header, title + "   (original | ground truth | prediction)", (6, 19), cv2.FONT_HERSHEY_SIMPLEX,
                 0.5, 255, 1, cv2.LINE_AA)
@@ -1622,7 +1626,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except torch.cuda.OutOfMemoryError:
-        hint = f"--batch-size {max(1, batch_size // 2)}" if batch_size > 1 else "a smaller --eval-batch-size"
+        hint = f"--batch-size {max(1, batch_size // 2)}" if batch_size > 1 else "a smaller --batch-size"
         print(f"error: the GPU ran out of memory. Try {hint}, or close other programs that use the GPU",
               file=sys.stderr)
         return 1
