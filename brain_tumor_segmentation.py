@@ -1179,7 +1179,8 @@ def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
                    total_seconds=time.time() - t_start)
     save_json(out / "metrics.json", metrics)
     t = metrics["test"]
-    log(f"test ({t['images']} images, {t['patients']} patients): Dice {t['dice']:.4f} "
+    unit = "patients" if "by patient" in split["how"] else "groups"
+    log(f"test ({t['images']} images, {t['patients']} {unit}): Dice {t['dice']:.4f} "
         f"[95% CI {t['dice_ci95'][0]:.4f}-{t['dice_ci95'][1]:.4f}], IoU {t['iou']:.4f}, "
         f"precision {t['precision']:.4f}, recall {t['recall']:.4f}, HD95 {t['hd95']:.1f} px")
     log(f"outputs in {out}/: model.pth, last.pth, metrics.json, test_per_image.csv, split.json, config.json, "
