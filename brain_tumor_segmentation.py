@@ -191,6 +191,15 @@ def save_json(path, obj) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
+def save_csv(path, rows: list[dict]) -> None:
+    """Rows as CSV; the columns are every key that appears, in order of first appearance."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
 def save_png(path, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", image)
     if not ok:
@@ -1179,7 +1188,6 @@ def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
                    total_seconds=time.time() - t_start)
     save_json(out / "metrics.json", metrics)
     t = metrics["test"]
-    unit = "patients" if "by patient" in split["how"] else "groups"
     log(f"test ({t['images']} images, {t['patients']} {unit}): Dice {t['dice']:.4f} "
         f"[95% CI {t['dice_ci95'][0]:.4f}-{t['dice_ci95'][1]:.4f}], IoU {t['iou']:.4f}, "
         f"precision {t['precision']:.4f}, recall {t['recall']:.4f}, HD95 {t['hd95']:.1f} px")
@@ -1332,11 +1340,7 @@ def evaluate_test(model, images, masks, test_idx, names, split, cfg, device, dty
     rows = [{"image": n, "patient": g, "tumor_type": t, "gt_pixels": int(c[0] + c[2]), "pred_pixels": int(c[0] + c[1]),
              **{k: round(float(scores[k][i]), 5) for k in ("dice", "iou", "precision", "recall", "hd95")}}
             for i, (n, g, t, c) in enumerate(zip(test_names, groups, types, counts))]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(out / "test_per_image.csv", lambda f: f.write(buf.getvalue().encode()))
+    save_csv(out / "test_per_image.csv", rows)
     images_np = images[idx].cpu().numpy()[:, 0]
     vis = out / "visualizations"
     rng = np.random.default_rng(cfg.seed)
@@ -1530,12 +1534,7 @@ def predict(model_path, inputs: list[str], out_dir, masks_dir: str = "", batch_s
     bar.close()
     if not rows:
         raise UserError("none of the inputs could be read; nothing was written")
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(out / "predictions.csv", lambda fh: fh.write(buf.getvalue().encode()))
+    save_csv(out / "predictions.csv", rows)
     seconds = time.time() - t0
     log(f"{len(rows)} images segmented in {seconds:.2f} s ({seconds / len(rows):.3f} s each) on {dev}"
         + (f", {skipped} unreadable skipped" if skipped else "") + f"; masks, overlays and predictions.csv in {out}/")
