@@ -1184,7 +1184,8 @@ def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
         log(f"threshold chosen on validation: {threshold:.2f}")
     metrics = evaluate_test(best_model, images, masks, idx["test"], data["names"], split, cfg, device, dtype,
                             threshold, out)
-    metrics.update(best_epoch=best["epoch"], best_val_dice=best["val_dice"],
+    # From model.pth itself: after a crash between its write and last.pth's, `best` would be older.
+    metrics.update(best_epoch=state["best"]["epoch"], best_val_dice=state["best"]["val_dice"],
                    total_seconds=time.time() - t_start)
     save_json(out / "metrics.json", metrics)
     t = metrics["test"]
