@@ -797,6 +797,18 @@ def amp_dtype(cfg: Config, device: torch.device):
     return torch.float16
 
 
+def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for all parameters
+    return opt_class(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+
+
+def use_compile(cfg: Config, device: torch.device) -> bool:
+    # Triton, which torch.compile uses on GPUs, needs compute capability 7.0 or newer.
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"
+                                   and torch.cuda.get_device_capability(device) >= (7, 0))
+
+
 def to_input(images_u8: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = images_u8.to(device, non_blocking=True).float().div_(255)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -1059,11 +1071,7 @@ def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
         model = model.to(memory_format=torch.channels_last)
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    opt_kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if device.type == "cuda":
-        opt_kwargs["fused"] = True
-    optimizer = opt_class(model.parameters(), **opt_kwargs)
+    optimizer = make_optimizer(model, cfg, device)
     history = {"epoch": [], "train_loss": [], "val_loss": [], "val_dice": [], "val_iou": [], "lr": [],
                "epoch_seconds": [], "images_per_second": []}
     start_epoch, start_step, loss_sum, best = 0, 0, 0.0, {"epoch": 0, "val_dice": -1.0}
@@ -1078,9 +1086,7 @@ def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
     train_model = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # Triton, which torch.compile uses on GPUs, needs compute capability 7.0 or newer.
-    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"
-                                       and torch.cuda.get_device_capability(device) >= (7, 0))
+    compiled = use_compile(cfg, device)
     if compiled:
         train_model = torch.compile(train_model)
     log(f"precision: {dtype or torch.float32}, channels-last: {channels_last}, compiled: {compiled}")
@@ -1264,35 +1270,35 @@ def print_model_summary(model: nn.Module, cfg: Config, device: torch.device) -> 
 
 
 @torch.no_grad()
-def predict_probabilities(model, images_u8: torch.Tensor, batch_size: int, device, dtype, channels_last=False):
-    """Sigmoid probabilities (N,1,S,S) float32 for uint8 images, in eval mode, in large batches."""
+@torch.no_grad()
+def logits_in_batches(model, images_u8: torch.Tensor, batch_size: int, device, dtype, channels_last=False):
+    """Eval-mode logits of uint8 images, one batch at a time: yields (first index, logits)."""
     model.eval()
-    out = []
     for start in range(0, len(images_u8), batch_size):
         x = to_input(images_u8[start:start + batch_size], device, channels_last)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out.append(torch.sigmoid(model(x).float()))
-    return torch.cat(out)
+            yield start, model(x)
+
+
+def predict_probabilities(model, images_u8: torch.Tensor, batch_size: int, device, dtype, channels_last=False):
+    """Sigmoid probabilities (N,1,S,S) float32 for uint8 images, in eval mode, in large batches."""
+    return torch.cat([torch.sigmoid(logits.float()) for _, logits in
+                      logits_in_batches(model, images_u8, batch_size, device, dtype, channels_last)])
 
 
 @torch.no_grad()
 def evaluate(model, images, masks, indices, cfg, device, dtype, channels_last, threshold, rank=0, world=1) -> dict:
-    """Mean loss (over batches), and per-image mean Dice and IoU of one split part."""
+    """Loss, Dice and IoU of one split part, each the mean over its images."""
     mine = indices[rank::world].to(device)
-    loss_sum, n_batches, dice_sum, iou_sum = 0.0, 0, 0.0, 0.0
-    for start in range(0, len(mine), cfg.eval_batch_size):
-        batch = mine[start:start + cfg.eval_batch_size]
-        model.eval()
-        x = to_input(images[batch], device, channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(x)
-        y = masks[batch]
-        loss_sum += float(compute_loss(logits, y, cfg)) * len(batch)
+    targets = masks[mine]
+    loss_sum, dice_sum, iou_sum = 0.0, 0.0, 0.0
+    for start, logits in logits_in_batches(model, images[mine], cfg.eval_batch_size, device, dtype, channels_last):
+        y = targets[start:start + len(logits)]
+        loss_sum += float(compute_loss(logits, y, cfg)) * len(y)
         scores = scores_from_counts(confusion_counts(torch.sigmoid(logits.float()) > threshold, y).cpu())
         dice_sum += scores["dice"].sum()
         iou_sum += scores["iou"].sum()
-        n_batches += len(batch)
-    totals = torch.tensor([loss_sum, dice_sum, iou_sum, n_batches], dtype=torch.float64, device=device)
+    totals = torch.tensor([loss_sum, dice_sum, iou_sum, len(mine)], dtype=torch.float64, device=device)
     if world > 1:
         import torch.distributed as dist
         dist.all_reduce(totals)

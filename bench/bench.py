@@ -78,8 +78,8 @@ def fast_path(cfg, images, masks, device):
         model = model.to(memory_format=torch.channels_last)
     dtype = bts.amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
-    train_model = torch.compile(model) if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda") else model
+    optimizer = bts.make_optimizer(model, cfg, device)
+    train_model = torch.compile(model) if bts.use_compile(cfg, device) else model
     model.train()
     order = torch.randperm(len(images), device=device)
     state = {"i": 0}
