@@ -54,19 +54,23 @@ class SeedDataset(Dataset):
         return torch.tensor(image[None], dtype=torch.float32), torch.tensor(mask[None], dtype=torch.float32)
 
 
-def time_steps(step, batch_size, steps, warmup, repeats, device):
-    """Median images/s over `repeats` timings of `steps` steps each, after `warmup` steps."""
-    for _ in range(warmup):
-        step()
-    sync(device)
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
+def time_loops(loops, batch_size, steps, warmup, repeats, device):
+    """Median images/s of each loop over `repeats` timings of `steps` steps, after `warmup` steps.
+    The loops take turns within each repeat, so a drift in the machine's speed (other processes,
+    clock changes) affects all of them alike and their ratios stay fair."""
+    for step in loops.values():
+        for _ in range(warmup):
             step()
-        sync(device)
-        rates.append(steps * batch_size / (time.perf_counter() - t0))
-    return statistics.median(rates), rates
+    sync(device)
+    rates = {name: [] for name in loops}
+    for _ in range(repeats):
+        for name, step in loops.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync(device)
+            rates[name].append(steps * batch_size / (time.perf_counter() - t0))
+    return {name: (statistics.median(r), r) for name, r in rates.items()}
 
 
 def fast_path(cfg, images, masks, device):
@@ -171,22 +175,20 @@ def main():
           f"{args.image_size}x{args.image_size}, width {args.base_width}; data decoded in {time.perf_counter() - t0:.1f} s")
 
     step, dtype = fast_path(cfg, images, masks, device)
-    fast, fast_all = time_steps(step, args.batch_size, args.steps, args.warmup, args.repeats, device)
-    results = {"fast path": fast}
+    loops = {"fast path": step}
     for workers in (0, args.workers):
-        step = seed_loop(pairs, cfg, device, workers)
-        results[f"seed loop, {workers} workers"], _ = time_steps(step, args.batch_size, args.steps, args.warmup,
-                                                                 args.repeats, device)
+        loops[f"seed loop, {workers} workers"] = seed_loop(pairs, cfg, device, workers)
+    timed = time_loops(loops, args.batch_size, args.steps, args.warmup, args.repeats, device)
+    fast = timed["fast path"][0]
     flops = flops_per_image(cfg, device)
     peak = matmul_flops(device, dtype or torch.float32)
     print(f"model: {flops / 1e9:.1f} GFLOP per training image (forward + backward)")
-    print(f"matrix product, {dtype or torch.float32}: {peak / 1e12:.2f} TFLOP/s")
-    for name, rate in results.items():
-        print(f"{name:24s} {rate:9.2f} images/s  {rate * flops / 1e12:7.3f} TFLOP/s  "
-              f"{rate * flops / peak:6.1%} of the matrix product  x{fast / rate:.2f} slower than the fast path"
-              if name != "fast path" else
-              f"{name:24s} {rate:9.2f} images/s  {rate * flops / 1e12:7.3f} TFLOP/s  "
-              f"{rate * flops / peak:6.1%} of the matrix product  (repeats: {', '.join(f'{r:.2f}' for r in fast_all)})")
+    print(f"matrix product, {dtype or torch.float32}: {peak / 1e9:.1f} GFLOP/s")
+    for name, (rate, repeats) in timed.items():
+        ratio = "" if name == "fast path" else f"  fast path x{fast / rate:.2f}"
+        print(f"{name:24s} {rate:9.3f} images/s  {rate * flops / 1e9:9.1f} GFLOP/s  "
+              f"{rate * flops / peak:6.1%} of the matrix product  (repeats: "
+              f"{', '.join(f'{r:.3f}' for r in repeats)}){ratio}")
     if args.full_run:
         cmd = [sys.executable, str(ROOT / "brain_tumor_segmentation.py"), "--data-dir",
                str(data / "brain-tumor-segmentation"), "--out-dir", "/tmp/bench-full-run", "--overwrite"]
