@@ -87,6 +87,8 @@ class Config:
                           "CPU), bf16, fp16 or off")
     channels_last: bool = _f(True, "channels-last memory format on CUDA")
     compile: str = _f("auto", "torch.compile the model: auto (on CUDA), on or off")
+    compile_mode: str = _f("default", "torch.compile mode: default, reduce-overhead (CUDA graphs) or "
+                                      "max-autotune (longer compile)")
     deterministic: bool = _f(False, "repeatable CUDA runs: deterministic kernels, no cuDNN autotuning (slower)")
     eval_batch_size: int = _f(64, "images per step in validation, test and prediction")
     workers: int = _f(0, "threads that decode images once at start-up (0: one per CPU core, max 8)")
@@ -128,7 +130,8 @@ def check_config(cfg: Config) -> None:
         raise UserError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
     choices = dict(split=("patient", "random"), recipe=tuple(RECIPES), optimizer=("adam", "adamw"),
                    schedule=("constant", "onecycle"), loss=("dice", "dice+bce"),
-                   amp=("auto", "bf16", "fp16", "off"), compile=("auto", "on", "off"))
+                   amp=("auto", "bf16", "fp16", "off"), compile=("auto", "on", "off"),
+                   compile_mode=("default", "reduce-overhead", "max-autotune"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
@@ -978,8 +981,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 RUN_OUTPUTS = ("model.pth", "last.pth", "metrics.json", "test_per_image.csv", "split.json", "config.json")
 # What --resume may change; the rest of a resumed run's settings come from its checkpoint.
-RESUMABLE_FIELDS = ("device", "workers", "eval_batch_size", "compile", "data_dir", "panel_images", "test_samples",
-                    "epochs")
+RESUMABLE_FIELDS = ("device", "workers", "eval_batch_size", "compile", "compile_mode", "data_dir", "panel_images",
+                    "test_samples", "epochs")
 
 
 def prepare_out_dir(cfg: Config) -> Path:
@@ -1087,10 +1090,13 @@ def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
     train_model = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    eager_model = train_model
     compiled = use_compile(cfg, device)
     if compiled:
-        train_model = torch.compile(train_model)
-    log(f"precision: {dtype or torch.float32}, channels-last: {channels_last}, compiled: {compiled}")
+        train_model = torch.compile(train_model, mode=cfg.compile_mode)
+    log(f"precision: {dtype or torch.float32}, channels-last: {channels_last}, "
+        f"compiled: {cfg.compile_mode if compiled else False}")
+    compile_unproven = compiled  # torch.compile fails only at the first call (no compiler, old GPU, ...)
 
     n_train = len(idx["train"])
     steps_per_epoch = batch_order(n_train, cfg.batch_size, cfg.seed, 0, rank, world).shape[0]
@@ -1123,7 +1129,16 @@ def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
                 if cfg.augment:
                     g = torch.Generator(device=device).manual_seed((cfg.seed * 7919 + global_step) * world + rank)
                     x, y = augment_batch(x, y, g)
-                step_losses[step] = forward_backward(train_model, optimizer, scaler, x, y, cfg, dtype)
+                try:
+                    step_losses[step] = forward_backward(train_model, optimizer, scaler, x, y, cfg, dtype)
+                except Exception as e:
+                    if not compile_unproven or isinstance(e, torch.cuda.OutOfMemoryError):
+                        raise
+                    warn(f"torch.compile failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}); "
+                         f"training without it. Pass --compile off to skip the attempt.")
+                    train_model = eager_model
+                    step_losses[step] = forward_backward(train_model, optimizer, scaler, x, y, cfg, dtype)
+                compile_unproven = False
                 # Reading the loss costs a device sync; do it only when the bar is redrawn (on a CPU:
                 # every step, so that bad numbers never reach the weights).
                 if device.type == "cpu" or step % 20 == 0 or step == len(order) - 1:

@@ -83,7 +83,7 @@ def fast_path(cfg, images, masks, device):
     dtype = bts.amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     optimizer = bts.make_optimizer(model, cfg, device)
-    train_model = torch.compile(model) if bts.use_compile(cfg, device) else model
+    train_model = torch.compile(model, mode=cfg.compile_mode) if bts.use_compile(cfg, device) else model
     model.train()
     order = torch.randperm(len(images), device=device)
     state = {"i": 0}
@@ -157,11 +157,12 @@ def main():
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="the tuned DataLoader's workers")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", default="auto")
+    p.add_argument("--compile-mode", default="default", help="default, reduce-overhead (CUDA graphs) or max-autotune")
     p.add_argument("--full-run", action="store_true", help="also time a whole 20-epoch run of the script")
     args = p.parse_args()
     device = bts.pick_device(args.device)
     cfg = bts.Config(batch_size=args.batch_size, image_size=args.image_size, base_width=args.base_width,
-                     compile=args.compile)
+                     compile=args.compile, compile_mode=args.compile_mode)
     data = Path(args.data_dir)
     originals = data / "brain-tumor-segmentation-512-sample"
     pairs = [(p, originals / "masks" / p.name) for p in sorted((originals / "images").glob("*.png"))]

@@ -216,6 +216,51 @@ def test_non_finite_gradient_is_caught_too(synthetic, tmp_path, monkeypatch, cap
     assert "epoch 1, step 1" in capsys.readouterr().err
 
 
+class FakeCompiled(torch.nn.Module):
+    """Stands in for torch.compile's wrapper: the same parameters, a hook on every call."""
+
+    def __init__(self, model, on_call):
+        super().__init__()
+        self.inner, self.on_call = model, on_call
+
+    def forward(self, *args):
+        self.on_call()
+        return self.inner(*args)
+
+
+def test_a_failing_torch_compile_falls_back_to_eager_with_the_same_result(synthetic, tmp_path, monkeypatch, capsys):
+    assert run(["--data-dir", synthetic, "--out-dir", tmp_path / "eager", *TINY, "--compile", "off"]) == 0
+    modes = []
+
+    def no_triton():
+        raise RuntimeError("Cannot find a working triton installation")
+
+    def broken_compile(model, mode=None):
+        modes.append(mode)
+        return FakeCompiled(model, no_triton)
+
+    monkeypatch.setattr(bts.torch, "compile", broken_compile)
+    assert run(["--data-dir", synthetic, "--out-dir", tmp_path / "compiled", *TINY, "--compile", "on",
+                "--compile-mode", "max-autotune"]) == 0
+    assert modes == ["max-autotune"]
+    err = capsys.readouterr().err
+    assert "torch.compile failed (RuntimeError: Cannot find a working triton" in err and "--compile off" in err
+    assert metrics_without_timing(tmp_path / "eager") == metrics_without_timing(tmp_path / "compiled")
+
+
+def test_an_error_after_compile_worked_is_not_hidden(synthetic, tmp_path, monkeypatch):
+    calls = []
+
+    def fail_at_step_3():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a real bug in step 3")
+
+    monkeypatch.setattr(bts.torch, "compile", lambda model, mode=None: FakeCompiled(model, fail_at_step_3))
+    with pytest.raises(RuntimeError, match="a real bug in step 3"):
+        run(["--data-dir", synthetic, "--out-dir", tmp_path / "run", *TINY, "--compile", "on"])
+
+
 KILLER = """
 import sys, torch
 sys.path.insert(0, {root!r})
