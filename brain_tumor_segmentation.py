@@ -81,6 +81,8 @@ class Config:
     augment: bool = _f(False, "random flips, rotations, scaling and gamma, applied on the device")
     threshold: float = _f(0.5, "probability above which a pixel is tumour")
     tune_threshold: bool = _f(False, "after training, pick the threshold with the best validation Dice")
+    tta: bool = _f(False, "average each image's prediction with its left-right mirror's in the test, the "
+                          "threshold choice and predict (not in per-epoch validation)")
     # machine
     device: str = _f("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     amp: str = _f("auto", "mixed precision: auto (bf16 on CUDA, else fp16 with a scaler; off on "
@@ -103,9 +105,9 @@ class Config:
 # The default recipe must match the dataclass defaults, so that --help tells the truth.
 RECIPES = {
     "seed": dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", loss="dice",
-                 augment=False, tune_threshold=False),
+                 augment=False, tune_threshold=False, tta=False),
     "improved": dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, schedule="onecycle",
-                     loss="dice+bce", augment=True, tune_threshold=True),
+                     loss="dice+bce", augment=True, tune_threshold=True, tta=True),
 }
 # --demo: a synthetic dataset small enough to train well in a few CPU minutes.
 DEMO_DEFAULTS = dict(image_size=64, base_width=16, epochs=12, batch_size=16, out_dir="outputs/demo",
@@ -925,7 +927,7 @@ def checkpoint_state(model, optimizer, scaler, cfg, split, history, epoch, step,
             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
             "config": dataclasses.asdict(cfg), "split": split, "history": history,
             "epoch": epoch, "step": step, "image_size": cfg.image_size, "base_width": cfg.base_width,
-            "threshold": cfg.threshold, **extra}
+            "threshold": cfg.threshold, "tta": cfg.tta, **extra}
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -1134,8 +1136,9 @@ def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
                 except Exception as e:
                     if not compile_unproven or isinstance(e, torch.cuda.OutOfMemoryError):
                         raise
-                    warn(f"torch.compile failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}); "
-                         f"training without it. Pass --compile off to skip the attempt.")
+                    first_line = (str(e).strip().splitlines() or [""])[0][:200]
+                    warn(f"torch.compile failed ({type(e).__name__}: {first_line}); training without it. "
+                         f"Pass --compile off to skip the attempt.")
                     train_model = eager_model
                     step_losses[step] = forward_backward(train_model, optimizer, scaler, x, y, cfg, dtype)
                 compile_unproven = False
@@ -1296,10 +1299,16 @@ def logits_in_batches(model, images_u8: torch.Tensor, batch_size: int, device, d
             yield start, model(x)
 
 
-def predict_probabilities(model, images_u8: torch.Tensor, batch_size: int, device, dtype, channels_last=False):
-    """Sigmoid probabilities (N,1,S,S) float32 for uint8 images, in eval mode, in large batches."""
-    return torch.cat([torch.sigmoid(logits.float()) for _, logits in
-                      logits_in_batches(model, images_u8, batch_size, device, dtype, channels_last)])
+def predict_probabilities(model, images_u8: torch.Tensor, batch_size: int, device, dtype, channels_last=False,
+                          flip: bool = False):
+    """Sigmoid probabilities (N,1,S,S) float32 for uint8 images, in eval mode, in large batches;
+    with `flip`, the mean of the image's and its left-right mirror's (test-time augmentation)."""
+    probs = torch.cat([torch.sigmoid(logits.float()) for _, logits in
+                       logits_in_batches(model, images_u8, batch_size, device, dtype, channels_last)])
+    if flip:
+        mirrored = predict_probabilities(model, images_u8.flip(-1), batch_size, device, dtype, channels_last)
+        probs = (probs + mirrored.flip(-1)) / 2
+    return probs
 
 
 @torch.no_grad()
@@ -1324,7 +1333,7 @@ def evaluate(model, images, masks, indices, cfg, device, dtype, channels_last, t
 
 
 def tune_threshold(model, images, masks, val_idx, cfg, device, dtype) -> float:
-    probs = predict_probabilities(model, images[val_idx.to(device)], cfg.eval_batch_size, device, dtype)
+    probs = predict_probabilities(model, images[val_idx.to(device)], cfg.eval_batch_size, device, dtype, flip=cfg.tta)
     target = masks[val_idx.to(device)]
     candidates = np.round(np.arange(0.2, 0.81, 0.05), 2)
     dice = [scores_from_counts(confusion_counts(probs > t, target).cpu())["dice"].mean() for t in candidates]
@@ -1345,7 +1354,7 @@ def evaluate_test(model, images, masks, test_idx, names, split, cfg, device, dty
     """Per-image and pooled Dice, IoU, precision, recall and HD95 on the test split, a 95%
     bootstrap interval over patients, a per-image CSV and the test plots."""
     idx = test_idx.to(device)
-    probs = predict_probabilities(model, images[idx], cfg.eval_batch_size, device, dtype)
+    probs = predict_probabilities(model, images[idx], cfg.eval_batch_size, device, dtype, flip=cfg.tta)
     pred = (probs > threshold)
     target = masks[idx].bool()
     counts = confusion_counts(pred, target).cpu().numpy()
@@ -1375,7 +1384,7 @@ def evaluate_test(model, images, masks, test_idx, names, split, cfg, device, dty
         plot_samples(vis / "worst_predictions.png", images_np, target_np, pred_np, scores["dice"], test_names,
                      worst, f"the {len(worst)} test images with the lowest Dice")
     plot_dice_histogram(vis / "test_dice_histogram.png", scores["dice"], summary["dice"])
-    return {"test": summary, "by_tumor_type": by_type, "threshold": threshold, "split": split["how"],
+    return {"test": summary, "by_tumor_type": by_type, "threshold": threshold, "tta": cfg.tta, "split": split["how"],
             "empty_masks": "an empty ground truth with an empty prediction scores 1 on every metric; "
                            "otherwise a zero denominator scores 0; HD95 is averaged over images where both "
                            "masks are non-empty",
@@ -1498,12 +1507,13 @@ def predict(model_path, inputs: list[str], out_dir, masks_dir: str = "", batch_s
             device: str = "auto", overwrite: bool = False) -> list[dict]:
     """Write a binary mask at the input's size, an overlay and one CSV row per input image.
 
-    The image size and threshold come from the checkpoint. With `masks_dir`, each image with a
+    The image size, threshold and mirror averaging (--tta) come from the checkpoint. With `masks_dir`, each image with a
     mask of the same name also gets Dice and IoU, computed as in the test evaluation."""
     state = load_checkpoint(model_path)
     dev = pick_device(device)
     model = model_from_checkpoint(state, model_path, dev)
     size, threshold = int(state["image_size"]), float(state["threshold"])
+    flip = bool(state.get("tta", False))  # checkpoints written before --tta existed have no such key
     files = collect_inputs(inputs)
     out = Path(out_dir)
     for item in inputs:
@@ -1533,7 +1543,7 @@ def predict(model_path, inputs: list[str], out_dir, masks_dir: str = "", batch_s
         probs = []
         if batch:
             x = torch.from_numpy(np.stack([preprocess_image(g, size) for _, g in batch])).unsqueeze(1)
-            probs = predict_probabilities(model, x, batch_size, dev, dtype).cpu().numpy()[:, 0]
+            probs = predict_probabilities(model, x, batch_size, dev, dtype, flip=flip).cpu().numpy()[:, 0]
         for (f, gray), prob in zip(batch, probs):
             full = cv2.resize(prob, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
             mask = full > threshold

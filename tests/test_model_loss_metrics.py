@@ -230,6 +230,20 @@ def square(size=40, top=10, left=10, side=12):
     return m
 
 
+def test_mirror_averaged_prediction_of_a_mirrored_image_is_the_mirrored_prediction():
+    torch.manual_seed(0)
+    model = bts.UNet(width=4).eval()
+    images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    plain = bts.predict_probabilities(model, images, 2, cpu, None)
+    plain_of_mirror = bts.predict_probabilities(model, images.flip(-1), 2, cpu, None)
+    assert not torch.equal(plain_of_mirror, plain.flip(-1))  # the U-Net alone is not mirror-symmetric
+    averaged = bts.predict_probabilities(model, images, 2, cpu, None, flip=True)
+    assert torch.allclose(averaged, (plain + plain_of_mirror.flip(-1)) / 2)
+    averaged_of_mirror = bts.predict_probabilities(model, images.flip(-1), 2, cpu, None, flip=True)
+    assert torch.equal(averaged_of_mirror, averaged.flip(-1))
+
+
 def test_hd95_identical_is_zero():
     assert bts.hd95(square(), square()) == 0.0
 

@@ -55,7 +55,7 @@ def test_end_to_end_writes_every_output(synthetic, tmp_path, capsys):
     test = metrics["test"]
     assert 0 <= test["dice"] <= 1 and 0 <= test["iou"] <= test["dice"] + 1e-9
     assert test["dice_ci95"][0] <= test["dice"] <= test["dice_ci95"][1]
-    assert "empty" in metrics["empty_masks"]
+    assert "empty" in metrics["empty_masks"] and metrics["tta"] is False and metrics["threshold"] == 0.5
     split = json.loads((out / "split.json").read_text())
     assert sorted(split["train"] + split["val"] + split["test"], key=int) == [str(i) for i in range(1, 41)]
     assert len(split["test"]) == test["images"]
@@ -122,6 +122,8 @@ def test_same_seed_runs_are_identical_on_cpu(synthetic, tmp_path):
     for name in ("a", "b"):
         assert run(["--data-dir", synthetic, "--out-dir", tmp_path / name, *TINY, "--recipe", "improved"]) == 0
     assert metrics_without_timing(tmp_path / "a") == metrics_without_timing(tmp_path / "b")
+    assert metrics_without_timing(tmp_path / "a")["tta"] is True  # part of the improved recipe
+    assert bts.load_checkpoint(tmp_path / "a" / "model.pth")["tta"] is True  # so predict mirrors too
     assert history_without_timing(tmp_path / "a" / "last.pth") == history_without_timing(tmp_path / "b" / "last.pth")
     wa, wb = (bts.load_checkpoint(tmp_path / n / "model.pth")["model"] for n in ("a", "b"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
