@@ -55,7 +55,7 @@ def test_end_to_end_writes_every_output(synthetic, tmp_path, capsys):
     test = metrics["test"]
     assert 0 <= test["dice"] <= 1 and 0 <= test["iou"] <= test["dice"] + 1e-9
     assert test["dice_ci95"][0] <= test["dice"] <= test["dice_ci95"][1]
-    assert "empty" in metrics["empty_masks"] and metrics["tta"] is False and metrics["threshold"] == 0.5
+    assert "empty" in metrics["empty_masks"] and metrics["tta"] is True and 0.2 <= metrics["threshold"] <= 0.8
     split = json.loads((out / "split.json").read_text())
     assert sorted(split["train"] + split["val"] + split["test"], key=int) == [str(i) for i in range(1, 41)]
     assert len(split["test"]) == test["images"]
@@ -71,16 +71,26 @@ def test_help_lists_every_config_field_with_its_default():
     text = " ".join(result.stdout.split())
     for field in bts.dataclasses.fields(bts.Config):
         assert "--" + field.name.replace("_", "-") in text, field.name
-    assert "default: 256" in text and "default: 16" in text and "default: 0.001" in text
+    assert "default: 256" in text and "default: 16" in text and "default: 0.002" in text
+    assert "default: 'improved'" in text
 
 
 def test_command_line_overrides_and_presets():
     cfg = bts.config_from_args(["--epochs", "5", "--batch-size", "8"])
-    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.image_size, cfg.device) == (5, 8, 1e-3, 256, "auto")
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.image_size, cfg.device) == (5, 8, 2e-3, 256, "auto")
     demo = bts.config_from_args(["--demo", "--image-size", "96"])
     assert demo.image_size == 96 and demo.base_width == bts.DEMO_DEFAULTS["base_width"]
     improved = bts.config_from_args(["--recipe", "improved", "--lr", "5e-4"])
     assert improved.loss == "dice+bce" and improved.augment and improved.lr == 5e-4
+    seed = bts.config_from_args(["--recipe", "seed", "--epochs", "3"])
+    assert (seed.optimizer, seed.lr, seed.weight_decay, seed.schedule, seed.loss) == ("adam", 1e-3, 0.0, "constant", "dice")
+    assert not (seed.augment or seed.tune_threshold or seed.tta) and seed.threshold == 0.5 and seed.epochs == 3
+
+
+def test_the_default_recipe_is_what_the_dataclass_defaults_say():
+    defaults = bts.Config()
+    assert bts.RECIPES[defaults.recipe] == {k: getattr(defaults, k) for k in bts.RECIPES[defaults.recipe]}
+    assert bts.config_from_args([]) == defaults
 
 
 @pytest.mark.parametrize("args, message", [
