@@ -23,11 +23,7 @@ import brain_tumor_segmentation as bts  # noqa: E402
 
 
 def probabilities(model, images_u8, flip: bool) -> torch.Tensor:
-    probs = bts.predict_probabilities(model, images_u8, 64, images_u8.device, None)
-    if flip:
-        flipped = bts.predict_probabilities(model, images_u8.flip(-1), 64, images_u8.device, None).flip(-1)
-        probs = (probs + flipped) / 2
-    return probs
+    return bts.predict_probabilities(model, images_u8, 64, images_u8.device, None, flip=flip)
 
 
 def mean_dice(probs, masks, threshold) -> float:

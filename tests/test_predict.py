@@ -600,3 +600,23 @@ def test_mean_probability_between_threshold_and_one(squares_model, tmp_path, cap
         assert value == pytest.approx(prob[prob > threshold].mean(), abs=2e-4)
     for row in without:
         assert float(row["mean_probability"]) == 0.0
+
+
+def test_checkpoint_from_before_tta_existed_predicts_without_mirroring(squares_model, tmp_path, capsys):
+    state = torch.load(squares_model, map_location="cpu", weights_only=True)
+    del state["tta"]
+    old = tmp_path / "old.pth"
+    torch.save(state, old)
+    held_out = squares_dataset(tmp_path / "held_out", 3, seed=5)
+    rc, _, err = run_predict(capsys, held_out / "images", "--model", old, "--out", tmp_path / "pred")
+    assert rc == 0, err
+    _, rows = read_csv(tmp_path / "pred" / "predictions.csv")
+    with_tumor = [r for r in rows if int(r["tumor_pixels"])]
+    assert with_tumor
+    differs = 0
+    for row in with_tumor:
+        prob, threshold = model_probabilities(old, Path(row["image"]))  # no "tta" key: no mirroring
+        mirrored, _ = model_probabilities(squares_model, Path(row["image"]))
+        assert float(row["mean_probability"]) == pytest.approx(prob[prob > threshold].mean(), abs=2e-4)
+        differs += abs(prob[prob > threshold].mean() - mirrored[mirrored > threshold].mean()) > 1e-3
+    assert differs  # the two readings give different answers, so the check above can tell them apart

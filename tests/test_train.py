@@ -65,6 +65,13 @@ def test_end_to_end_writes_every_output(synthetic, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["base_width"] == 4
 
 
+def test_resuming_a_checkpoint_from_before_tta_existed_keeps_it_off(tmp_path):
+    config = bts.dataclasses.asdict(bts.config_from_args(["--recipe", "seed"]))
+    del config["tta"]
+    cfg = bts.resume_config(bts.Config(), frozenset(), {"config": config}, tmp_path / "last.pth")
+    assert cfg.tta is False and cfg.recipe == "seed" and bts.Config().tta is True
+
+
 def test_help_lists_every_config_field_with_its_default():
     result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
@@ -231,13 +238,16 @@ def test_non_finite_gradient_is_caught_too(synthetic, tmp_path, monkeypatch, cap
 class FakeCompiled(torch.nn.Module):
     """Stands in for torch.compile's wrapper: the same parameters, a hook on every call."""
 
-    def __init__(self, model, on_call):
+    def __init__(self, model, on_call, fail_in_backward=None):
         super().__init__()
-        self.inner, self.on_call = model, on_call
+        self.inner, self.on_call, self.fail_in_backward = model, on_call, fail_in_backward
 
     def forward(self, *args):
         self.on_call()
-        return self.inner(*args)
+        out = self.inner(*args)
+        if self.fail_in_backward:
+            out.register_hook(lambda grad: self.fail_in_backward())
+        return out
 
 
 def test_a_failing_torch_compile_falls_back_to_eager_with_the_same_result(synthetic, tmp_path, monkeypatch, capsys):
@@ -247,17 +257,20 @@ def test_a_failing_torch_compile_falls_back_to_eager_with_the_same_result(synthe
     def no_triton():
         raise RuntimeError("Cannot find a working triton installation")
 
-    def broken_compile(model, mode=None):
+    def broken_compile(model, mode=None):  # the forward runs, then the backward fails to compile
         modes.append(mode)
-        return FakeCompiled(model, no_triton)
+        return FakeCompiled(model, lambda: None, fail_in_backward=no_triton)
 
     monkeypatch.setattr(bts.torch, "compile", broken_compile)
     assert run(["--data-dir", synthetic, "--out-dir", tmp_path / "compiled", *TINY, "--compile", "on",
                 "--compile-mode", "max-autotune"]) == 0
     assert modes == ["max-autotune"]
     err = capsys.readouterr().err
-    assert "torch.compile failed (RuntimeError: Cannot find a working triton" in err and "--compile off" in err
+    assert "first compiled step failed (RuntimeError: Cannot find a working triton" in err and "--compile off" in err
     assert metrics_without_timing(tmp_path / "eager") == metrics_without_timing(tmp_path / "compiled")
+    # Equal batch-norm statistics too: the failed step's forward pass was undone before the retry.
+    wa, wb = (bts.load_checkpoint(tmp_path / n / "last.pth")["model"] for n in ("eager", "compiled"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_an_error_after_compile_worked_is_not_hidden(synthetic, tmp_path, monkeypatch):
