@@ -123,6 +123,9 @@ DEFAULT_DATA_DIR = "data/brain-tumor-segmentation"
 PATIENTS_CSV = Path(__file__).resolve().parent / "patients.csv"
 CHECKPOINT_FORMAT = "brain-tumor-segmentation-unet"
 CHECKPOINT_VERSION = 1
+# For checkpoints written before a field existed: the value that keeps their behaviour (not the
+# current default, which may differ). Used by --resume and predict.
+BEFORE_FIELD_EXISTED = {"tta": False}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
@@ -923,6 +926,24 @@ def forward_backward(model, optimizer, scaler, x, y, cfg: Config, dtype) -> torc
     return loss.detach() + 0 * nn.utils.get_total_norm(grads)
 
 
+def first_compiled_step(compiled_model, eager_model, model, optimizer, scaler, x, y, cfg: Config, dtype):
+    """forward_backward through the compiled model, which compiles now. If that fails (no compiler,
+    an unsupported GPU), warn, undo what the failed step changed and redo it without compiling.
+    Returns the loss and the model to train with from then on."""
+    # The backward pass compiles after the forward ran and moved the batch-norm statistics.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        return forward_backward(compiled_model, optimizer, scaler, x, y, cfg, dtype), compiled_model
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        warn(f"the first compiled step failed ({type(e).__name__}: {first_line}); redoing it and "
+             f"training without torch.compile. Pass --compile off to skip the attempt.")
+        model.load_state_dict(before)
+        return forward_backward(eager_model, optimizer, scaler, x, y, cfg, dtype), eager_model
+
+
 def checkpoint_state(model, optimizer, scaler, cfg, split, history, epoch, step, extra) -> dict:
     """Everything needed to use or resume a model, as tensors and plain Python types only,
     so that torch.load(weights_only=True) can read it."""
@@ -1007,11 +1028,6 @@ def prepare_out_dir(cfg: Config) -> Path:
                 (out / name).unlink()
         shutil.rmtree(out / "visualizations", ignore_errors=True)
     return out
-
-
-# For checkpoints written before a field existed: the value that keeps their behaviour (not the
-# current default, which may differ).
-BEFORE_FIELD_EXISTED = {"tta": False}
 
 
 def resume_config(cfg: Config, explicit: frozenset, state: dict, path: Path) -> Config:
@@ -1145,20 +1161,12 @@ def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
                 if cfg.augment:
                     g = torch.Generator(device=device).manual_seed((cfg.seed * 7919 + global_step) * world + rank)
                     x, y = augment_batch(x, y, g)
-                # The backward pass compiles after the forward ran and moved the batch-norm statistics.
-                before = {k: v.clone() for k, v in model.state_dict().items()} if compile_unproven else None
-                try:
+                if compile_unproven:
+                    step_losses[step], train_model = first_compiled_step(train_model, eager_model, model, optimizer,
+                                                                         scaler, x, y, cfg, dtype)
+                    compile_unproven = False
+                else:
                     step_losses[step] = forward_backward(train_model, optimizer, scaler, x, y, cfg, dtype)
-                except Exception as e:
-                    if not compile_unproven or isinstance(e, torch.cuda.OutOfMemoryError):
-                        raise
-                    first_line = (str(e).strip().splitlines() or [""])[0][:200]
-                    warn(f"the first compiled step failed ({type(e).__name__}: {first_line}); redoing it and "
-                         f"training without torch.compile. Pass --compile off to skip the attempt.")
-                    model.load_state_dict(before)
-                    train_model = eager_model
-                    step_losses[step] = forward_backward(train_model, optimizer, scaler, x, y, cfg, dtype)
-                compile_unproven, before = False, None
                 # Reading the loss costs a device sync; do it only when the bar is redrawn (on a CPU:
                 # every step, so that bad numbers never reach the weights).
                 if device.type == "cpu" or step % 20 == 0 or step == len(order) - 1:
@@ -1401,7 +1409,8 @@ def evaluate_test(model, images, masks, test_idx, names, split, cfg, device, dty
         plot_samples(vis / "worst_predictions.png", images_np, target_np, pred_np, scores["dice"], test_names,
                      worst, f"the {len(worst)} test images with the lowest Dice")
     plot_dice_histogram(vis / "test_dice_histogram.png", scores["dice"], summary["dice"])
-    return {"test": summary, "by_tumor_type": by_type, "threshold": threshold, "tta": cfg.tta, "split": split["how"],
+    return {"test": summary, "by_tumor_type": by_type, "threshold": threshold, "tta": cfg.tta,
+            "split": split["how"],
             "empty_masks": "an empty ground truth with an empty prediction scores 1 on every metric; "
                            "otherwise a zero denominator scores 0; HD95 is averaged over images where both "
                            "masks are non-empty",
@@ -1524,13 +1533,14 @@ def predict(model_path, inputs: list[str], out_dir, masks_dir: str = "", batch_s
             device: str = "auto", overwrite: bool = False) -> list[dict]:
     """Write a binary mask at the input's size, an overlay and one CSV row per input image.
 
-    The image size, threshold and mirror averaging (--tta) come from the checkpoint. With `masks_dir`, each image with a
-    mask of the same name also gets Dice and IoU, computed as in the test evaluation."""
+    The image size, threshold and mirror averaging (--tta) come from the checkpoint. With
+    `masks_dir`, each image with a mask of the same name also gets Dice and IoU, computed as in the
+    test evaluation."""
     state = load_checkpoint(model_path)
     dev = pick_device(device)
     model = model_from_checkpoint(state, model_path, dev)
     size, threshold = int(state["image_size"]), float(state["threshold"])
-    flip = bool(state.get("tta", False))  # checkpoints written before --tta existed have no such key
+    flip = bool(state.get("tta", BEFORE_FIELD_EXISTED["tta"]))
     files = collect_inputs(inputs)
     out = Path(out_dir)
     for item in inputs:

@@ -22,10 +22,6 @@ sys.path.insert(0, str(ROOT))
 import brain_tumor_segmentation as bts  # noqa: E402
 
 
-def probabilities(model, images_u8, flip: bool) -> torch.Tensor:
-    return bts.predict_probabilities(model, images_u8, 64, images_u8.device, None, flip=flip)
-
-
 def mean_dice(probs, masks, threshold) -> float:
     return float(bts.scores_from_counts(bts.confusion_counts(probs > threshold, masks.bool()))["dice"].mean())
 
@@ -43,7 +39,7 @@ def rescore(run: Path, data_cache: dict, data_dir: Path) -> dict:
     for part in ("val", "test"):
         images, masks = data["images"][idx[part]], data["masks"][idx[part]]
         for flip in (False, True):
-            probs = probabilities(model, images, flip)
+            probs = bts.predict_probabilities(model, images, 64, images.device, None, flip=flip)
             for t in sorted({0.5, row["threshold"]}):
                 row[f"{part} t={t:.2f}{' +flip' if flip else ''}"] = mean_dice(probs, masks, t)
     return row
