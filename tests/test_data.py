@@ -221,12 +221,17 @@ def test_preprocess_mask_512_to_256_keeps_area():
 # find_pairs
 
 
+def write_apart(folder, image_file, mask_file):
+    """images/IMAGE_FILE and masks/MASK_FILE of a square pair, named independently of each other."""
+    image, mask = square_pair(size=32)
+    for sub, name, array in (("images", image_file, image), ("masks", mask_file, mask)):
+        (folder / sub).mkdir(exist_ok=True)
+        assert cv2.imwrite(str(folder / sub / name), array)
+
+
 def test_find_pairs_pairs_by_stem_across_extensions(tmp_path):
     image, mask = square_pair(size=32)
-    (tmp_path / "images").mkdir()
-    (tmp_path / "masks").mkdir()
-    cv2.imwrite(str(tmp_path / "images" / "3.jpg"), image)
-    cv2.imwrite(str(tmp_path / "masks" / "3.png"), mask)
+    write_apart(tmp_path, "3.jpg", "3.png")
     write_pair(tmp_path, "10", image, mask, ext=".tif")
     write_pair(tmp_path, "2", image, mask)
     pairs = bts.find_pairs(tmp_path)
@@ -249,8 +254,7 @@ def test_find_pairs_skips_unmatched_with_warning(tmp_path, capsys):
     image, mask = square_pair(size=32)
     write_pair(tmp_path, "1", image, mask)
     write_pair(tmp_path, "2", image, mask)
-    cv2.imwrite(str(tmp_path / "images" / "lonely_image.png"), image)
-    cv2.imwrite(str(tmp_path / "masks" / "orphan_mask.png"), mask)
+    write_apart(tmp_path, "lonely_image.png", "orphan_mask.png")
     pairs = bts.find_pairs(tmp_path)
     assert [p[0] for p in pairs] == ["1", "2"]
     err = capsys.readouterr().err
@@ -259,16 +263,18 @@ def test_find_pairs_skips_unmatched_with_warning(tmp_path, capsys):
     assert err.count("warning") >= 2
 
 
-@pytest.mark.parametrize("missing", ["images", "masks"])
-def test_find_pairs_missing_folder_is_user_error(tmp_path, missing):
+@pytest.mark.parametrize("remove_folder", [True, False], ids=["missing", "empty"])
+@pytest.mark.parametrize("folder", ["images", "masks"])
+def test_find_pairs_missing_or_empty_folder_is_user_error(tmp_path, folder, remove_folder):
     image, mask = square_pair(size=32)
     write_pair(tmp_path, "1", image, mask)
-    for f in (tmp_path / missing).iterdir():
+    for f in (tmp_path / folder).iterdir():
         f.unlink()
-    (tmp_path / missing).rmdir()
+    if remove_folder:
+        (tmp_path / folder).rmdir()
     with pytest.raises(bts.UserError) as info:
         bts.find_pairs(tmp_path)
-    assert str(tmp_path / missing) in str(info.value)
+    assert str(tmp_path / folder) in str(info.value)
 
 
 def test_find_pairs_missing_data_dir_is_user_error(tmp_path):
@@ -276,23 +282,8 @@ def test_find_pairs_missing_data_dir_is_user_error(tmp_path):
         bts.find_pairs(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("empty", ["images", "masks"])
-def test_find_pairs_empty_folder_is_user_error(tmp_path, empty):
-    image, mask = square_pair(size=32)
-    write_pair(tmp_path, "1", image, mask)
-    for f in (tmp_path / empty).iterdir():
-        f.unlink()
-    with pytest.raises(bts.UserError) as info:
-        bts.find_pairs(tmp_path)
-    assert str(tmp_path / empty) in str(info.value)
-
-
 def test_find_pairs_no_common_names_is_user_error(tmp_path):
-    image, mask = square_pair(size=32)
-    (tmp_path / "images").mkdir()
-    (tmp_path / "masks").mkdir()
-    cv2.imwrite(str(tmp_path / "images" / "a.png"), image)
-    cv2.imwrite(str(tmp_path / "masks" / "b.png"), mask)
+    write_apart(tmp_path, "a.png", "b.png")
     with pytest.raises(bts.UserError, match=str(tmp_path)):
         bts.find_pairs(tmp_path)
 
