@@ -119,6 +119,7 @@ DEMO_DEFAULTS = dict(image_size=64, base_width=16, epochs=12, batch_size=16, out
                      data_dir="data/synthetic-demo")
 DEMO_MARKER = ".synthetic-demo"  # marks a folder --demo generated, and so may regenerate
 KAGGLE_DATASET = "nikhilroxtomar/brain-tumor-segmentation"
+KAGGLE_PAIRS = 3064  # image/mask pairs in that dataset, as patients.csv lists them
 DEFAULT_DATA_DIR = "data/brain-tumor-segmentation"
 PATIENTS_CSV = Path(__file__).resolve().parent / "patients.csv"
 CHECKPOINT_FORMAT = "brain-tumor-segmentation-unet"
@@ -413,41 +414,105 @@ def make_synthetic_dataset(folder: Path | str, n: int, size: int = 128, seed: in
     return folder
 
 
-def download_dataset(dest: Path) -> Path:
-    """Download the Kaggle dataset into a temporary folder beside `dest`, then move it into place."""
-    help_text = (f"the dataset is not at {dest} and could not be downloaded from Kaggle ({{}}).\n"
-                 f"Three ways forward:\n"
-                 f"  1. Kaggle credentials: put kaggle.json in ~/.kaggle/ (or set KAGGLE_USERNAME and "
-                 f"KAGGLE_KEY) and run again; the dataset is {KAGGLE_DATASET}\n"
-                 f"  2. --data-dir DIR: a folder you already have, with images/ and masks/\n"
-                 f"  3. --demo: train on generated synthetic data, offline")
-    try:
-        # `import kaggle` authenticates at import and calls exit(1) without credentials, printing help.
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+def kaggle_credentials_found() -> bool:
+    """Whether the `kaggle` client would find credentials (see NOTES: env vars, token, kaggle.json)."""
+    if os.environ.get("KAGGLE_API_TOKEN") or (os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")):
+        return True
+    folders = [os.environ.get("KAGGLE_CONFIG_DIR", ""), Path.home() / ".kaggle", Path.home() / ".config" / "kaggle"]
+    return any(folder and (Path(folder) / name).is_file() for folder in folders
+               for name in ("kaggle.json", "access_token"))
+
+
+def download_failure(e: BaseException) -> str:
+    """Why a download client failed, in words a user can act on."""
+    network = (ConnectionError, TimeoutError)
+    with contextlib.suppress(ImportError):  # both clients speak HTTP through requests
+        import requests
+        network += (requests.ConnectionError, requests.Timeout)
+    if isinstance(e, ImportError):
+        return (f"the Python package {e.name or 'it needs'} is missing: install the project's requirements "
+                f"(pip install -r requirements.txt)")
+    if isinstance(e, PermissionError):  # no or refused credentials, or a folder that cannot be written
+        return str(e)
+    if isinstance(e, network):
+        return "no network: Kaggle could not be reached (name lookup or connection failed)"
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status in (401, 403):
+        return f"refused by Kaggle (HTTP {status}): the dataset asks for an account or for consent"
+    if status is not None:
+        return f"Kaggle answered HTTP {status}"
+    detail = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+
+
+def fetch_with_kagglehub(folder: Path) -> None:
+    """Way 1: kagglehub, no account needed for this public dataset."""
+    import kagglehub
+    kagglehub.dataset_download(KAGGLE_DATASET, output_dir=str(folder))
+
+
+def fetch_with_kaggle(folder: Path) -> None:
+    """Way 2: the kaggle client, which needs credentials."""
+    if not kaggle_credentials_found():
+        raise PermissionError("no Kaggle credentials (kaggle.json in ~/.kaggle, or KAGGLE_USERNAME and KAGGLE_KEY)")
+    # `import kaggle` authenticates at import and calls exit(1) on failure, printing help.
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
             from kaggle.api.kaggle_api_extended import KaggleApi
             api = KaggleApi()
             api.authenticate()
-    except ImportError:
-        raise UserError(help_text.format("the kaggle package is not installed: pip install kaggle")) from None
-    except (Exception, SystemExit) as e:
-        raise UserError(help_text.format(f"no Kaggle credentials: {str(e).strip() or type(e).__name__}")) from None
+        except SystemExit:
+            raise PermissionError("the Kaggle credentials were not accepted") from None
+    api.dataset_download_files(KAGGLE_DATASET, path=str(folder), unzip=True, quiet=False)
+
+
+def check_kaggle_download(root: Path) -> None:
+    """Refuse a partial or changed download: it must hold exactly the pairs 1..3064 (as patients.csv)."""
+    expected = {str(i) for i in range(1, KAGGLE_PAIRS + 1)}
+    images, masks = set(list_images(root / "images")), set(list_images(root / "masks"))
+    if images != expected or masks != expected:
+        missing = len(expected - (images & masks))
+        raise UserError(f"{root}: {len(images)} images and {len(masks)} masks, but {KAGGLE_DATASET} has "
+                        f"{KAGGLE_PAIRS} pairs named 1..{KAGGLE_PAIRS} ({missing} missing, "
+                        f"{len((images | masks) - expected)} unexpected): a partial or changed download, "
+                        f"not trained on. Delete {root} and run again to download it anew, or pass --data-dir")
+
+
+def download_dataset(dest: Path) -> Path:
+    """Download the Kaggle dataset into a temporary folder beside `dest`, check it, then move it into place.
+    kagglehub first (no account needed), then the kaggle client (needs credentials)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+    causes = []
     try:
-        log(f"downloading {KAGGLE_DATASET} into {dest} ...")
-        api.dataset_download_files(KAGGLE_DATASET, path=str(tmp), unzip=True, quiet=False)
-        roots = [p.parent for p in tmp.rglob("images") if p.is_dir() and (p.parent / "masks").is_dir()]
-        if not roots:
-            raise UserError(f"the download of {KAGGLE_DATASET} has no images/ and masks/ folders; "
-                            f"download it by hand and pass --data-dir")
-        os.replace(roots[0], dest)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(help_text.format(f"download failed: {e}")) from None
+        for way, fetch in (("kagglehub", fetch_with_kagglehub), ("kaggle", fetch_with_kaggle)):
+            log(f"downloading {KAGGLE_DATASET} with {way} into {tmp} ...")
+            try:
+                fetch(tmp / way)
+            except (Exception, SystemExit) as e:
+                causes.append(f"{way}: {download_failure(e)}")
+                if "no network" in causes[-1]:
+                    break  # the other way needs the network too
+                continue
+            roots = [p.parent for p in sorted((tmp / way).rglob("images"))
+                     if p.is_dir() and (p.parent / "masks").is_dir()]
+            if not roots:
+                raise UserError(f"the download of {KAGGLE_DATASET} has no images/ and masks/ folders; "
+                                f"download it by hand and pass --data-dir")
+            check_kaggle_download(roots[0])
+            os.replace(roots[0], dest)
+            log(f"dataset ready in {dest}")
+            return dest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    raise UserError(f"the dataset is not at {dest} and could not be downloaded:\n  " + "\n  ".join(causes) +
+                    f"\nWays forward:\n"
+                    f"  1. with network, run again: kagglehub downloads {KAGGLE_DATASET} without an account\n"
+                    f"  2. Kaggle credentials (kaggle.json in ~/.kaggle/, or KAGGLE_USERNAME and KAGGLE_KEY) "
+                    f"for the kaggle client\n"
+                    f"  3. download it by hand from https://www.kaggle.com/datasets/{KAGGLE_DATASET} and pass "
+                    f"--data-dir DIR (a folder with images/ and masks/)\n"
+                    f"  4. --demo: train on generated synthetic data, offline")
 
 
 def resolve_data_dir(cfg: Config) -> Path:
@@ -469,7 +534,8 @@ def resolve_data_dir(cfg: Config) -> Path:
         return folder
     if cfg.data_dir:
         return Path(cfg.data_dir)
-    if Path(DEFAULT_DATA_DIR).is_dir():
+    if Path(DEFAULT_DATA_DIR).is_dir():  # downloaded by an earlier run: checked, never fetched again
+        check_kaggle_download(Path(DEFAULT_DATA_DIR))
         return Path(DEFAULT_DATA_DIR)
     return download_dataset(Path(DEFAULT_DATA_DIR))
 
