@@ -79,10 +79,18 @@ class Config:
     schedule: str = _f("onecycle", "learning-rate schedule: constant or onecycle")
     loss: str = _f("dice+bce", "dice: the seed's batch Dice loss; dice+bce: per-image Dice plus BCE")
     smooth: float = _f(1.0, "smoothing term of the Dice loss")
+    warmup_fraction: float = _f(0.3, "with --schedule onecycle: share of the steps spent warming up to lr")
     augment: bool = _f(True, "random flips, rotations, scaling and gamma, applied on the device")
+    aug_flip: float = _f(0.5, "augmentation: probability of a left-right flip")
+    aug_rotation: float = _f(15.0, "augmentation: largest rotation, in degrees either way")
+    aug_scale: float = _f(0.1, "augmentation: zoom factor drawn log-uniformly in exp(+-aug_scale)")
+    aug_gamma: float = _f(0.3, "augmentation: gamma drawn log-uniformly in exp(+-aug_gamma)")
     threshold: float = _f(0.5, "probability above which a pixel is tumour: in per-epoch validation, and in "
                                "the test and predict unless --tune-threshold replaces it after training")
     tune_threshold: bool = _f(True, "after training, pick the threshold with the best validation Dice")
+    threshold_min: float = _f(0.2, "with --tune-threshold: the lowest threshold tried")
+    threshold_max: float = _f(0.8, "with --tune-threshold: the highest threshold tried")
+    threshold_step: float = _f(0.05, "with --tune-threshold: the step between thresholds tried")
     tta: bool = _f(True, "average each image's prediction with its left-right mirror's in the test, the "
                           "threshold choice and predict (not in per-epoch validation)")
     # machine
@@ -93,6 +101,8 @@ class Config:
     compile: str = _f("auto", "torch.compile the model: auto (on CUDA), on or off")
     compile_mode: str = _f("default", "torch.compile mode: default, reduce-overhead (CUDA graphs) or "
                                       "max-autotune (autotuned kernels and CUDA graphs; longer compile)")
+    nan_check_every: int = _f(20, "on GPUs, check the loss for NaN every N steps (each check waits for the "
+                                  "GPU); on a CPU every step is checked")
     deterministic: bool = _f(False, "repeatable CUDA runs: deterministic kernels, no cuDNN autotuning (slower)")
     eval_batch_size: int = _f(64, "images per step in validation, test and prediction")
     workers: int = _f(0, "threads that decode images once at start-up (0: one per CPU core, max 8)")
@@ -103,17 +113,13 @@ class Config:
     overwrite: bool = _f(False, "allow a new run to replace the outputs of a previous run in OUT_DIR")
 
 
-# What `--recipe NAME` sets, for every field not given explicitly on the command line.
-# The default recipe must match the dataclass defaults, so that --help tells the truth. `improved`
-# is the default: leaving out its loss, its optimizer and schedule, or its augmentation lowered
-# validation Dice on two patient splits, and the mirror average raised it on both (bench/RESULTS.md).
-# `seed` is the original script's recipe, kept to reproduce it.
-RECIPES = {
-    "seed": dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", loss="dice",
-                 augment=False, tune_threshold=False, tta=False),
-    "improved": dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, schedule="onecycle",
-                     loss="dice+bce", augment=True, tune_threshold=True, tta=True),
-}
+# The default recipe, `improved`, is the dataclass above: edit a field there and runs use it. Leaving
+# out its loss, its optimizer and schedule, or its augmentation lowered validation Dice on two
+# patient splits, and the mirror average raised it on both (bench/RESULTS.md).
+# `--recipe seed` is the original script's recipe, kept to reproduce it: it sets these fields,
+# except those given on the command line.
+SEED_RECIPE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", loss="dice",
+                   augment=False, tune_threshold=False, tta=False)
 # --demo: a synthetic dataset small enough to train well in a few CPU minutes.
 DEMO_DEFAULTS = dict(image_size=64, base_width=16, epochs=12, batch_size=16, out_dir="outputs/demo",
                      data_dir="data/synthetic-demo")
@@ -139,7 +145,7 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"--image-size {cfg.image_size}: must be a multiple of 16 (the U-Net halves it 4 times)")
     if not 0 < cfg.val_fraction < 1 or not 0 < cfg.test_fraction < 1 or cfg.val_fraction + cfg.test_fraction >= 1:
         raise UserError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
-    choices = dict(split=("patient", "random"), recipe=tuple(RECIPES), optimizer=("adam", "adamw"),
+    choices = dict(split=("patient", "random"), recipe=("improved", "seed"), optimizer=("adam", "adamw"),
                    schedule=("constant", "onecycle"), loss=("dice", "dice+bce"),
                    amp=("auto", "bf16", "fp16", "off"), compile=("auto", "on", "off"),
                    compile_mode=("default", "reduce-overhead", "max-autotune"))
@@ -894,32 +900,33 @@ def to_input(images_u8: torch.Tensor, device: torch.device, channels_last: bool)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
-    """Random horizontal flip, rotation (+-15 deg), scaling (0.9-1.1) and gamma, on the device.
-    Left-right flips keep anatomy plausible; vertical ones would not."""
+def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, cfg: Config):
+    """Random left-right flip, rotation, scaling and gamma per image, on the device (the ranges are
+    the aug_* fields). Left-right flips keep anatomy plausible; vertical ones would not. Written by
+    hand because torchvision's transforms draw one set of parameters per call, not per image of a batch."""
     n = x.shape[0]
 
     def uniform(low, high):
         return torch.rand(n, device=x.device, generator=generator) * (high - low) + low
 
-    angle = uniform(-math.pi / 12, math.pi / 12)
-    scale = torch.exp(uniform(-0.1, 0.1))
-    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
+    angle = uniform(-math.radians(cfg.aug_rotation), math.radians(cfg.aug_rotation))
+    scale = torch.exp(uniform(-cfg.aug_scale, cfg.aug_scale))
+    flip = torch.where(uniform(0, 1) < cfg.aug_flip, -1.0, 1.0)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     zero = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos * flip, -sin, zero], 1), torch.stack([sin * flip, cos, zero], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
-    gamma = torch.exp(uniform(-0.3, 0.3)).view(n, 1, 1, 1)
+    gamma = torch.exp(uniform(-cfg.aug_gamma, cfg.aug_gamma)).view(n, 1, 1, 1)
     return x.clamp(0, 1).pow(gamma), y
 
 
 def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
-    """Constant, or one-cycle: linear warm-up over 30% of the steps to lr, cosine down to lr/1e4."""
+    """Constant, or one-cycle: linear warm-up over `warmup_fraction` of the steps to lr, cosine down to lr/1e4."""
     if cfg.schedule == "constant":
         return cfg.lr
-    warmup = max(1, int(0.3 * total_steps))
+    warmup = max(1, int(cfg.warmup_fraction * total_steps))
     if step < warmup:
         return cfg.lr / 25 + (cfg.lr - cfg.lr / 25) * step / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
@@ -1226,7 +1233,7 @@ def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
                 y = masks[batch].float()
                 if cfg.augment:
                     g = torch.Generator(device=device).manual_seed((cfg.seed * 7919 + global_step) * world + rank)
-                    x, y = augment_batch(x, y, g)
+                    x, y = augment_batch(x, y, g, cfg)
                 if compile_unproven:
                     step_losses[step], train_model = first_compiled_step(train_model, eager_model, model, optimizer,
                                                                          scaler, x, y, cfg, dtype)
@@ -1235,7 +1242,7 @@ def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
                     step_losses[step] = forward_backward(train_model, optimizer, scaler, x, y, cfg, dtype)
                 # Reading the loss costs a device sync; do it only when the bar is redrawn (on a CPU:
                 # every step, so that bad numbers never reach the weights).
-                if device.type == "cpu" or step % 20 == 0 or step == len(order) - 1:
+                if device.type == "cpu" or step % cfg.nan_check_every == 0 or step == len(order) - 1:
                     check_finite(step_losses, start_step, step, epoch, out)
                     bar.set_postfix(loss=f"{float(step_losses[step]):.4f}", refresh=False)
                 scaler.step(optimizer)
@@ -1426,7 +1433,7 @@ def evaluate(model, images, masks, indices, cfg, device, dtype, channels_last, t
 def tune_threshold(model, images, masks, val_idx, cfg, device, dtype) -> float:
     probs = predict_probabilities(model, images[val_idx.to(device)], cfg.eval_batch_size, device, dtype, flip=cfg.tta)
     target = masks[val_idx.to(device)]
-    candidates = np.round(np.arange(0.2, 0.81, 0.05), 2)
+    candidates = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + cfg.threshold_step / 2, cfg.threshold_step), 4)
     dice = [scores_from_counts(confusion_counts(probs > t, target).cpu())["dice"].mean() for t in candidates]
     return float(candidates[int(np.argmax(dice))])
 
@@ -1718,12 +1725,13 @@ def explicit_fields(argv: list[str]) -> frozenset:
 
 
 def config_from_args(argv: list[str]) -> Config:
-    """Dataclass defaults, then the --demo and --recipe presets, then what the user typed."""
+    """Dataclass defaults, then the --demo and --recipe seed presets, then what the user typed."""
     given = vars(build_parser(Config()).parse_args(argv))
     values = {}
     if given.get("demo"):
         values.update(DEMO_DEFAULTS)
-    values.update(RECIPES[given.get("recipe", Config.recipe)] if given.get("recipe", Config.recipe) in RECIPES else {})
+    if given.get("recipe", Config.recipe) == "seed":
+        values.update(SEED_RECIPE)
     values.update(given)
     return Config(**values)
 

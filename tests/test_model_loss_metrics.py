@@ -376,7 +376,7 @@ def _batch():
 
 def test_augment_batch_shapes_binary_range():
     x, y = _batch()
-    xa, ya = bts.augment_batch(x, y, torch.Generator().manual_seed(1))
+    xa, ya = bts.augment_batch(x, y, torch.Generator().manual_seed(1), bts.Config())
     assert xa.shape == x.shape and ya.shape == y.shape
     assert xa.dtype == torch.float32 and ya.dtype == torch.float32
     assert set(ya.unique().tolist()) <= {0.0, 1.0}
@@ -389,9 +389,9 @@ def test_augment_batch_shapes_binary_range():
 
 def test_augment_batch_deterministic_for_generator_seed():
     x, y = _batch()
-    a = bts.augment_batch(x, y, torch.Generator().manual_seed(7))
-    b = bts.augment_batch(x, y, torch.Generator().manual_seed(7))
-    c = bts.augment_batch(x, y, torch.Generator().manual_seed(8))
+    a = bts.augment_batch(x, y, torch.Generator().manual_seed(7), bts.Config())
+    b = bts.augment_batch(x, y, torch.Generator().manual_seed(7), bts.Config())
+    c = bts.augment_batch(x, y, torch.Generator().manual_seed(8), bts.Config())
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
 
@@ -400,7 +400,7 @@ def test_augment_batch_moves_image_and_mask_together():
     x = torch.zeros(4, 1, 32, 32)
     x[:, :, 6:14, 4:12] = 1.0  # bright square = tumour, off-centre so that a flip moves it
     y = x.clone()
-    xa, ya = bts.augment_batch(x, y, torch.Generator().manual_seed(3))
+    xa, ya = bts.augment_batch(x, y, torch.Generator().manual_seed(3), bts.Config())
     for i in range(4):
         bright = xa[i, 0] > 0.5
         inter = (bright & (ya[i, 0] > 0)).sum()

@@ -94,10 +94,43 @@ def test_command_line_overrides_and_presets():
     assert not (seed.augment or seed.tune_threshold or seed.tta) and seed.threshold == 0.5 and seed.epochs == 3
 
 
-def test_the_default_recipe_is_what_the_dataclass_defaults_say():
+def test_the_default_recipe_is_the_dataclass_itself():
     defaults = bts.Config()
-    assert bts.RECIPES[defaults.recipe] == {k: getattr(defaults, k) for k in bts.RECIPES[defaults.recipe]}
-    assert bts.config_from_args([]) == defaults
+    assert defaults.recipe == "improved" and bts.config_from_args([]) == defaults
+    assert bts.config_from_args(["--recipe", "improved"]) == defaults
+    assert any(getattr(defaults, k) != v for k, v in bts.SEED_RECIPE.items())
+
+
+EDITED_DEFAULTS = {"lr": ("2e-3", "7e-4"), "epochs": ("20", "2"), "augment": ("True", "False"),
+                   "image_size": ("256", "32"), "base_width": ("32", "4"), "aug_rotation": ("15.0", "5.0"),
+                   "warmup_fraction": ("0.3", "0.5"), "threshold_step": ("0.05", "0.1")}
+
+
+def test_defaults_edited_at_the_top_of_a_copy_of_the_script_drive_the_run(synthetic, tmp_path):
+    """The user's real path: edit the constants in the file, run it, read config.json back."""
+    source = SCRIPT.read_text()
+    for name, (old, new) in EDITED_DEFAULTS.items():
+        line = next(l for l in source.splitlines() if l.lstrip().startswith(f"{name}: "))
+        assert f"_f({old}," in line, line
+        source = source.replace(line, line.replace(f"_f({old},", f"_f({new},"))
+    copy = tmp_path / "edited.py"
+    copy.write_text(source)
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(copy), "--data-dir", str(synthetic), "--out-dir", str(out),
+                             "--batch-size", "8", "--test-samples", "2", "--panel-images", "1", "--workers", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    for name, (_, new) in EDITED_DEFAULTS.items():
+        assert config[name] == type(config[name])(eval(new)), name
+    state = bts.load_checkpoint(out / "last.pth")
+    assert state["history"]["epoch"] == [1, 2] and state["model"]["head.weight"].shape[1] == 4
+    assert max(state["history"]["lr"]) <= 7e-4
+
+
+def test_recipe_seed_overlays_only_the_fields_not_typed():
+    seed = bts.config_from_args(["--recipe", "seed", "--lr", "3e-4", "--augment"])
+    assert seed.lr == 3e-4 and seed.augment and seed.loss == "dice" and seed.optimizer == "adam"
 
 
 @pytest.mark.parametrize("args, message", [
