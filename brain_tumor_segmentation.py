@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import errno
 import io
 import json
 import math
@@ -23,6 +24,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -141,23 +143,49 @@ class UserError(Exception):
 
 
 def check_config(cfg: Config) -> None:
+    """Every field in range before anything is read, written or deleted."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name.replace('_', '-')} {value}: must be a finite number")
     if cfg.image_size < 16 or cfg.image_size % 16:
         raise UserError(f"--image-size {cfg.image_size}: must be a multiple of 16 (the U-Net halves it 4 times)")
     if not 0 < cfg.val_fraction < 1 or not 0 < cfg.test_fraction < 1 or cfg.val_fraction + cfg.test_fraction >= 1:
         raise UserError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
     choices = dict(split=("patient", "random"), recipe=("improved", "seed"), optimizer=("adam", "adamw"),
-                   schedule=("constant", "onecycle"), loss=("dice", "dice+bce"),
+                   schedule=("constant", "onecycle"), loss=tuple(LOSSES),
                    amp=("auto", "bf16", "fp16", "off"), compile=("auto", "on", "off"),
                    compile_mode=("default", "reduce-overhead", "max-autotune"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    if cfg.folds and not (cfg.folds >= 3 and cfg.fold < cfg.folds):
-        raise UserError("--folds must be 0 or at least 3 (test, validation and training folds), and --fold below it")
+    if cfg.folds != 0 and cfg.folds < 3:
+        raise UserError(f"--folds {cfg.folds}: must be 0 (one split) or at least 3 (test, validation and training folds)")
+    if not -1 <= cfg.fold < max(cfg.folds, 1) or (cfg.fold >= 0 and not cfg.folds):
+        raise UserError(f"--fold {cfg.fold}: must be -1 (all folds) or a fold number from 0 to --folds minus 1, "
+                        f"with --folds")
     for name, low in (("epochs", 1), ("batch_size", 1), ("base_width", 1), ("eval_batch_size", 1),
-                      ("demo_images", 10), ("panel_images", 0), ("test_samples", 0), ("workers", 0), ("limit", 0)):
+                      ("demo_images", 10), ("panel_images", 0), ("test_samples", 0), ("workers", 0), ("limit", 0),
+                      ("nan_check_every", 1), ("lr", 1e-12), ("weight_decay", 0), ("smooth", 0),
+                      ("aug_rotation", 0), ("aug_scale", 0), ("aug_gamma", 0), ("threshold_step", 1e-6)):
         if getattr(cfg, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} must be at least {low}")
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be "
+                            + ("above 0" if 0 < low < 1e-3 else f"at least {low}"))
+    for name in ("threshold", "threshold_min", "threshold_max", "aug_flip", "warmup_fraction"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be between 0 and 1")
+    if cfg.threshold_min > cfg.threshold_max:
+        raise UserError("--threshold-min must not be above --threshold-max")
+    check_batch_fits(cfg, cfg.batch_size)
+
+
+def check_batch_fits(cfg: Config, n_train: int) -> None:
+    """Batch norm needs two values per channel: at 16x16 the bottleneck is 1x1, so a batch of one fails."""
+    values = min(cfg.batch_size, max(n_train, 1)) * (cfg.image_size // 16) ** 2
+    if values < 2:
+        raise UserError(f"--image-size {cfg.image_size} with batches of {min(cfg.batch_size, n_train)} image: the "
+                        f"bottleneck is 1x1 and batch norm needs 2 values; use --batch-size 2 or more (and at least "
+                        f"2 training images), or --image-size 32")
 
 
 # -----------------------------------------------------------------------------
@@ -207,8 +235,20 @@ def atomic_write(path: Path | str, write) -> None:
     _fsync_dir(path.parent)
 
 
+def strict_json(obj):
+    """NaN and infinity, which strict JSON readers reject, become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def save_json(path, obj) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    text = json.dumps(strict_json(obj), indent=2, allow_nan=False)
+    atomic_write(path, lambda f: f.write((text + "\n").encode()))
 
 
 def save_csv(path, rows: list[dict]) -> None:
@@ -237,16 +277,30 @@ def save_figure(path, fig) -> None:
 # Data: find the pairs, decode each file once, keep the dataset as uint8 tensors
 
 
+def decode_file(path: Path | str) -> np.ndarray:
+    """The file's pixels as OpenCV decodes them (any depth and channels). Every way a read can fail
+    (no permission, a folder, a corrupt or empty file, a header claiming a size the decoder refuses
+    or memory cannot hold) raises ValueError naming the file, so callers skip it with one warning."""
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # imdecode also copes with non-ASCII paths
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    except (cv2.error, MemoryError) as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[-1][:120]
+        raise ValueError(f"{path}: the decoder refused it (too large, or a damaged header: {detail})") from None
+    if image is None or image.size == 0:
+        raise ValueError(f"{path}: not a readable image (corrupt, empty or unsupported format)")
+    return image
+
+
 def read_image(path: Path | str) -> np.ndarray:
     """Any PNG/JPEG/TIFF/BMP (gray, RGB, RGBA, 8 or 16 bit) -> float32 gray in [0, 1], original size.
 
     8-bit images are divided by 255 as the seed did; 16-bit and float images by their own
     maximum, because their value range depends on the scanner. Raises ValueError when unreadable."""
-    path = Path(path)
-    data = np.fromfile(path, dtype=np.uint8)  # imdecode also copes with non-ASCII paths
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if image is None:
-        raise ValueError(f"{path}: not a readable image (corrupt, empty or unsupported format)")
+    image = decode_file(path)
     if image.ndim == 3:
         channels = image.shape[2]
         if channels == 4:
@@ -264,11 +318,19 @@ def read_image(path: Path | str) -> np.ndarray:
 
 
 def read_mask(path: Path | str) -> np.ndarray:
-    """A mask file -> bool array at its original size. Accepts 0/255 and 0/1 masks."""
-    mask = read_image(path)
-    # Masks saved as 0/1 in 8 bit read as 0..1/255: treat any non-zero value as tumour then.
-    level = 0.5 if mask.max() > 1.5 / 255 else 0.5 / 255
-    return mask > level
+    """A mask file -> bool array at its original size.
+
+    Colour masks count a pixel as tumour by its strongest colour channel (a red tumour on black is
+    tumour; alpha is ignored). 8-bit masks whose maximum is above 127 are cut at 127, which keeps
+    0/255 masks right under JPEG noise; darker ones (0/1 masks, noisy or not) count every non-zero
+    pixel. 16-bit and float masks are cut at half their maximum."""
+    mask = decode_file(path)
+    if mask.ndim == 3:
+        mask = mask[:, :, :3].max(axis=2)
+    if mask.dtype == np.uint8:
+        return mask > (127 if mask.max() > 127 else 0)
+    mask = mask.astype(np.float32)
+    return mask > float(mask.max()) / 2 if mask.max() > 0 else np.zeros(mask.shape, bool)
 
 
 def preprocess_image(gray: np.ndarray, size: int) -> np.ndarray:
@@ -327,7 +389,16 @@ def find_pairs(data_dir: Path | str) -> list[tuple[str, Path, Path]]:
     return [(name, images[name], masks[name]) for name in names]
 
 
+def vanished_tumour(mask_path, mask: np.ndarray, resized: np.ndarray) -> str:
+    """A warning when a mask with tumour pixels has none left at the training size, else ''."""
+    if mask.any() and not resized.any():
+        return (f"{mask_path}: its {int(mask.sum())} tumour pixels vanish at {resized.shape[0]}x{resized.shape[1]} "
+                f"(re-binarized at 50% after resizing); it counts as tumour-free")
+    return ""
+
+
 def _load_pair(pair, size):
+    """(name, (image, mask) or None when skipped, a warning or '')."""
     name, image_path, mask_path = pair
     try:
         image = read_image(image_path)
@@ -337,7 +408,8 @@ def _load_pair(pair, size):
     if image.shape != mask.shape:
         return name, None, (f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
                             f"{image.shape[1]}x{image.shape[0]}; pair {name} skipped")
-    return name, (preprocess_image(image, size), preprocess_mask(mask, size)), None
+    resized = preprocess_mask(mask, size)
+    return name, (preprocess_image(image, size), resized), vanished_tumour(mask_path, mask, resized)
 
 
 def load_dataset(data_dir: Path | str, size: int, limit: int = 0, workers: int = 0) -> dict:
@@ -356,6 +428,7 @@ def load_dataset(data_dir: Path | str, size: int, limit: int = 0, workers: int =
                                           leave=False, disable=not is_main_process()):
             if problem:
                 warn(problem)
+            if arrays is None:
                 continue
             names.append(name)
             images.append(arrays[0])
@@ -364,6 +437,10 @@ def load_dataset(data_dir: Path | str, size: int, limit: int = 0, workers: int =
         raise UserError(f"{data_dir}: none of the {len(pairs)} image/mask pairs could be read")
     if len(names) < len(pairs):
         warn(f"{len(pairs) - len(names)} of {len(pairs)} pairs skipped (see the warnings above)")
+    if not any(m.any() for m in masks):
+        warn(f"NO TUMOUR PIXEL in any of the {len(names)} masks of {data_dir}: the model can only learn to "
+             f"predict nothing, and its Dice will say nothing. Check the masks (tumour non-zero on black, "
+             f"gray or colour)")
     return {"names": names,
             "images": torch.from_numpy(np.stack(images)).unsqueeze(1),
             "masks": torch.from_numpy(np.stack(masks)).unsqueeze(1)}
@@ -767,11 +844,17 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, p
     return (1 - (2 * intersection + smooth) / (denominator + smooth)).mean()
 
 
+# The training losses `--loss` chooses from: name -> function(logits, target, cfg). Adding a loss is
+# one entry here (its name becomes a valid --loss).
+LOSSES = {
+    "dice": lambda logits, target, cfg: dice_loss(logits, target, cfg.smooth),
+    "dice+bce": lambda logits, target, cfg: (dice_loss(logits, target, cfg.smooth, per_image=True)
+                                             + F.binary_cross_entropy_with_logits(logits.float(), target.float())),
+}
+
+
 def compute_loss(logits, target, cfg: Config) -> torch.Tensor:
-    if cfg.loss == "dice":
-        return dice_loss(logits, target, cfg.smooth)
-    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
-    return dice_loss(logits, target, cfg.smooth, per_image=True) + bce
+    return LOSSES[cfg.loss](logits, target, cfg)
 
 
 def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -783,8 +866,21 @@ def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.stack([tp, fp, fn], 1).double()
 
 
+# The overlap metrics, as (numerator, denominator) of an image's true positive, false positive and
+# false negative pixel counts. Each one is scored per image in the test (metrics.json, the per-image
+# CSV, the by-type table) and in predict --masks; those in EPOCH_METRICS also after every epoch on
+# validation (the log, the history, the curves). Adding a metric is one entry here.
+METRICS = {
+    "dice": lambda tp, fp, fn: (2 * tp, 2 * tp + fp + fn),
+    "iou": lambda tp, fp, fn: (tp, tp + fp + fn),
+    "precision": lambda tp, fp, fn: (tp, tp + fp),
+    "recall": lambda tp, fp, fn: (tp, tp + fn),
+}
+EPOCH_METRICS = ("dice", "iou")  # the first one picks the best epoch
+
+
 def scores_from_counts(counts: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
-    """Per-image Dice, IoU, precision, recall from (N, 3) counts.
+    """Per-image scores of every metric in METRICS from (N, 3) counts.
 
     Convention for empty masks: an empty ground truth with an empty prediction scores 1 on
     every metric, and any metric whose denominator is otherwise 0 scores 0 (so a prediction on
@@ -796,8 +892,7 @@ def scores_from_counts(counts: torch.Tensor | np.ndarray) -> dict[str, np.ndarra
     def ratio(num, den):
         return np.where(both_empty, 1.0, np.divide(num, den, out=np.zeros_like(num), where=den > 0))
 
-    return {"dice": ratio(2 * tp, 2 * tp + fp + fn), "iou": ratio(tp, tp + fp + fn),
-            "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn)}
+    return {name: ratio(*fraction(tp, fp, fn)) for name, fraction in METRICS.items()}
 
 
 def hd95(pred: np.ndarray, target: np.ndarray) -> float:
@@ -873,6 +968,16 @@ def setup_device(cfg: Config) -> tuple[torch.device, int, int]:
     return device, rank, world
 
 
+@dataclass
+class Machine:
+    """Where and how the model runs; shared by training, evaluation and prediction."""
+    device: torch.device
+    dtype: torch.dtype | None = None  # autocast precision; None: float32
+    channels_last: bool = False
+    rank: int = 0
+    world: int = 1
+
+
 def amp_dtype(cfg: Config, device: torch.device):
     if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
         return None
@@ -880,6 +985,20 @@ def amp_dtype(cfg: Config, device: torch.device):
     if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.get_device_capability(device)[0] >= 8):
         return torch.bfloat16
     return torch.float16
+
+
+def set_up_machine(cfg: Config) -> Machine:
+    """The device (joining the process group under torchrun), precision and layout; logs the configuration."""
+    device, rank, world = setup_device(cfg)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned kernels differ run to run
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+    log("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                               f" ({torch.get_num_threads()} threads)") + (f", {world} processes" if world > 1 else ""))
+    return Machine(device, amp_dtype(cfg, device), cfg.channels_last and device.type == "cuda", rank, world)
 
 
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -1025,8 +1144,14 @@ def checkpoint_state(model, optimizer, scaler, cfg, split, history, epoch, step,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
             "config": dataclasses.asdict(cfg), "split": split, "history": history,
-            "epoch": epoch, "step": step, "image_size": cfg.image_size, "base_width": cfg.base_width,
-            "threshold": cfg.threshold, "tta": cfg.tta, **extra}
+            "epoch": epoch, "step": step,
+            # the threshold in use: config's, until --tune-threshold replaces it after training
+            "threshold": cfg.threshold, **extra}
+
+
+# What every checkpoint holds, and of which type (checked before any of it is used).
+CHECKPOINT_TYPES = {"model": dict, "config": dict, "split": dict, "history": dict, "threshold": (int, float),
+                    "epoch": int, "step": int}
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -1058,15 +1183,22 @@ def load_checkpoint(path: Path | str) -> dict:
     if state.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"{path}: checkpoint format version {state.get('version')}, but this script reads "
                         f"version {CHECKPOINT_VERSION}; use the script version that wrote it")
-    missing = [k for k in ("model", "config", "split", "history", "base_width", "image_size", "threshold")
-               if k not in state]
+    missing = [k for k in CHECKPOINT_TYPES if k not in state]
     if missing:
         raise UserError(f"{path}: incomplete checkpoint, {', '.join(missing)} missing")
+    config = state["config"] if isinstance(state["config"], dict) else {}
+    wrong = [k for k, kind in CHECKPOINT_TYPES.items() if not isinstance(state[k], kind) or isinstance(state[k], bool)]
+    wrong += [f"config.{k}" for k in ("image_size", "base_width") if type(config.get(k)) is not int or config[k] < 1]
+    if not wrong and not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        wrong.append("model")
+    if wrong:
+        raise UserError(f"{path}: damaged checkpoint, {', '.join(wrong)} of the wrong type; use another "
+                        f"checkpoint, or train anew (--overwrite)")
     return state
 
 
 def model_from_checkpoint(state: dict, path, device) -> nn.Module:
-    model = UNet(width=int(state["base_width"]))
+    model = UNet(width=state["config"]["base_width"])
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError):
@@ -1086,21 +1218,64 @@ RESUMABLE_FIELDS = ("device", "workers", "eval_batch_size", "compile", "compile_
                     "test_samples", "epochs")
 
 
-def prepare_out_dir(cfg: Config) -> Path:
-    """A new run never silently replaces an earlier run's model: it refuses unless --resume or
-    --overwrite is given."""
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """Own `folder` while writing into it: a second run into the same folder is refused. The
+    operating system drops the lock when its process ends, by kill -9 too, so a crashed run leaves
+    nothing stuck. (No such lock on Windows, which lacks fcntl.)"""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a+")
+    try:
+        with contextlib.suppress(ImportError):
+            import fcntl
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                owner = handle.read().strip() or "another process"
+                raise UserError(f"{folder} is in use by another run ({owner}); wait for it to end, or choose "
+                                f"another output folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        remove_stale_temporaries(folder)
+        yield
+    finally:
+        handle.close()
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files of writes a crash (kill -9) cut short: never read, safe to delete once the
+    folder is ours."""
+    for path in folder.rglob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def check_out_dir(cfg: Config) -> Path:
+    """A new run never silently replaces an earlier run's model: it stops, before anything is read or
+    deleted, unless --resume or --overwrite is given. Every state a crash can leave has a way on."""
     out = Path(cfg.out_dir)
-    if cfg.resume or not (out / "model.pth").exists() and not (out / "last.pth").exists():
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out-dir {out} is a file, not a folder; choose another --out-dir")
+    has_model, has_last = (out / "model.pth").exists(), (out / "last.pth").exists()
+    if cfg.resume or cfg.overwrite or not (has_model or has_last):
         return out
-    if not cfg.overwrite:
-        raise UserError(f"{out} already holds the outputs of an earlier run (model.pth). Continue it with "
+    if has_last:
+        raise UserError(f"{out} already holds the outputs of an earlier run (last.pth). Continue it with "
                         f"--resume, pick another --out-dir, or replace it with --overwrite")
-    if is_main_process():
-        for name in RUN_OUTPUTS:
-            with contextlib.suppress(FileNotFoundError):
-                (out / name).unlink()
-        shutil.rmtree(out / "visualizations", ignore_errors=True)
-    return out
+    raise UserError(f"{out} holds the model.pth of an earlier run but no last.pth (it stopped before its first "
+                    f"resumable state was written), so --resume cannot continue it. Keep it and pick another "
+                    f"--out-dir, or replace it with --overwrite")
+
+
+def clear_previous_outputs(out: Path) -> None:
+    """--overwrite: delete the earlier run's outputs, once everything that can be checked was."""
+    for name in RUN_OUTPUTS:
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
+    shutil.rmtree(out / "visualizations", ignore_errors=True)
 
 
 def resume_config(cfg: Config, explicit: frozenset, state: dict, path: Path) -> Config:
@@ -1114,246 +1289,6 @@ def resume_config(cfg: Config, explicit: frozenset, state: dict, path: Path) -> 
     keep = {k: getattr(cfg, k) for k in explicit if k in RESUMABLE_FIELDS}
     # The run continues in the folder of the checkpoint it resumes.
     return dataclasses.replace(saved, **keep, resume=str(path), out_dir=str(path.parent))
-
-
-def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
-    """The whole pipeline: data, split, training with validation, test evaluation, plots.
-    `explicit` names the fields typed on the command line. Returns the test metrics."""
-    t_start = time.time()
-    resume_state = None
-    if cfg.resume:
-        path = Path(cfg.out_dir) / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
-        resume_state = load_checkpoint(path)
-        if resume_state.get("optimizer") is None or "epoch_loss_sum" not in resume_state:
-            raise UserError(f"{path}: a best-model file, not a resumable state; resume from last.pth")
-        cfg = resume_config(cfg, explicit, resume_state, path)
-        log(f"resuming {path} at epoch {resume_state['epoch'] + 1}, step {resume_state['step']}")
-    check_config(cfg)
-    out = prepare_out_dir(cfg)
-    device, rank, world = setup_device(cfg)
-    main = rank == 0
-    if resume_state and resume_state["step"] and resume_state.get("world", 1) != world:
-        raise UserError(f"{cfg.resume} stopped in the middle of an epoch with {resume_state.get('world', 1)} "
-                        f"processes; resume it with that many (the batches of an epoch depend on it)")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned kernels differ run to run
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-    log("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
-    log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-                               f" ({torch.get_num_threads()} threads)") + (f", {world} processes" if world > 1 else ""))
-    if main:
-        save_json(out / "config.json", dataclasses.asdict(cfg))
-
-    # Data, decoded once, kept as uint8 tensors on the training device.
-    if main:  # one process downloads or generates; the others wait, then read
-        data_dir = resolve_data_dir(cfg)
-    if world > 1:
-        torch.distributed.barrier()
-    if not main:
-        data_dir = resolve_data_dir(cfg)
-    t0 = time.time()
-    data = load_dataset(data_dir, cfg.image_size, cfg.limit, cfg.workers)
-    split = resume_state["split"] if resume_state else make_split(cfg, data)
-    idx = split_indices(split, data["names"])
-    log(f"data: {len(data['names'])} pairs from {data_dir} at {cfg.image_size}x{cfg.image_size}, decoded in "
-        f"{time.time() - t0:.1f} s; {split['how']}")
-    unit = "patients" if "by patient" in split["how"] else "groups"
-    log(f"split: train {len(idx['train'])} images ({len(split['train_patients'])} {unit}), val "
-        f"{len(idx['val'])} ({len(split['val_patients'])}), test {len(idx['test'])} ({len(split['test_patients'])})")
-    if main:
-        save_json(out / "split.json", split)
-    images = data["images"].to(device)
-    masks = data["masks"].to(device)
-
-    # Model, optimizer, precision.
-    torch.manual_seed(cfg.seed)
-    model = UNet(width=cfg.base_width).to(device)
-    if main:
-        print_model_summary(model, cfg, device)
-    channels_last = cfg.channels_last and device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    dtype = amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    optimizer = make_optimizer(model, cfg, device)
-    history = {"epoch": [], "train_loss": [], "val_loss": [], "val_dice": [], "val_iou": [], "lr": [],
-               "epoch_seconds": [], "images_per_second": []}
-    start_epoch, start_step, loss_sum, best = 0, 0, 0.0, {"epoch": 0, "val_dice": -1.0}
-    if resume_state:
-        unwrap(model).load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        history = resume_state["history"]
-        start_epoch, start_step = resume_state["epoch"], resume_state["step"]
-        loss_sum, best = resume_state["epoch_loss_sum"], resume_state["best"]
-    train_model = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    eager_model = train_model
-    compiled = use_compile(cfg, device)
-    if compiled:
-        train_model = torch.compile(train_model, mode=cfg.compile_mode)
-    log(f"precision: {dtype or torch.float32}, channels-last: {channels_last}, "
-        f"compiled: {cfg.compile_mode if compiled else False}")
-    # A missing compiler or an unsupported GPU shows at the first compiled step; that step is then
-    # redone without compiling. Later failures (CUDA graphs record on a later call) are not caught.
-    # Under DDP a retry by one rank alone would hang the others, so there the error stands.
-    compile_unproven = compiled and world == 1
-
-    n_train = len(idx["train"])
-    steps_per_epoch = batch_order(n_train, cfg.batch_size, cfg.seed, 0, rank, world).shape[0]
-    total_steps = cfg.epochs * steps_per_epoch
-    panel_idx = idx["val"][torch.randperm(len(idx["val"]), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.panel_images]]
-    train_idx = idx["train"].to(device)
-
-    def save_last(epoch, step, loss_total):
-        state = checkpoint_state(model, optimizer, scaler, cfg, split, history, epoch, step,
-                                 {"epoch_loss_sum": loss_total, "best": best, "world": world})
-        save_checkpoint(out / "last.pth", state)
-
-    stopped = None
-    with StopFlag() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            order = batch_order(n_train, cfg.batch_size, cfg.seed, epoch, rank, world)
-            model.train()
-            t_epoch, seen = time.time(), 0
-            step_losses = torch.zeros(len(order), device=device)
-            bar = tqdm(total=len(order) * order.shape[1] * world, initial=start_step * order.shape[1] * world,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", dynamic_ncols=True, leave=False, mininterval=1,
-                       disable=not main)
-            for step in range(start_step, len(order)):
-                global_step = epoch * steps_per_epoch + step
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, global_step, total_steps)
-                batch = train_idx[order[step].to(device)]
-                x = to_input(images[batch], device, channels_last)
-                y = masks[batch].float()
-                if cfg.augment:
-                    g = torch.Generator(device=device).manual_seed((cfg.seed * 7919 + global_step) * world + rank)
-                    x, y = augment_batch(x, y, g, cfg)
-                if compile_unproven:
-                    step_losses[step], train_model = first_compiled_step(train_model, eager_model, model, optimizer,
-                                                                         scaler, x, y, cfg, dtype)
-                    compile_unproven = False
-                else:
-                    step_losses[step] = forward_backward(train_model, optimizer, scaler, x, y, cfg, dtype)
-                # Reading the loss costs a device sync; do it only when the bar is redrawn (on a CPU:
-                # every step, so that bad numbers never reach the weights).
-                if device.type == "cpu" or step % cfg.nan_check_every == 0 or step == len(order) - 1:
-                    check_finite(step_losses, start_step, step, epoch, out)
-                    bar.set_postfix(loss=f"{float(step_losses[step]):.4f}", refresh=False)
-                scaler.step(optimizer)
-                scaler.update()
-                seen += len(batch) * world
-                bar.update(len(batch) * world)
-                if (world == 1 or step % 20 == 0 or step == len(order) - 1) and stop_requested(stop, world, device):
-                    stopped = (epoch, step + 1)
-                    break
-            bar.close()
-            if stopped:
-                check_finite(step_losses, start_step, stopped[1] - 1, epoch, out)
-                loss_sum += float(step_losses[start_step:stopped[1]].sum())
-                if main:
-                    save_last(epoch, stopped[1], loss_sum)
-                break
-            check_finite(step_losses, start_step, len(order) - 1, epoch, out)
-            train_loss = (loss_sum + float(step_losses[start_step:].sum())) / len(order)
-            start_step, loss_sum = 0, 0.0
-            seconds = time.time() - t_epoch
-            val = evaluate(model, images, masks, idx["val"], cfg, device, dtype, channels_last, cfg.threshold,
-                           rank=rank, world=world)
-            for key, value in (("epoch", epoch + 1), ("train_loss", train_loss), ("val_loss", val["loss"]),
-                               ("val_dice", val["dice"]), ("val_iou", val["iou"]),
-                               ("lr", optimizer.param_groups[0]["lr"]), ("epoch_seconds", seconds),
-                               ("images_per_second", seen / seconds)):
-                history[key].append(value)
-            improved = val["dice"] > best["val_dice"]
-            if improved:
-                best = {"epoch": epoch + 1, "val_dice": val["dice"], "val_iou": val["iou"], "val_loss": val["loss"]}
-            log(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f} | val loss {val['loss']:.4f} "
-                f"dice {val['dice']:.4f} iou {val['iou']:.4f} | {seconds:.1f} s, {seen / seconds:.1f} img/s"
-                + ("  * best, saved" if improved else ""))
-            if main:
-                if improved:
-                    save_checkpoint(out / "model.pth", checkpoint_state(
-                        model, None, None, cfg, split, history, epoch + 1, 0, {"metrics": best, "best": best}))
-                save_last(epoch + 1, 0, 0.0)
-                if len(panel_idx):
-                    save_epoch_panel(out / "visualizations" / "epochs" / f"epoch_{epoch + 1:03d}.png", model,
-                                     images[panel_idx.to(device)], masks[panel_idx.to(device)], cfg, device,
-                                     dtype, channels_last, f"epoch {epoch + 1}: val Dice {val['dice']:.3f}")
-                plot_curves(out / "visualizations" / "loss_curves.png", history)
-    if stopped:
-        sys.stdout.flush()
-        launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
-        raise Interrupted(f"stopped at epoch {stopped[0] + 1}, step {stopped[1]}; {out / 'last.pth'} holds the "
-                          f"run. Continue it with:\n  {launcher} {Path(sys.argv[0]).name} --resume --out-dir "
-                          f"{Path(cfg.out_dir).parent if cfg.folds else out}" + (f" --folds {cfg.folds}" if cfg.folds else ""),
-                          code=130 if stop.signal == signal.SIGINT else 143)
-
-    if not main:  # the test evaluation runs on rank 0 alone
-        return {}
-    # The best epoch's weights, evaluated once on the test split.
-    state = load_checkpoint(out / "model.pth")
-    best_model = model_from_checkpoint(state, out / "model.pth", device)
-    threshold = cfg.threshold
-    if cfg.tune_threshold:
-        threshold = tune_threshold(best_model, images, masks, idx["val"], cfg, device, dtype)
-        state["threshold"] = threshold
-        save_checkpoint(out / "model.pth", state)
-        log(f"threshold chosen on validation: {threshold:.2f}")
-    metrics = evaluate_test(best_model, images, masks, idx["test"], data["names"], split, cfg, device, dtype,
-                            threshold, out)
-    # From model.pth itself: after a crash between its write and last.pth's, `best` would be older.
-    metrics.update(best_epoch=state["best"]["epoch"], best_val_dice=state["best"]["val_dice"],
-                   total_seconds=time.time() - t_start)
-    save_json(out / "metrics.json", metrics)
-    t = metrics["test"]
-    log(f"test ({t['images']} images, {t['patients']} {unit}): Dice {t['dice']:.4f} "
-        f"[95% CI {t['dice_ci95'][0]:.4f}-{t['dice_ci95'][1]:.4f}], IoU {t['iou']:.4f}, "
-        f"precision {t['precision']:.4f}, recall {t['recall']:.4f}, HD95 {t['hd95']:.1f} px")
-    log(f"outputs in {out}/: model.pth, last.pth, metrics.json, test_per_image.csv, split.json, config.json, "
-        f"visualizations/  ({time.time() - t_start:.1f} s in all)")
-    return metrics
-
-
-def cross_validate(cfg: Config, explicit: frozenset = frozenset()) -> dict:
-    """One model per fold in OUT_DIR/fold_N, then the mean and spread of the test Dice. With
-    --resume, finished folds are kept, an interrupted one continues, and folds not yet begun
-    take the settings of the first fold."""
-    out, results = Path(cfg.out_dir), []
-    if cfg.overwrite and not cfg.resume and is_main_process():
-        for k in range(cfg.folds):
-            shutil.rmtree(out / f"fold_{k + 1}", ignore_errors=True)
-    for k in range(cfg.folds):
-        fold_cfg = dataclasses.replace(cfg, fold=k, out_dir=str(out / f"fold_{k + 1}"))
-        fold_out = Path(fold_cfg.out_dir)
-        if cfg.resume and (fold_out / "metrics.json").is_file():
-            log(f"fold {k + 1}: done already, kept")
-            results.append(json.loads((fold_out / "metrics.json").read_text()))
-            continue
-        if cfg.resume and not (fold_out / "last.pth").is_file():
-            first = out / "fold_1" / "last.pth"
-            if first.is_file():
-                saved = resume_config(cfg, explicit, load_checkpoint(first), first)
-                fold_cfg = dataclasses.replace(saved, fold=k, out_dir=str(fold_out))
-            fold_cfg = dataclasses.replace(fold_cfg, resume="")
-        log(f"=== fold {k + 1} of {cfg.folds} ===")
-        results.append(train(fold_cfg, explicit))
-    if not is_main_process():
-        return {}
-    dice = np.array([r["test"]["dice"] for r in results])
-    summary = {"folds": cfg.folds, "test_dice_per_fold": dice.tolist(), "test_dice_mean": float(dice.mean()),
-               "test_dice_std": float(dice.std(ddof=1)),
-               "test_iou_mean": float(np.mean([r["test"]["iou"] for r in results])),
-               "test_images": int(sum(r["test"]["images"] for r in results))}
-    save_json(out / "cv_summary.json", summary)
-    log(f"cross-validation over {cfg.folds} folds of patients: test Dice {summary['test_dice_mean']:.4f} "
-        f"+- {summary['test_dice_std']:.4f} (mean +- sd over folds); {out / 'cv_summary.json'}")
-    return summary
 
 
 class Interrupted(UserError):
@@ -1387,107 +1322,104 @@ def print_model_summary(model: nn.Module, cfg: Config, device: torch.device) -> 
 
 
 @torch.no_grad()
-@torch.no_grad()
-def logits_in_batches(model, images_u8: torch.Tensor, batch_size: int, device, dtype, channels_last=False):
+def logits_in_batches(model, images_u8: torch.Tensor, batch_size: int, machine: Machine):
     """Eval-mode logits of uint8 images, one batch at a time: yields (first index, logits)."""
     model.eval()
     for start in range(0, len(images_u8), batch_size):
-        x = to_input(images_u8[start:start + batch_size], device, channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        x = to_input(images_u8[start:start + batch_size], machine.device, machine.channels_last)
+        with torch.autocast(machine.device.type, dtype=machine.dtype or torch.float32, enabled=machine.dtype is not None):
             yield start, model(x)
 
 
-def predict_probabilities(model, images_u8: torch.Tensor, batch_size: int, device, dtype, channels_last=False,
-                          flip: bool = False):
+def predict_probabilities(model, images_u8: torch.Tensor, batch_size: int, machine: Machine, flip: bool = False):
     """Sigmoid probabilities (N,1,S,S) float32 for uint8 images, in eval mode, in large batches;
     with `flip`, the mean of the image's and its left-right mirror's (test-time augmentation)."""
     probs = torch.cat([torch.sigmoid(logits.float()) for _, logits in
-                       logits_in_batches(model, images_u8, batch_size, device, dtype, channels_last)])
+                       logits_in_batches(model, images_u8, batch_size, machine)])
     if flip:
-        mirrored = predict_probabilities(model, images_u8.flip(-1), batch_size, device, dtype, channels_last)
+        mirrored = predict_probabilities(model, images_u8.flip(-1), batch_size, machine)
         probs = (probs + mirrored.flip(-1)) / 2
     return probs
 
 
-@torch.no_grad()
-def evaluate(model, images, masks, indices, cfg, device, dtype, channels_last, threshold, rank=0, world=1) -> dict:
-    """Loss, Dice and IoU of one split part, each the mean over its images."""
-    mine = indices[rank::world].to(device)
+def evaluate(model, machine: Machine, images, masks, indices, cfg: Config, threshold: float) -> dict:
+    """Loss and the EPOCH_METRICS of one split part, each the mean over its images (summed over
+    the processes under torchrun)."""
+    mine = indices[machine.rank::machine.world].to(machine.device)
     targets = masks[mine]
-    loss_sum, dice_sum, iou_sum = 0.0, 0.0, 0.0
-    for start, logits in logits_in_batches(model, images[mine], cfg.eval_batch_size, device, dtype, channels_last):
+    sums = dict.fromkeys(("loss", *EPOCH_METRICS), 0.0)
+    for start, logits in logits_in_batches(model, images[mine], cfg.eval_batch_size, machine):
         y = targets[start:start + len(logits)]
-        loss_sum += float(compute_loss(logits, y, cfg)) * len(y)
+        sums["loss"] += float(compute_loss(logits, y, cfg)) * len(y)
         scores = scores_from_counts(confusion_counts(torch.sigmoid(logits.float()) > threshold, y).cpu())
-        dice_sum += scores["dice"].sum()
-        iou_sum += scores["iou"].sum()
-    totals = torch.tensor([loss_sum, dice_sum, iou_sum, len(mine)], dtype=torch.float64, device=device)
-    if world > 1:
+        for name in EPOCH_METRICS:
+            sums[name] += scores[name].sum()
+    totals = torch.tensor([*sums.values(), len(mine)], dtype=torch.float64, device=machine.device)
+    if machine.world > 1:
         import torch.distributed as dist
         dist.all_reduce(totals)
-    loss_sum, dice_sum, iou_sum, n = totals.tolist()
-    n = max(n, 1)
-    return {"loss": loss_sum / n, "dice": dice_sum / n, "iou": iou_sum / n}
+    n = max(float(totals[-1]), 1.0)
+    return {name: float(total) / n for name, total in zip(sums, totals)}
 
 
-def tune_threshold(model, images, masks, val_idx, cfg, device, dtype) -> float:
-    probs = predict_probabilities(model, images[val_idx.to(device)], cfg.eval_batch_size, device, dtype, flip=cfg.tta)
-    target = masks[val_idx.to(device)]
+def tune_threshold(model, machine: Machine, images, masks, val_idx, cfg: Config) -> float:
+    """The threshold of the grid threshold_min..threshold_max with the best validation Dice."""
+    probs = predict_probabilities(model, images[val_idx.to(machine.device)], cfg.eval_batch_size, machine,
+                                  flip=cfg.tta)
+    target = masks[val_idx.to(machine.device)]
     candidates = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + cfg.threshold_step / 2, cfg.threshold_step), 4)
     dice = [scores_from_counts(confusion_counts(probs > t, target).cpu())["dice"].mean() for t in candidates]
     return float(candidates[int(np.argmax(dice))])
 
 
 def summarize(scores: dict[str, np.ndarray], counts: np.ndarray) -> dict:
+    """Means over images of every metric; HD95 over the images where it is defined (None if none)."""
     hd = scores["hd95"][np.isfinite(scores["hd95"])]
     c = counts.sum(0)
     return {"images": int(len(counts)),
-            **{k: float(scores[k].mean()) for k in ("dice", "iou", "precision", "recall")},
-            "hd95": float(hd.mean()) if len(hd) else float("nan"),
+            **{k: float(scores[k].mean()) for k in METRICS},
+            "hd95": float(hd.mean()) if len(hd) else None,
             "hd95_images": int(len(hd)),
             "pooled_dice": float(2 * c[0] / max(2 * c[0] + c[1] + c[2], 1))}
 
 
-def evaluate_test(model, images, masks, test_idx, names, split, cfg, device, dtype, threshold, out: Path) -> dict:
-    """Per-image and pooled Dice, IoU, precision, recall and HD95 on the test split, a 95%
-    bootstrap interval over patients, a per-image CSV and the test plots."""
-    idx = test_idx.to(device)
-    probs = predict_probabilities(model, images[idx], cfg.eval_batch_size, device, dtype, flip=cfg.tta)
+def evaluate_test(model, run: Run, threshold: float) -> dict:
+    """Per-image and pooled scores of every metric and HD95 on the test part, a 95% bootstrap
+    interval over patients, a per-image CSV and the test plots."""
+    cfg, test_idx = run.cfg, run.idx["test"]
+    idx = test_idx.to(run.machine.device)
+    probs = predict_probabilities(model, run.images[idx], cfg.eval_batch_size, run.machine, flip=cfg.tta)
     pred = (probs > threshold)
-    target = masks[idx].bool()
+    target = run.masks[idx].bool()
     counts = confusion_counts(pred, target).cpu().numpy()
     scores = scores_from_counts(counts)
     pred_np, target_np = pred.cpu().numpy()[:, 0], target.cpu().numpy()[:, 0]
     scores["hd95"] = np.array([hd95(p, t) for p, t in zip(pred_np, target_np)])
-    test_names = [names[i] for i in test_idx.tolist()]
-    groups = [split["groups"].get(n, n) for n in test_names]
-    types = [split.get("tumor_types", {}).get(n, "") for n in test_names]
+    test_names = [run.names[i] for i in test_idx.tolist()]
+    groups = [run.split["groups"].get(n, n) for n in test_names]
+    types = np.array([run.split.get("tumor_types", {}).get(n, "") for n in test_names])
     summary = summarize(scores, counts)
     summary["patients"] = len(set(groups))
     summary["dice_ci95"] = list(bootstrap_interval(scores["dice"], groups, seed=cfg.seed))
-    by_type = {t: summarize({k: v[np.array(types) == t] for k, v in scores.items()}, counts[np.array(types) == t])
+    by_type = {t: summarize({k: v[types == t] for k, v in scores.items()}, counts[types == t])
                for t in sorted(set(types)) if t}
     rows = [{"image": n, "patient": g, "tumor_type": t, "gt_pixels": int(c[0] + c[2]), "pred_pixels": int(c[0] + c[1]),
-             **{k: round(float(scores[k][i]), 5) for k in ("dice", "iou", "precision", "recall", "hd95")}}
+             **{k: round(float(scores[k][i]), 5) for k in (*METRICS, "hd95")}}
             for i, (n, g, t, c) in enumerate(zip(test_names, groups, types, counts))]
-    save_csv(out / "test_per_image.csv", rows)
-    images_np = images[idx].cpu().numpy()[:, 0]
-    vis = out / "visualizations"
-    rng = np.random.default_rng(cfg.seed)
-    sample = rng.choice(len(test_names), size=min(cfg.test_samples, len(test_names)), replace=False)
-    worst = np.argsort(scores["dice"], kind="stable")[:min(cfg.test_samples, len(test_names))]
-    if len(sample):
-        plot_samples(vis / "test_samples.png", images_np, target_np, pred_np, scores["dice"], test_names, sample,
-                     f"{len(sample)} random test images")
-        plot_samples(vis / "worst_predictions.png", images_np, target_np, pred_np, scores["dice"], test_names,
-                     worst, f"the {len(worst)} test images with the lowest Dice")
-    plot_dice_histogram(vis / "test_dice_histogram.png", scores["dice"], summary["dice"])
-    return {"test": summary, "by_tumor_type": by_type, "threshold": threshold, "tta": cfg.tta,
-            "split": split["how"],
-            "empty_masks": "an empty ground truth with an empty prediction scores 1 on every metric; "
-                           "otherwise a zero denominator scores 0; HD95 is averaged over images where both "
-                           "masks are non-empty",
-            "hd95_unit": f"pixels at {cfg.image_size}x{cfg.image_size}"}
+    save_csv(run.out / "test_per_image.csv", rows)
+    plot_test_results(run.out / "visualizations", run.images[idx].cpu().numpy()[:, 0], target_np, pred_np,
+                      scores["dice"], test_names, cfg)
+    metrics = {"test": summary, "by_tumor_type": by_type, "threshold": threshold, "tta": cfg.tta,
+               "split": run.split["how"],
+               "empty_masks": "an empty ground truth with an empty prediction scores 1 on every metric; "
+                              "otherwise a zero denominator scores 0; HD95 is averaged over images where both "
+                              "masks are non-empty, and is null when there is no such image",
+               "hd95_unit": f"pixels at {cfg.image_size}x{cfg.image_size}"}
+    if not target_np.any():
+        metrics["warning"] = (f"the {len(test_names)} test images hold no tumour pixel at all: the Dice only says "
+                              f"whether anything was predicted, not how well tumours are outlined")
+        warn("THE TEST SET HOLDS NO TUMOUR PIXEL: " + metrics["warning"])
+    return metrics
 
 
 # -----------------------------------------------------------------------------
@@ -1508,9 +1440,9 @@ def plot_curves(path: Path, history: dict) -> None:
     ax1.plot(history["epoch"], history["val_loss"], "o-", label="validation loss")
     ax1.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax1.legend()
-    ax2.plot(history["epoch"], history["val_dice"], "o-", color="tab:green", label="validation Dice")
-    ax2.plot(history["epoch"], history["val_iou"], "o-", color="tab:olive", label="validation IoU")
-    ax2.set(xlabel="epoch", ylabel="score", title="Validation Dice and IoU", ylim=(0, 1))
+    for name in EPOCH_METRICS:
+        ax2.plot(history["epoch"], history[f"val_{name}"], "o-", label=f"validation {name}")
+    ax2.set(xlabel="epoch", ylabel="score", title="Validation " + ", ".join(EPOCH_METRICS), ylim=(0, 1))
     ax2.legend()
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
@@ -1518,10 +1450,10 @@ def plot_curves(path: Path, history: dict) -> None:
     plt.close(fig)
 
 
-def save_epoch_panel(path, model, images_u8, masks_u8, cfg, device, dtype, channels_last, title) -> None:
+def save_epoch_panel(path, model, machine: Machine, images_u8, masks_u8, cfg, title) -> None:
     """One row per validation image: Original | Ground truth | Prediction, written with OpenCV
     because it costs milliseconds, which matters once an epoch takes seconds on a GPU."""
-    probs = predict_probabilities(model, images_u8, cfg.eval_batch_size, device, dtype, channels_last)
+    probs = predict_probabilities(model, images_u8, cfg.eval_batch_size, machine)
     model.train()
     scale = max(1, 256 // cfg.image_size)
     rows = []
@@ -1553,6 +1485,19 @@ def plot_samples(path, images, targets, preds, dice, names, which, title) -> Non
     plt.close(fig)
 
 
+def plot_test_results(vis: Path, images_np, target_np, pred_np, dice: np.ndarray, names: list[str], cfg: Config):
+    """Random test images, the worst ones, and the Dice histogram."""
+    rng = np.random.default_rng(cfg.seed)
+    sample = rng.choice(len(names), size=min(cfg.test_samples, len(names)), replace=False)
+    worst = np.argsort(dice, kind="stable")[:min(cfg.test_samples, len(names))]
+    if len(sample):
+        plot_samples(vis / "test_samples.png", images_np, target_np, pred_np, dice, names, sample,
+                     f"{len(sample)} random test images")
+        plot_samples(vis / "worst_predictions.png", images_np, target_np, pred_np, dice, names, worst,
+                     f"the {len(worst)} test images with the lowest Dice")
+    plot_dice_histogram(vis / "test_dice_histogram.png", dice, float(dice.mean()))
+
+
 def plot_dice_histogram(path, dice: np.ndarray, mean: float) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -1562,6 +1507,315 @@ def plot_dice_histogram(path, dice: np.ndarray, mean: float) -> None:
     ax.legend()
     save_figure(path, fig)
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# The run: set up, one epoch at a time, validation and checkpoints, the test
+
+
+@dataclass
+class Run:
+    """Everything a training run carries from step to step: set up once by `set_up_run`, then
+    advanced by `train_one_epoch` and `end_epoch`. `epoch` and `step` say where training resumes."""
+    cfg: Config
+    out: Path
+    machine: Machine
+    names: list[str]
+    images: torch.Tensor  # uint8 (N,1,S,S) on the training device
+    masks: torch.Tensor
+    split: dict
+    idx: dict[str, torch.Tensor]
+    model: nn.Module  # the raw model: checkpoints and evaluation
+    train_model: nn.Module  # what the training steps call: compiled and/or DistributedDataParallel
+    eager_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    compile_unproven: bool
+    history: dict = field(default_factory=lambda: {k: [] for k in HISTORY_KEYS})
+    best: dict = field(default_factory=lambda: {"epoch": 0, "val_dice": -1.0})
+    epoch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0  # the training loss summed over the steps of this epoch done so far
+
+    @property
+    def main(self) -> bool:
+        return self.machine.rank == 0
+
+
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", *(f"val_{m}" for m in EPOCH_METRICS), "lr", "epoch_seconds",
+                "images_per_second")
+
+
+def resumed_state(cfg: Config, explicit: frozenset) -> tuple[Config, dict | None]:
+    """With --resume: the checkpoint to continue and its configuration; else (cfg, None)."""
+    if not cfg.resume:
+        return cfg, None
+    path = Path(cfg.out_dir) / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
+    if not path.exists():
+        hint = (f"; {path.parent} holds only model.pth, which cannot be continued: start anew there with "
+                f"--overwrite (without --resume), or pick another --out-dir") if (path.parent / "model.pth").exists() else (
+                "; start a new run without --resume")
+        raise UserError(f"{path}: no resumable state (last.pth) to continue" + hint)
+    state = load_checkpoint(path)
+    if state.get("optimizer") is None or "epoch_loss_sum" not in state:
+        raise UserError(f"{path}: a best-model file, not a resumable state; resume from last.pth")
+    log(f"resuming {path} at epoch {state['epoch'] + 1}, step {state['step']}")
+    return resume_config(cfg, explicit, state, path), state
+
+
+def load_data_and_split(cfg: Config, machine: Machine, resume: dict | None) -> tuple[dict, dict, dict]:
+    """The dataset decoded once, and its split (the checkpoint's when resuming)."""
+    if machine.rank == 0:  # one process downloads or generates; the others wait, then read
+        data_dir = resolve_data_dir(cfg)
+    if machine.world > 1:
+        torch.distributed.barrier()
+    if machine.rank != 0:
+        data_dir = resolve_data_dir(cfg)
+    t0 = time.time()
+    data = load_dataset(data_dir, cfg.image_size, cfg.limit, cfg.workers)
+    split = resume["split"] if resume else make_split(cfg, data)
+    idx = split_indices(split, data["names"])
+    log(f"data: {len(data['names'])} pairs from {data_dir} at {cfg.image_size}x{cfg.image_size}, decoded in "
+        f"{time.time() - t0:.1f} s; {split['how']}")
+    unit = "patients" if "by patient" in split["how"] else "groups"
+    log(f"split: train {len(idx['train'])} images ({len(split['train_patients'])} {unit}), val "
+        f"{len(idx['val'])} ({len(split['val_patients'])}), test {len(idx['test'])} ({len(split['test_patients'])})")
+    check_batch_fits(cfg, len(idx["train"]) // machine.world)
+    return data, split, idx
+
+
+def set_up_run(cfg: Config, machine: Machine, resume: dict | None) -> Run:
+    """Data and split, the earlier outputs replaced (--overwrite: only now, once everything
+    above was checked), the model, optimizer and precision, and the resumed state."""
+    out = Path(cfg.out_dir)
+    data, split, idx = load_data_and_split(cfg, machine, resume)
+    if machine.rank == 0:
+        if cfg.overwrite and not cfg.resume:
+            clear_previous_outputs(out)
+        save_json(out / "config.json", dataclasses.asdict(cfg))
+        save_json(out / "split.json", split)
+    torch.manual_seed(cfg.seed)
+    model = UNet(width=cfg.base_width).to(machine.device)
+    if machine.rank == 0:
+        print_model_summary(model, cfg, machine.device)
+    if machine.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg, machine.device)
+    scaler = torch.amp.GradScaler(machine.device.type, enabled=machine.dtype == torch.float16)
+    eager_model = model
+    if machine.world > 1:
+        device_ids = [machine.device.index] if machine.device.type == "cuda" else None
+        eager_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    compiled = use_compile(cfg, machine.device)
+    log(f"precision: {machine.dtype or torch.float32}, channels-last: {machine.channels_last}, "
+        f"compiled: {cfg.compile_mode if compiled else False}")
+    run = Run(cfg, out, machine, data["names"], data["images"].to(machine.device), data["masks"].to(machine.device),
+              split, idx, model, torch.compile(eager_model, mode=cfg.compile_mode) if compiled else eager_model,
+              eager_model, optimizer, scaler,
+              # A missing compiler or an unsupported GPU shows at the first compiled step, which is then
+              # redone without compiling. Under DDP a retry by one rank alone would hang the others.
+              compile_unproven=compiled and machine.world == 1)
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        run.history, run.best = resume["history"], resume["best"]
+        run.epoch, run.step, run.loss_sum = resume["epoch"], resume["step"], resume["epoch_loss_sum"]
+    return run
+
+
+def training_step(run: Run, batch: torch.Tensor, global_step: int, total_steps: int) -> torch.Tensor:
+    """One optimizer step on a batch of training indices; returns its loss, still on the device."""
+    cfg, m = run.cfg, run.machine
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(cfg, global_step, total_steps)
+    x = to_input(run.images[batch], m.device, m.channels_last)
+    y = run.masks[batch].float()
+    if cfg.augment:
+        g = torch.Generator(device=m.device).manual_seed((cfg.seed * 7919 + global_step) * m.world + m.rank)
+        x, y = augment_batch(x, y, g, cfg)
+    if run.compile_unproven:
+        run.compile_unproven = False
+        loss, run.train_model = first_compiled_step(run.train_model, run.eager_model, run.model, run.optimizer,
+                                                    run.scaler, x, y, cfg, m.dtype)
+        return loss
+    return forward_backward(run.train_model, run.optimizer, run.scaler, x, y, cfg, m.dtype)
+
+
+def train_one_epoch(run: Run, stop: StopFlag) -> tuple[torch.Tensor, int, bool]:
+    """The steps of epoch `run.epoch` from `run.step` on. Returns the per-step losses, the images
+    seen, and whether a stop signal came (run.step is then where it stopped)."""
+    cfg, m = run.cfg, run.machine
+    n_train = len(run.idx["train"])
+    order = batch_order(n_train, cfg.batch_size, cfg.seed, run.epoch, m.rank, m.world)
+    total_steps = cfg.epochs * len(order)
+    train_idx = run.idx["train"].to(m.device)
+    step_losses = torch.zeros(len(order), device=m.device)
+    run.model.train()
+    first, seen = run.step, 0
+    bar = tqdm(total=len(order) * order.shape[1] * m.world, initial=first * order.shape[1] * m.world,
+               desc=f"epoch {run.epoch + 1}/{cfg.epochs}", unit="img", dynamic_ncols=True, leave=False,
+               mininterval=1, disable=not run.main)
+    stopped = False
+    for step in range(first, len(order)):
+        step_losses[step] = training_step(run, train_idx[order[step].to(m.device)], run.epoch * len(order) + step,
+                                          total_steps)
+        last = step == len(order) - 1
+        # Reading the loss waits for the device: on a GPU only every nan_check_every steps (on a CPU
+        # every step, so that bad numbers never reach the weights).
+        if m.device.type == "cpu" or step % cfg.nan_check_every == 0 or last:
+            check_finite(step_losses, first, step, run.epoch, run.out)
+            bar.set_postfix(loss=f"{float(step_losses[step]):.4f}", refresh=False)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        seen += order.shape[1] * m.world
+        bar.update(order.shape[1] * m.world)
+        run.step = step + 1
+        if (m.world == 1 or step % 20 == 0 or last) and stop_requested(stop, m.world, m.device):
+            stopped = True
+            break
+    bar.close()
+    check_finite(step_losses, first, run.step - 1, run.epoch, run.out)
+    run.loss_sum += float(step_losses[first:run.step].sum())
+    return step_losses, seen, stopped
+
+
+def save_last(run: Run) -> None:
+    """last.pth: the state --resume continues from (rank 0 only)."""
+    if run.main:
+        save_checkpoint(run.out / "last.pth", checkpoint_state(
+            run.model, run.optimizer, run.scaler, run.cfg, run.split, run.history, run.epoch, run.step,
+            {"epoch_loss_sum": run.loss_sum, "best": run.best, "world": run.machine.world}))
+
+
+def end_epoch(run: Run, steps: int, seen: int, seconds: float) -> None:
+    """Validate, record the history, keep the best model.pth, write last.pth and the plots."""
+    cfg = run.cfg
+    val = evaluate(run.model, run.machine, run.images, run.masks, run.idx["val"], cfg, cfg.threshold)
+    record = {"epoch": run.epoch + 1, "train_loss": run.loss_sum / steps, "val_loss": val["loss"],
+              **{f"val_{m}": val[m] for m in EPOCH_METRICS}, "lr": run.optimizer.param_groups[0]["lr"],
+              "epoch_seconds": seconds, "images_per_second": seen / seconds}
+    for key in HISTORY_KEYS:
+        run.history.setdefault(key, []).append(record[key])
+    improved = val["dice"] > run.best["val_dice"]
+    if improved:
+        run.best = {"epoch": run.epoch + 1, "val_loss": val["loss"], **{f"val_{m}": val[m] for m in EPOCH_METRICS}}
+    log(f"epoch {run.epoch + 1:3d}/{cfg.epochs}  train loss {record['train_loss']:.4f} | val loss {val['loss']:.4f} "
+        + " ".join(f"{m} {val[m]:.4f}" for m in EPOCH_METRICS) + f" | {seconds:.1f} s, {seen / seconds:.1f} img/s"
+        + ("  * best, saved" if improved else ""))
+    run.epoch, run.step, run.loss_sum = run.epoch + 1, 0, 0.0
+    if not run.main:
+        return
+    if improved:
+        save_checkpoint(run.out / "model.pth", checkpoint_state(
+            run.model, None, None, cfg, run.split, run.history, run.epoch, 0, {"best": run.best}))
+    save_last(run)
+    panel = run.idx["val"][torch.randperm(len(run.idx["val"]), generator=torch.Generator().manual_seed(cfg.seed))
+                           [:cfg.panel_images]].to(run.machine.device)
+    if len(panel):
+        save_epoch_panel(run.out / "visualizations" / "epochs" / f"epoch_{run.epoch:03d}.png", run.model,
+                         run.machine, run.images[panel], run.masks[panel], cfg,
+                         f"epoch {run.epoch}: val Dice {val['dice']:.3f}")
+    plot_curves(run.out / "visualizations" / "loss_curves.png", run.history)
+
+
+def finish_run(run: Run, t_start: float) -> dict:
+    """The best epoch's weights: the threshold chosen on validation, then one evaluation on the test part."""
+    cfg, out = run.cfg, run.out
+    state = load_checkpoint(out / "model.pth")
+    best_model = model_from_checkpoint(state, out / "model.pth", run.machine.device)
+    threshold = cfg.threshold
+    if cfg.tune_threshold:
+        threshold = tune_threshold(best_model, run.machine, run.images, run.masks, run.idx["val"], cfg)
+        state["threshold"] = threshold
+        save_checkpoint(out / "model.pth", state)
+        log(f"threshold chosen on validation: {threshold:.2f}")
+    metrics = evaluate_test(best_model, run, threshold)
+    # From model.pth itself: after a crash between its write and last.pth's, `best` would be older.
+    metrics.update(best_epoch=state["best"]["epoch"], best_val_dice=state["best"]["val_dice"],
+                   total_seconds=time.time() - t_start)
+    save_json(out / "metrics.json", metrics)
+    t = metrics["test"]
+    unit = "patients" if "by patient" in run.split["how"] else "groups"
+    log(f"test ({t['images']} images, {t['patients']} {unit}): Dice {t['dice']:.4f} [95% CI {t['dice_ci95'][0]:.4f}-"
+        f"{t['dice_ci95'][1]:.4f}], " + ", ".join(f"{name} {t[name]:.4f}" for name in METRICS if name != "dice")
+        + (f", HD95 {t['hd95']:.1f} px" if t["hd95"] is not None else ", HD95 undefined (no image where both "
+                                                                         "masks have tumour)"))
+    log(f"outputs in {out}/: model.pth, last.pth, metrics.json, test_per_image.csv, split.json, config.json, "
+        f"visualizations/  ({time.time() - t_start:.1f} s in all)")
+    return metrics
+
+
+def interrupted(run: Run, stop: StopFlag) -> Interrupted:
+    launcher = f"torchrun --nproc_per_node={run.machine.world}" if run.machine.world > 1 else "python"
+    folder = Path(run.cfg.out_dir).parent if run.cfg.folds else run.out
+    return Interrupted(f"stopped at epoch {run.epoch + 1}, step {run.step}; {run.out / 'last.pth'} holds the run. "
+                       f"Continue it with:\n  {launcher} {Path(sys.argv[0]).name} --resume --out-dir {folder}"
+                       + (f" --folds {run.cfg.folds}" if run.cfg.folds else ""),
+                       code=130 if stop.signal == signal.SIGINT else 143)
+
+
+def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
+    """The whole pipeline: data, split, training with validation, test evaluation, plots.
+    `explicit` names the fields typed on the command line. Returns the test metrics."""
+    t_start = time.time()
+    cfg, resume = resumed_state(cfg, explicit)
+    check_config(cfg)
+    out = check_out_dir(cfg)
+    machine = set_up_machine(cfg)
+    if resume and resume["step"] and resume.get("world", 1) != machine.world:
+        raise UserError(f"{cfg.resume} stopped in the middle of an epoch with {resume.get('world', 1)} "
+                        f"processes; resume it with that many (the batches of an epoch depend on it)")
+    with folder_lock(out) if machine.rank == 0 else contextlib.nullcontext():
+        run = set_up_run(cfg, machine, resume)
+        with StopFlag() as stop:
+            while run.epoch < cfg.epochs:
+                t_epoch = time.time()
+                step_losses, seen, stop_asked = train_one_epoch(run, stop)
+                if run.step < len(step_losses):  # stopped within the epoch
+                    save_last(run)
+                if run.step == len(step_losses):
+                    end_epoch(run, len(step_losses), seen, time.time() - t_epoch)  # writes last.pth too
+                if stop_asked and run.epoch < cfg.epochs:
+                    sys.stdout.flush()
+                    raise interrupted(run, stop)
+        # the test evaluation runs on rank 0 alone
+        return finish_run(run, t_start) if run.main else {}
+
+
+def cross_validate(cfg: Config, explicit: frozenset = frozenset()) -> dict:
+    """One model per fold in OUT_DIR/fold_N, then the mean and spread of the test Dice. With
+    --resume, finished folds are kept, an interrupted one continues, and folds not yet begun
+    take the settings of the first fold. Each fold's own run replaces its earlier outputs
+    (--overwrite) only once it has checked everything."""
+    out, results = Path(cfg.out_dir), []
+    for k in range(cfg.folds):
+        fold_cfg = dataclasses.replace(cfg, fold=k, out_dir=str(out / f"fold_{k + 1}"))
+        fold_out = Path(fold_cfg.out_dir)
+        if cfg.resume and (fold_out / "metrics.json").is_file():
+            log(f"fold {k + 1}: done already, kept")
+            results.append(json.loads((fold_out / "metrics.json").read_text()))
+            continue
+        if cfg.resume and not (fold_out / "last.pth").is_file():
+            first = out / "fold_1" / "last.pth"
+            if first.is_file():
+                saved = resume_config(cfg, explicit, load_checkpoint(first), first)
+                fold_cfg = dataclasses.replace(saved, fold=k, out_dir=str(fold_out))
+            fold_cfg = dataclasses.replace(fold_cfg, resume="")
+        log(f"=== fold {k + 1} of {cfg.folds} ===")
+        results.append(train(fold_cfg, explicit))
+    if not is_main_process():
+        return {}
+    dice = np.array([r["test"]["dice"] for r in results])
+    summary = {"folds": cfg.folds, "test_dice_per_fold": dice.tolist(), "test_dice_mean": float(dice.mean()),
+               "test_dice_std": float(dice.std(ddof=1)),
+               "test_iou_mean": float(np.mean([r["test"]["iou"] for r in results])),
+               "test_images": int(sum(r["test"]["images"] for r in results))}
+    save_json(out / "cv_summary.json", summary)
+    log(f"cross-validation over {cfg.folds} folds of patients: test Dice {summary['test_dice_mean']:.4f} "
+        f"+- {summary['test_dice_std']:.4f} (mean +- sd over folds); {out / 'cv_summary.json'}")
+    return summary
 
 
 # -----------------------------------------------------------------------------
@@ -1612,8 +1866,8 @@ def predict(model_path, inputs: list[str], out_dir, masks_dir: str = "", batch_s
     state = load_checkpoint(model_path)
     dev = pick_device(device)
     model = model_from_checkpoint(state, model_path, dev)
-    size, threshold = int(state["image_size"]), float(state["threshold"])
-    flip = bool(state.get("tta", BEFORE_FIELD_EXISTED["tta"]))
+    size, threshold = state["config"]["image_size"], float(state["threshold"])
+    flip = bool(state["config"].get("tta", BEFORE_FIELD_EXISTED["tta"]))
     files = collect_inputs(inputs)
     out = Path(out_dir)
     for item in inputs:
@@ -1629,7 +1883,7 @@ def predict(model_path, inputs: list[str], out_dir, masks_dir: str = "", batch_s
     if existing and not overwrite:
         raise UserError(f"{out}: {len(existing)} output files exist already (for example {existing[0]}); "
                         f"pass --overwrite to replace them, or choose another --out")
-    dtype = amp_dtype(Config(), dev)
+    machine = Machine(dev, amp_dtype(Config(), dev))
     rows, skipped, t0 = [], 0, time.time()
     bar = tqdm(total=len(files), desc="predicting", unit="img", disable=not is_main_process())
     for start in range(0, len(files), batch_size):
@@ -1643,7 +1897,7 @@ def predict(model_path, inputs: list[str], out_dir, masks_dir: str = "", batch_s
         probs = []
         if batch:
             x = torch.from_numpy(np.stack([preprocess_image(g, size) for _, g in batch])).unsqueeze(1)
-            probs = predict_probabilities(model, x, batch_size, dev, dtype, flip=flip).cpu().numpy()[:, 0]
+            probs = predict_probabilities(model, x, batch_size, machine, flip=flip).cpu().numpy()[:, 0]
         for (f, gray), prob in zip(batch, probs):
             full = cv2.resize(prob, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
             mask = full > threshold
@@ -1736,6 +1990,19 @@ def config_from_args(argv: list[str]) -> Config:
     return Config(**values)
 
 
+def write_failure(e: OSError) -> str:
+    """One sentence for an output that could not be written."""
+    where = e.filename or "an output file"
+    if e.errno == errno.ENOSPC:
+        return (f"the disk is full (writing {where}). Files are written whole or not at all, so the earlier "
+                f"versions are intact; free some space and run again (--resume continues a training run)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"no permission to write {where}; choose another output folder (--out-dir, or --out for predict)"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"cannot create the folder {where}: a file of that name is in the way; choose another output folder"
+    return f"cannot write {where}: {e.strerror or e}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     batch_size = 0
@@ -1745,6 +2012,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = config_from_args(argv)
             batch_size = cfg.batch_size
+            check_config(cfg)
             if cfg.folds and cfg.fold < 0:
                 cross_validate(cfg, explicit_fields(argv))
             else:
@@ -1763,6 +2031,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"--batch-size {max(1, batch_size // 2)}" if batch_size > 1 else "a smaller --batch-size"
         print(f"error: the GPU ran out of memory. Try {hint}, or close other programs that use the GPU",
               file=sys.stderr)
+        return 1
+    except OSError as e:  # reads are turned into warnings or UserError: this is a write that failed
+        print(f"error: {write_failure(e)}", file=sys.stderr)
         return 1
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -29,7 +29,7 @@ def mean_dice(probs, masks, threshold) -> float:
 def rescore(run: Path, data_cache: dict, data_dir: Path) -> dict:
     state = bts.load_checkpoint(run / "model.pth")
     split = json.loads((run / "split.json").read_text())
-    size = int(state["image_size"])
+    size = state["config"]["image_size"]
     if size not in data_cache:
         data_cache[size] = bts.load_dataset(data_dir, size)
     data = data_cache[size]
@@ -39,7 +39,7 @@ def rescore(run: Path, data_cache: dict, data_dir: Path) -> dict:
     for part in ("val", "test"):
         images, masks = data["images"][idx[part]], data["masks"][idx[part]]
         for flip in (False, True):
-            probs = bts.predict_probabilities(model, images, 64, images.device, None, flip=flip)
+            probs = bts.predict_probabilities(model, images, 64, bts.Machine(images.device), flip=flip)
             for t in sorted({0.5, row["threshold"]}):
                 row[f"{part} t={t:.2f}{' +flip' if flip else ''}"] = mean_dice(probs, masks, t)
     return row

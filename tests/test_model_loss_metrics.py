@@ -234,13 +234,13 @@ def test_mirror_averaged_prediction_of_a_mirrored_image_is_the_mirrored_predicti
     torch.manual_seed(0)
     model = bts.UNet(width=4).eval()
     images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
-    cpu = torch.device("cpu")
-    plain = bts.predict_probabilities(model, images, 2, cpu, None)
-    plain_of_mirror = bts.predict_probabilities(model, images.flip(-1), 2, cpu, None)
+    cpu = bts.Machine(torch.device("cpu"))
+    plain = bts.predict_probabilities(model, images, 2, cpu)
+    plain_of_mirror = bts.predict_probabilities(model, images.flip(-1), 2, cpu)
     assert not torch.equal(plain_of_mirror, plain.flip(-1))  # the U-Net alone is not mirror-symmetric
-    averaged = bts.predict_probabilities(model, images, 2, cpu, None, flip=True)
+    averaged = bts.predict_probabilities(model, images, 2, cpu, flip=True)
     assert torch.allclose(averaged, (plain + plain_of_mirror.flip(-1)) / 2)
-    averaged_of_mirror = bts.predict_probabilities(model, images.flip(-1), 2, cpu, None, flip=True)
+    averaged_of_mirror = bts.predict_probabilities(model, images.flip(-1), 2, cpu, flip=True)
     assert torch.equal(averaged_of_mirror, averaged.flip(-1))
 
 

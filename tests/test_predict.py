@@ -91,22 +91,24 @@ def model_probabilities(model_path: Path, image_path: Path) -> tuple[np.ndarray,
     """Independent reference: the checkpoint's model on one file (averaged with its mirror image's
     when the checkpoint says tta), probabilities at the file's size (bilinear), and the threshold."""
     state = torch.load(model_path, map_location="cpu", weights_only=True)
-    model = bts.UNet(width=state["base_width"])
+    model = bts.UNet(width=state["config"]["base_width"])
     model.load_state_dict(state["model"])
     model.eval()
     gray = bts.read_image(image_path)
-    x = torch.from_numpy(bts.preprocess_image(gray, state["image_size"])).float().div(255)[None, None]
+    x = torch.from_numpy(bts.preprocess_image(gray, state["config"]["image_size"])).float().div(255)[None, None]
     with torch.no_grad():
         prob = torch.sigmoid(model(x))[0, 0]
-        if state.get("tta"):
+        if state["config"].get("tta"):
             prob = (prob + torch.sigmoid(model(x.flip(-1)))[0, 0].flip(-1)) / 2
         prob = prob.numpy()
     return cv2.resize(prob, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR), state["threshold"]
 
 
 def edited_checkpoint(src: Path, dest: Path, **changes) -> Path:
+    """A copy of a checkpoint with fields changed: its own, else its configuration's."""
     state = torch.load(src, map_location="cpu", weights_only=True)
-    state.update(changes)
+    for key, value in changes.items():
+        (state if key in state else state["config"])[key] = value
     torch.save(state, dest)
     return dest
 
@@ -459,7 +461,7 @@ def test_empty_checkpoint_file_is_one_clear_error(scans, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("key", ["base_width", "image_size", "threshold"])
+@pytest.mark.parametrize("key", ["config", "model", "threshold"])
 def test_checkpoint_missing_key_is_one_clear_error(key, trained, scans, tmp_path, capsys):
     state = torch.load(trained["model"], map_location="cpu", weights_only=True)
     del state[key]
@@ -589,7 +591,7 @@ def test_mean_probability_between_threshold_and_one(squares_model, tmp_path, cap
     _, rows = read_csv(out / "predictions.csv")
     state = torch.load(squares_model, weights_only=True)
     threshold = float(state["threshold"])
-    assert state["tta"] is True  # the default recipe: predict averages each image with its mirror's
+    assert state["config"]["tta"] is True  # the default recipe: predict averages each image with its mirror's
     with_tumor = [r for r in rows if int(r["tumor_pixels"]) > 0]
     without = [r for r in rows if int(r["tumor_pixels"]) == 0]
     assert with_tumor and without  # both cases are exercised
@@ -604,7 +606,7 @@ def test_mean_probability_between_threshold_and_one(squares_model, tmp_path, cap
 
 def test_checkpoint_from_before_tta_existed_predicts_without_mirroring(squares_model, tmp_path, capsys):
     state = torch.load(squares_model, map_location="cpu", weights_only=True)
-    del state["tta"]
+    del state["config"]["tta"]
     old = tmp_path / "old.pth"
     torch.save(state, old)
     held_out = squares_dataset(tmp_path / "held_out", 3, seed=5)

@@ -161,7 +161,7 @@ def test_same_seed_runs_are_identical_on_cpu(synthetic, tmp_path):
         assert run(["--data-dir", synthetic, "--out-dir", tmp_path / name, *TINY, "--recipe", "improved"]) == 0
     assert metrics_without_timing(tmp_path / "a") == metrics_without_timing(tmp_path / "b")
     assert metrics_without_timing(tmp_path / "a")["tta"] is True  # part of the improved recipe
-    assert bts.load_checkpoint(tmp_path / "a" / "model.pth")["tta"] is True  # so predict mirrors too
+    assert bts.load_checkpoint(tmp_path / "a" / "model.pth")["config"]["tta"] is True  # so predict mirrors too
     assert history_without_timing(tmp_path / "a" / "last.pth") == history_without_timing(tmp_path / "b" / "last.pth")
     wa, wb = (bts.load_checkpoint(tmp_path / n / "model.pth")["model"] for n in ("a", "b"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
