@@ -1223,6 +1223,7 @@ def folder_lock(folder: Path):
     """Own `folder` while writing into it: a second run into the same folder is refused. The
     operating system drops the lock when its process ends, by kill -9 too, so a crashed run leaves
     nothing stuck. (No such lock on Windows, which lacks fcntl.)"""
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     handle = open(folder / ".lock", "a+")
     try:
@@ -1243,6 +1244,10 @@ def folder_lock(folder: Path):
         yield
     finally:
         handle.close()
+        if created and [p.name for p in folder.iterdir()] == [".lock"]:  # a run that wrote nothing leaves nothing
+            with contextlib.suppress(OSError):
+                (folder / ".lock").unlink()
+                folder.rmdir()
 
 
 def remove_stale_temporaries(folder: Path) -> None:
@@ -1856,35 +1861,45 @@ def make_overlay(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return overlay
 
 
-def predict(model_path, inputs: list[str], out_dir, masks_dir: str = "", batch_size: int = 16,
-            device: str = "auto", overwrite: bool = False) -> list[dict]:
-    """Write a binary mask at the input's size, an overlay and one CSV row per input image.
+PREDICT_MARKER = ".written-by-predict"  # marks a folder predict made, whose outputs --overwrite may replace
 
-    The image size, threshold and mirror averaging (--tta) come from the checkpoint. With
-    `masks_dir`, each image with a mask of the same name also gets Dice and IoU, computed as in the
-    test evaluation."""
-    state = load_checkpoint(model_path)
-    dev = pick_device(device)
-    model = model_from_checkpoint(state, model_path, dev)
-    size, threshold = state["config"]["image_size"], float(state["threshold"])
-    flip = bool(state["config"].get("tta", BEFORE_FIELD_EXISTED["tta"]))
-    files = collect_inputs(inputs)
-    out = Path(out_dir)
-    for item in inputs:
-        folder = Path(item).resolve()
-        if folder.is_dir() and (out.resolve() == folder or folder in out.resolve().parents):
-            raise UserError(f"--out {out} is inside the input folder {item}; choose a folder outside it, "
-                            f"input folders are never written to")
-    truth = list_images(Path(masks_dir)) if masks_dir and Path(masks_dir).is_dir() else {}
-    if masks_dir and not truth:
-        raise UserError(f"{masks_dir}: no masks found (PNG, JPEG, TIFF or BMP)")
+
+def check_predict_out(out: Path, inputs: list[str], files: list[Path], masks_dir: str, truth: dict, overwrite: bool):
+    """predict never writes into a folder it reads from, never replaces a file it did not write, and
+    replaces its own earlier outputs only with --overwrite. Checked before anything is written."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
+    read_folders = {Path(i).resolve(): f"the input folder {i}" for i in inputs if Path(i).is_dir()}
+    if masks_dir:
+        read_folders[Path(masks_dir).resolve()] = f"the --masks folder {masks_dir}"
+    for written in (out, out / "masks", out / "overlays"):
+        w = written.resolve()
+        for folder, what in read_folders.items():
+            if w == folder or folder in w.parents:
+                raise UserError(f"--out {out} would write into {written}, which is inside {what}: predict reads "
+                                f"from there and never writes into it, with or without --overwrite. Choose an "
+                                f"--out outside every input and --masks folder")
     targets = [out / "predictions.csv"] + [out / sub / f"{f.stem}.png" for f in files for sub in ("masks", "overlays")]
+    read_files = {f.resolve() for f in files} | {m.resolve() for m in truth.values()}
+    for target in targets:
+        if target.resolve() in read_files:
+            raise UserError(f"--out {out} would replace {target}, an input of this prediction; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / PREDICT_MARKER).exists():
+        found = [p for p in sorted(out.rglob("*")) if p.name != ".lock"]
+        example = next((p for p in found if p.is_file()), found[0])
+        raise UserError(f"--out {out} already holds files that predict did not write (for example {example}); "
+                        f"predict writes only into a new or empty folder, or one it wrote before, so that no "
+                        f"input or ground truth is ever replaced. Choose another --out")
     existing = [t for t in targets if t.exists()]
     if existing and not overwrite:
-        raise UserError(f"{out}: {len(existing)} output files exist already (for example {existing[0]}); "
-                        f"pass --overwrite to replace them, or choose another --out")
-    machine = Machine(dev, amp_dtype(Config(), dev))
-    rows, skipped, t0 = [], 0, time.time()
+        raise UserError(f"{out}: {len(existing)} outputs of an earlier prediction exist already (for example "
+                        f"{existing[0]}); pass --overwrite to replace them, or choose another --out")
+
+
+def segment_files(model, machine: Machine, files: list[Path], size: int, threshold: float, flip: bool,
+                  batch_size: int, truth: dict, masks_dir: str, stage: Path) -> tuple[list[dict], int]:
+    """Masks, overlays and CSV rows of the readable files, written into `stage`."""
+    rows, skipped = [], 0
     bar = tqdm(total=len(files), desc="predicting", unit="img", disable=not is_main_process())
     for start in range(0, len(files), batch_size):
         batch = []
@@ -1901,34 +1916,88 @@ def predict(model_path, inputs: list[str], out_dir, masks_dir: str = "", batch_s
         for (f, gray), prob in zip(batch, probs):
             full = cv2.resize(prob, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
             mask = full > threshold
-            save_png(out / "masks" / f"{f.stem}.png", mask.astype(np.uint8) * 255)
-            save_png(out / "overlays" / f"{f.stem}.png", make_overlay(gray, mask))
+            save_png(stage / "masks" / f"{f.stem}.png", mask.astype(np.uint8) * 255)
+            save_png(stage / "overlays" / f"{f.stem}.png", make_overlay(gray, mask))
             row = {"image": str(f), "width": gray.shape[1], "height": gray.shape[0],
                    "tumor_pixels": int(mask.sum()), "tumor_fraction": round(float(mask.mean()), 6),
                    "mean_probability": round(float(full[mask].mean()) if mask.any() else 0.0, 4)}
-            if f.stem in truth:
-                try:
-                    target = preprocess_mask(read_mask(truth[f.stem]), size)
-                    counts = confusion_counts(torch.from_numpy(prob > threshold)[None], torch.from_numpy(target)[None])
-                    scores = scores_from_counts(counts)
-                    row.update(dice=round(float(scores["dice"][0]), 5), iou=round(float(scores["iou"][0]), 5))
-                except ValueError as e:
-                    warn(f"{e}; no Dice for {f.name}")
-            elif masks_dir:
-                warn(f"{f.name}: no mask named {f.stem}.* in {masks_dir}; no Dice for it")
+            row.update(score_against_truth(f, prob > threshold, truth, masks_dir, size))
             rows.append(row)
         bar.update(len(files[start:start + batch_size]))
     bar.close()
-    if not rows:
-        raise UserError("none of the inputs could be read; nothing was written")
-    save_csv(out / "predictions.csv", rows)
+    if rows:
+        save_csv(stage / "predictions.csv", rows)
+    return rows, skipped
+
+
+def score_against_truth(f: Path, pred: np.ndarray, truth: dict, masks_dir: str, size: int) -> dict:
+    """The METRICS of one prediction against its --masks file, at the model's resolution; {} if none."""
+    if f.stem not in truth:
+        if masks_dir:
+            warn(f"{f.name}: no mask named {f.stem}.* in {masks_dir}; no scores for it")
+        return {}
+    try:
+        mask = read_mask(truth[f.stem])
+    except ValueError as e:
+        warn(f"{e}; no scores for {f.name}")
+        return {}
+    target = preprocess_mask(mask, size)
+    vanished = vanished_tumour(truth[f.stem], mask, target)
+    if vanished:
+        warn(vanished)
+    scores = scores_from_counts(confusion_counts(torch.from_numpy(pred)[None], torch.from_numpy(target)[None]))
+    return {name: round(float(value[0]), 5) for name, value in scores.items()}
+
+
+def move_into_place(stage: Path, out: Path) -> None:
+    """Each staged file replaces its namesake in `out` (a rename: no copy, no extra space)."""
+    (out / PREDICT_MARKER).touch()
+    for path in sorted(stage.rglob("*")):
+        if path.is_file():
+            dest = out / path.relative_to(stage)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, dest)
+    for folder in (out, out / "masks", out / "overlays"):
+        _fsync_dir(folder)
+
+
+def predict(model_path, inputs: list[str], out_dir, masks_dir: str = "", batch_size: int = 16,
+            device: str = "auto", overwrite: bool = False) -> list[dict]:
+    """Write a binary mask at the input's size, an overlay and one CSV row per input image.
+
+    The image size, threshold and mirror averaging (--tta) come from the checkpoint. With
+    `masks_dir`, each image with a mask of the same name is also scored on every metric, as in the
+    test evaluation. Outputs are written into a hidden staging folder inside `out_dir` and moved
+    into place only when all of them are written: a failure (a full disk) leaves no partial outputs."""
+    state = load_checkpoint(model_path)
+    files = collect_inputs(inputs)
+    out = Path(out_dir)
+    truth = list_images(Path(masks_dir)) if masks_dir and Path(masks_dir).is_dir() else {}
+    if masks_dir and not truth:
+        raise UserError(f"{masks_dir}: no masks found (PNG, JPEG, TIFF or BMP)")
+    check_predict_out(out, inputs, files, masks_dir, truth, overwrite)
+    dev = pick_device(device)
+    model = model_from_checkpoint(state, model_path, dev)
+    size, threshold = state["config"]["image_size"], float(state["threshold"])
+    flip = bool(state["config"].get("tta", BEFORE_FIELD_EXISTED["tta"]))
+    t0 = time.time()
+    with folder_lock(out):
+        stage = Path(tempfile.mkdtemp(prefix=".predict-", suffix=".tmp", dir=out))
+        try:
+            rows, skipped = segment_files(model, Machine(dev, amp_dtype(Config(), dev)), files, size, threshold,
+                                          flip, batch_size, truth, masks_dir, stage)
+            if not rows:
+                raise UserError("none of the inputs could be read; nothing was written")
+            move_into_place(stage, out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     seconds = time.time() - t0
     log(f"{len(rows)} images segmented in {seconds:.2f} s ({seconds / len(rows):.3f} s each) on {dev}"
         + (f", {skipped} unreadable skipped" if skipped else "") + f"; masks, overlays and predictions.csv in {out}/")
     scored = [r for r in rows if "dice" in r]
     if scored:
-        log(f"against {len(scored)} masks: Dice {np.mean([r['dice'] for r in scored]):.4f}, "
-            f"IoU {np.mean([r['iou'] for r in scored]):.4f} (mean over images, at {size}x{size})")
+        log(f"against {len(scored)} masks (mean over images, at {size}x{size}): "
+            + ", ".join(f"{name} {np.mean([r[name] for r in scored]):.4f}" for name in METRICS))
     return rows
 
 

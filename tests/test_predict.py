@@ -48,12 +48,13 @@ def read_csv(path: Path) -> tuple[list[str], list[dict]]:
 
 
 def file_state(folder: Path) -> dict[str, tuple]:
-    """Relative path -> (bytes, inode, mtime_ns) of every file under folder. Outputs are written
-    through a temporary file and a rename, so any rewrite changes the inode."""
+    """Relative path -> (bytes, inode, mtime_ns) of every output file under folder (not predict's
+    hidden .lock and marker). Outputs are written through a temporary file and a rename, so any
+    rewrite changes the inode."""
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}
 
 
 def contents(folder: Path) -> dict[str, bytes]:
@@ -258,7 +259,7 @@ def test_predict_known_answer_squares_dice_above_0_9(squares_model, tmp_path):
     assert dice.mean() > 0.9, dice
     np.testing.assert_allclose(iou, dice / (2 - dice), atol=1e-4)  # IoU = D / (2 - D) per image
     columns, csv_rows = read_csv(out / "predictions.csv")
-    assert columns == CSV_COLUMNS + ["dice", "iou"]
+    assert columns == CSV_COLUMNS + list(bts.METRICS)
     assert [float(r["dice"]) for r in csv_rows] == pytest.approx(dice.tolist())
     assert [float(r["iou"]) for r in csv_rows] == pytest.approx(iou.tolist())
 
@@ -523,12 +524,13 @@ def test_existing_outputs_need_overwrite(trained, scans, tmp_path, capsys):
     assert contents(scans) == before_inputs
 
 
-def test_one_existing_output_is_enough_to_refuse(trained, scans, tmp_path, capsys):
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_file_predict_did_not_write_is_never_replaced(overwrite, trained, scans, tmp_path, capsys):
     out = tmp_path / "out"
     (out / "masks").mkdir(parents=True)
     (out / "masks" / "2.png").write_bytes(b"keep me")
-    rc, _, err = run_predict(capsys, scans, "--model", trained["model"], "--out", out)
-    assert_one_clear_error(rc, err, "--overwrite")
+    rc, _, err = run_predict(capsys, scans, "--model", trained["model"], "--out", out, *overwrite)
+    assert_one_clear_error(rc, err, "did not write", str(out / "masks" / "2.png"))
     assert contents(out) == {"masks": b"<dir>", "masks/2.png": b"keep me"}
 
 
