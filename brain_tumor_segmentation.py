@@ -636,6 +636,8 @@ def read_groups_csv(path: Path | str) -> dict[str, tuple[str, str]]:
         raise UserError(f"{path}: cannot read the groups file ({e.strerror})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: the groups file is not UTF-8 text; save it as CSV (UTF-8)") from None
+    except csv.Error as e:  # a field over the csv module's size limit, a NUL byte
+        raise UserError(f"{path}: not a readable CSV groups file ({e}); save it as plain CSV") from None
     if not rows or not {"image", "patient_id"} <= set(rows[0]):
         raise UserError(f"{path}: a groups file needs the columns image,patient_id (and optionally tumor_type)")
     if any(not r["image"] or not r["patient_id"] for r in rows):
@@ -1899,35 +1901,41 @@ def check_predict_out(out: Path, inputs: list[str], files: list[Path], masks_dir
 def segment_files(model, machine: Machine, files: list[Path], size: int, threshold: float, flip: bool,
                   batch_size: int, truth: dict, masks_dir: str, stage: Path) -> tuple[list[dict], int]:
     """Masks, overlays and CSV rows of the readable files, written into `stage`."""
-    rows, skipped = [], 0
-    bar = tqdm(total=len(files), desc="predicting", unit="img", disable=not is_main_process())
-    for start in range(0, len(files), batch_size):
-        batch = []
-        for f in files[start:start + batch_size]:
-            try:
-                batch.append((f, read_image(f)))
-            except ValueError as e:
-                warn(f"{e}; skipped")
-                skipped += 1
-        probs = []
-        if batch:
-            x = torch.from_numpy(np.stack([preprocess_image(g, size) for _, g in batch])).unsqueeze(1)
-            probs = predict_probabilities(model, x, batch_size, machine, flip=flip).cpu().numpy()[:, 0]
-        for (f, gray), prob in zip(batch, probs):
-            full = cv2.resize(prob, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
-            mask = full > threshold
-            save_png(stage / "masks" / f"{f.stem}.png", mask.astype(np.uint8) * 255)
-            save_png(stage / "overlays" / f"{f.stem}.png", make_overlay(gray, mask))
-            row = {"image": str(f), "width": gray.shape[1], "height": gray.shape[0],
-                   "tumor_pixels": int(mask.sum()), "tumor_fraction": round(float(mask.mean()), 6),
-                   "mean_probability": round(float(full[mask].mean()) if mask.any() else 0.0, 4)}
-            row.update(score_against_truth(f, prob > threshold, truth, masks_dir, size))
-            rows.append(row)
-        bar.update(len(files[start:start + batch_size]))
-    bar.close()
+    rows = []
+    with tqdm(total=len(files), desc="predicting", unit="img", disable=not is_main_process()) as bar:
+        for start in range(0, len(files), batch_size):
+            segment_batch(model, machine, files[start:start + batch_size], size, threshold, flip, truth, masks_dir,
+                          stage, rows)
+            bar.update(len(files[start:start + batch_size]))
+    skipped = len(files) - len(rows)
     if rows:
         save_csv(stage / "predictions.csv", rows)
     return rows, skipped
+
+
+def segment_batch(model, machine: Machine, files: list[Path], size: int, threshold: float, flip: bool, truth: dict,
+                  masks_dir: str, stage: Path, rows: list[dict]) -> None:
+    """One batch of files: the readable ones are segmented, written into `stage` and added to `rows`."""
+    batch = []
+    for f in files:
+        try:
+            batch.append((f, read_image(f)))
+        except ValueError as e:
+            warn(f"{e}; skipped")
+    if not batch:
+        return
+    x = torch.from_numpy(np.stack([preprocess_image(g, size) for _, g in batch])).unsqueeze(1)
+    probs = predict_probabilities(model, x, len(batch), machine, flip=flip).cpu().numpy()[:, 0]
+    for (f, gray), prob in zip(batch, probs):
+        full = cv2.resize(prob, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
+        mask = full > threshold
+        save_png(stage / "masks" / f"{f.stem}.png", mask.astype(np.uint8) * 255)
+        save_png(stage / "overlays" / f"{f.stem}.png", make_overlay(gray, mask))
+        row = {"image": str(f), "width": gray.shape[1], "height": gray.shape[0],
+               "tumor_pixels": int(mask.sum()), "tumor_fraction": round(float(mask.mean()), 6),
+               "mean_probability": round(float(full[mask].mean()) if mask.any() else 0.0, 4)}
+        row.update(score_against_truth(f, prob > threshold, truth, masks_dir, size))
+        rows.append(row)
 
 
 def score_against_truth(f: Path, pred: np.ndarray, truth: dict, masks_dir: str, size: int) -> dict:

@@ -69,3 +69,39 @@ def real_dir():
     if not REAL_DIR.is_dir():
         pytest.skip(f"{REAL_DIR} not present")
     return REAL_DIR
+
+
+# Arguments of a tiny training run: seconds on a CPU.
+TINY_ARGS = ["--image-size", "32", "--base-width", "4", "--batch-size", "8", "--epochs", "1",
+             "--test-samples", "2", "--panel-images", "1", "--workers", "1"]
+
+
+def snapshot(folder, ignore: str = "") -> dict[str, str]:
+    """Relative path -> sha256 of every file under folder (names and bytes); folders as '<dir>';
+    files named `ignore` left out."""
+    import hashlib
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+            for p in sorted(folder.rglob("*")) if p.name != ignore}
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """bts.main(args) in this process; returns (return code, stdout, stderr)."""
+    import brain_tumor_segmentation as bts
+    capsys.readouterr()  # drop anything printed before
+    rc = bts.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def without_root_override(command: list[str]) -> list[str]:
+    """Root reads and writes any file: run `command` without that privilege, so that file
+    permissions apply as they do to a user."""
+    import os
+    import shutil
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: file permissions cannot be tested")
+        caps = "-dac_override,-dac_read_search"
+        return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *command]
+    return command
