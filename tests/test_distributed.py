@@ -8,7 +8,7 @@ from pathlib import Path
 import brain_tumor_segmentation as bts
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--image-size", "32", "--base-width", "4", "--batch-size", "4", "--epochs", "1", "--device", "cpu",
+TINY = ["--amp", "off", "--image-size", "32", "--base-width", "4", "--batch-size", "4", "--epochs", "1", "--device", "cpu",
         "--test-samples", "2", "--panel-images", "2", "--workers", "1"]
 
 

@@ -14,7 +14,7 @@ import kaggle_fake
 
 TESTS = Path(__file__).resolve().parent
 SCRIPT = TESTS.parent / "brain_tumor_segmentation.py"
-TINY = ["--limit", "40", "--image-size", "16", "--base-width", "4", "--batch-size", "8", "--epochs", "1",
+TINY = ["--amp", "off", "--limit", "40", "--image-size", "16", "--base-width", "4", "--batch-size", "8", "--epochs", "1",
         "--test-samples", "2", "--panel-images", "1", "--workers", "1"]
 
 

@@ -406,3 +406,35 @@ def test_augment_batch_moves_image_and_mask_together():
         inter = (bright & (ya[i, 0] > 0)).sum()
         union = (bright | (ya[i, 0] > 0)).sum()
         assert inter / union > 0.8
+
+
+# -----------------------------------------------------------------------------
+# --amp auto on a CPU: bf16 where it is native and measured faster, float32 elsewhere
+
+
+@pytest.mark.parametrize("native, faster, expected", [(True, True, torch.bfloat16), (True, False, None),
+                                                      (False, True, None)])
+def test_amp_auto_on_a_cpu_follows_the_measurement(native, faster, expected, monkeypatch):
+    measured = []
+    monkeypatch.setattr(bts, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(bts, "bf16_is_faster_on_cpu", lambda cfg: measured.append(cfg) or (faster, 1.0, 0.5))
+    assert bts.amp_dtype(bts.Config(), torch.device("cpu")) is expected
+    assert len(measured) == (1 if native else 0)  # no measurement where bf16 is not native
+    assert bts.amp_dtype(bts.Config(amp="off"), torch.device("cpu")) is None
+
+
+def test_the_start_up_measurement_times_both_precisions_on_this_cpu():
+    faster, fp32, bf16 = bts.bf16_is_faster_on_cpu(bts.Config(image_size=32, base_width=4))
+    assert fp32 > 0 and bf16 > 0 and faster == (bf16 < 0.95 * fp32)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_loss_stays_float32_in_both_precisions(dtype):
+    torch.manual_seed(0)
+    model = bts.UNet(width=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.rand(2, 1, 32, 32)
+    loss = bts.forward_backward(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), x, (x > 0.5).float(),
+                                bts.Config(), dtype)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)

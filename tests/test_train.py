@@ -16,7 +16,7 @@ import brain_tumor_segmentation as bts
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "brain_tumor_segmentation.py"
 
-TINY = ["--image-size", "32", "--base-width", "4", "--batch-size", "8", "--epochs", "3",
+TINY = ["--amp", "off", "--image-size", "32", "--base-width", "4", "--batch-size", "8", "--epochs", "3",
         "--test-samples", "3", "--panel-images", "2", "--workers", "1"]
 
 
@@ -372,3 +372,20 @@ def test_cross_validation_trains_one_model_per_fold_on_disjoint_patients(synthet
     before = (out / "fold_1" / "model.pth").stat().st_mtime_ns
     assert run(["--data-dir", synthetic, "--out-dir", out, *TINY, "--epochs", "1", "--folds", "3", "--resume"]) == 0
     assert (out / "fold_1" / "model.pth").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("amp", ["bf16", "auto"])
+def test_cpu_runs_in_bf16_and_auto_record_their_precision(amp, synthetic, tmp_path, capsys):
+    out = tmp_path / amp
+    args = [a for a in TINY if a not in ("--amp", "off")]
+    assert run(["--data-dir", synthetic, "--out-dir", out, *args, "--epochs", "1", "--amp", amp]) == 0
+    printed = capsys.readouterr().out
+    precision = bts.load_checkpoint(out / "last.pth")["precision"]
+    if amp == "bf16":
+        assert precision == "bfloat16" and "precision: torch.bfloat16" in printed
+    elif bts.cpu_has_native_bf16():
+        assert "--amp auto on a CPU with native bf16" in printed and precision in ("bfloat16", "float32")
+    else:
+        assert precision == "float32"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["test"]["dice"] <= 1
