@@ -699,61 +699,35 @@ def find_groups(cfg: Config, names: list[str], images: torch.Tensor) -> tuple[li
                                        "pass --groups FILE.csv with the patient of each image for an exact one")
 
 
-def groups_by_stratum(groups: list[str], strata: list[str]) -> dict[str, dict[str, list[int]]]:
-    """stratum -> group -> image indices. A group whose images disagree on the stratum goes by
-    its most common one, so that it stays whole."""
-    members_of: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        members_of.setdefault(g, []).append(i)
-    by_stratum: dict[str, dict[str, list[int]]] = {}
-    for g, members in members_of.items():
-        labels = [strata[i] for i in members]
-        by_stratum.setdefault(max(sorted(set(labels)), key=labels.count), {})[g] = members
-    return by_stratum
+def group_folds(groups: list[str], strata: list[str], n_folds: int, seed: int) -> np.ndarray:
+    """The fold (0..n_folds-1) of each image: whole groups (patients), each stratum (tumour type)
+    spread evenly over the folds, by scikit-learn's StratifiedGroupKFold."""
+    from sklearn.model_selection import StratifiedGroupKFold
+    if len(set(groups)) < n_folds:
+        raise UserError(f"{len(set(groups))} patients/groups are too few for {n_folds} folds; add data or "
+                        f"use --split random")
+    fold = np.zeros(len(groups), dtype=int)
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a tumour type rarer than the folds: spread as evenly as it goes
+        for k, (_, members) in enumerate(splitter.split(np.zeros(len(groups)), strata, groups)):
+            fold[members] = k
+    return fold
 
 
 def split_by_group(groups: list[str], strata: list[str], fractions: tuple[float, float], seed: int) -> dict:
-    """Indices of train/val/test such that no group is in two parts, each stratum (tumour type)
-    split in the same proportions. `fractions` are (val, test); train gets the rest."""
-    rng = np.random.default_rng(seed)
-    by_stratum = groups_by_stratum(groups, strata)
-    parts = {"train": [], "val": [], "test": []}
-    for stratum in sorted(by_stratum):
-        stratum_groups = by_stratum[stratum]
-        keys = sorted(stratum_groups)
-        rng.shuffle(keys)
-        total = sum(len(v) for v in stratum_groups.values())
-        targets = {"test": fractions[1] * total, "val": fractions[0] * total}
-        filled = {"test": 0, "val": 0}
-        for key in keys:
-            members = stratum_groups[key]
-            # Fill test first, then validation, each up to its share; the rest trains.
-            part = next((p for p in ("test", "val") if filled[p] + len(members) / 2 <= targets[p]), "train")
-            if part != "train":
-                filled[part] += len(members)
-            parts[part].extend(members)
-    if not parts["train"] or not parts["val"] or not parts["test"]:
+    """Indices of train/val/test such that no group is in two parts and each stratum is split in
+    the same proportions: 20 stratified group folds (fewer when there are fewer groups), the first
+    ones test, the next ones validation, the rest training. `fractions` are (val, test)."""
+    k = min(20, len(set(groups)))
+    n_test, n_val = max(1, round(fractions[1] * k)), max(1, round(fractions[0] * k))
+    if n_test + n_val >= k:
         raise UserError(f"{len(set(groups))} patients/groups are too few for a train/val/test split; "
                         f"add data or use --split random")
-    return {k: sorted(v) for k, v in parts.items()}
-
-
-def fold_by_group(groups: list[str], strata: list[str], folds: int, seed: int) -> np.ndarray:
-    """The fold (0..folds-1) of each image: whole groups, each stratum spread evenly over the folds."""
-    rng = np.random.default_rng(seed)
-    fold = np.zeros(len(groups), dtype=int)
-    for stratum, stratum_groups in sorted(groups_by_stratum(groups, strata).items()):
-        keys = sorted(stratum_groups)
-        rng.shuffle(keys)
-        keys.sort(key=lambda k: -len(stratum_groups[k]))  # big groups first, then fill the gaps
-        filled = np.zeros(folds)
-        for key in keys:
-            f = int(np.argmin(filled + rng.random(folds) * 1e-3))  # random tie-break
-            filled[f] += len(stratum_groups[key])
-            fold[stratum_groups[key]] = f
-    if len(set(fold.tolist())) < folds:
-        raise UserError(f"{len(set(groups))} patients/groups are too few for {folds} folds")
-    return fold
+    fold = group_folds(groups, strata, k, seed)
+    return {"train": np.flatnonzero(fold >= n_test + n_val).tolist(),
+            "val": np.flatnonzero((fold >= n_test) & (fold < n_test + n_val)).tolist(),
+            "test": np.flatnonzero(fold < n_test).tolist()}
 
 
 def make_split(cfg: Config, data: dict) -> dict:
@@ -761,7 +735,7 @@ def make_split(cfg: Config, data: dict) -> dict:
     validation, the other K-2 train."""
     groups, strata, how = find_groups(cfg, data["names"], data["images"])
     if cfg.folds > 1:
-        fold = fold_by_group(groups, strata, cfg.folds, cfg.seed)
+        fold = group_folds(groups, strata, cfg.folds, cfg.seed)
         test, val = cfg.fold % cfg.folds, (cfg.fold + 1) % cfg.folds
         parts = {"train": np.flatnonzero((fold != test) & (fold != val)).tolist(),
                  "val": np.flatnonzero(fold == val).tolist(), "test": np.flatnonzero(fold == test).tolist()}

@@ -33,6 +33,12 @@ sys.path.insert(0, str(ROOT))
 import brain_tumor_segmentation as bts  # noqa: E402
 
 
+def cpu_name() -> str:
+    with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return names[0] if names else "cpu"
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -161,12 +167,13 @@ def main():
                    help="the fast path's loss and optimizer; seed (the default) matches the seed loop's, so the "
                         "ratio measures the data path and the precision, not a different recipe")
     p.add_argument("--compile-mode", default="default", help="default, reduce-overhead (CUDA graphs) or max-autotune")
+    p.add_argument("--amp", default="auto", help="the fast path's precision: auto (as in training), bf16, fp16 or off")
     p.add_argument("--full-run", action="store_true", help="also time a whole 20-epoch run of the script")
     args = p.parse_args()
     device = bts.pick_device(args.device)
     cfg = bts.dataclasses.replace(bts.config_from_args(["--recipe", args.recipe]), batch_size=args.batch_size,
                                   image_size=args.image_size, base_width=args.base_width, compile=args.compile,
-                                  compile_mode=args.compile_mode)
+                                  compile_mode=args.compile_mode, amp=args.amp)
     data = Path(args.data_dir)
     originals = data / "brain-tumor-segmentation-512-sample"
     pairs = [(p, originals / "masks" / p.name) for p in sorted((originals / "images").glob("*.png"))]
@@ -175,11 +182,15 @@ def main():
     t0 = time.perf_counter()
     loaded = bts.load_dataset(data / "brain-tumor-segmentation", args.image_size, limit=512)
     images, masks = loaded["images"].to(device), loaded["masks"].to(device)
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}"
           f" ({torch.get_num_threads()} threads), torch {torch.__version__}; batch {args.batch_size}, "
           f"{args.image_size}x{args.image_size}, width {args.base_width}; data decoded in {time.perf_counter() - t0:.1f} s")
 
     step, dtype = fast_path(cfg, images, masks, device)
+    precision = str(dtype or torch.float32).removeprefix("torch.")
+    if device.type == "cpu":
+        print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {bts.cpu_has_native_bf16()}; "
+              f"fast path precision {precision} (--amp {args.amp}); seed loop float32")
     loops = {"fast path": step}
     for workers in (0, args.workers):
         loops[f"seed loop, {workers} workers"] = seed_loop(pairs, cfg, device, workers)
@@ -191,7 +202,8 @@ def main():
     print(f"matrix product, {dtype or torch.float32}: {peak / 1e9:.1f} GFLOP/s")
     for name, (rate, repeats) in timed.items():
         ratio = "" if name == "fast path" else f"  fast path x{fast / rate:.2f}"
-        print(f"{name:24s} {rate:9.3f} images/s  {rate * flops / 1e9:9.1f} GFLOP/s  "
+        name = f"{name} ({precision if name == 'fast path' else 'float32'})"
+        print(f"{name:34s} {rate:9.3f} images/s  {rate * flops / 1e9:9.1f} GFLOP/s  "
               f"{rate * flops / peak:6.1%} of the matrix product  (repeats: "
               f"{', '.join(f'{r:.3f}' for r in repeats)}){ratio}")
     if args.full_run:
