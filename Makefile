@@ -1,4 +1,5 @@
-# Each target creates the virtual environment and installs requirements.txt when needed.
+# Each target creates the virtual environment and installs requirements-dev.txt (the script's
+# requirements.txt and pytest) when needed.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,9 +8,9 @@ ARGS   ?=
 
 .PHONY: demo test train bench clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install -r requirements-dev.txt
 	touch $(STAMP)
 
 demo: $(STAMP)  ## the whole pipeline on generated synthetic data, offline (a few CPU minutes)
