@@ -6,9 +6,15 @@
     python brain_tumor_segmentation.py --data-dir DIR    # any folder with images/ and masks/
     python brain_tumor_segmentation.py predict --model outputs/model.pth SCAN.png --out preds
 
-Every constant is a field of `Config` below and can be overridden on the command line
-(`--epochs 5 --batch-size 8`); `--help` lists them all. Sections follow the data:
-config, data, model, loss and metrics, training, evaluation, plots, prediction, command line.
+Every constant is a field of `Config` below: edit a default there, or override it for one run on
+the command line (`--epochs 5 --batch-size 8`); `--help` lists them all. Sections follow the data:
+config, data and its download, the patient split, model, losses and metrics, training steps, the
+machine, checkpoints, evaluation, plots, the run, prediction, command line. Each helper stands
+above its first use; `train()` near the end reads as the whole run in a few named steps.
+
+Measured (commands and details in bench/RESULTS.md; CPU figures on a 2-core AMD EPYC with AVX-512
+and native bf16, PyTorch 2.14.1):
+MEASURED_RESULTS
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
 
 # -----------------------------------------------------------------------------
 # Config
@@ -123,19 +130,39 @@ class Config:
 # except those given on the command line.
 SEED_RECIPE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", loss="dice",
                    augment=False, tune_threshold=False, tta=False)
+
+
 # --demo: a synthetic dataset small enough to train well in a few CPU minutes.
 DEMO_DEFAULTS = dict(image_size=64, base_width=16, epochs=12, batch_size=16, out_dir="outputs/demo",
                      data_dir="data/synthetic-demo")
+
+
 DEMO_MARKER = ".synthetic-demo"  # marks a folder --demo generated, and so may regenerate
+
+
 KAGGLE_DATASET = "nikhilroxtomar/brain-tumor-segmentation"
+
+
 KAGGLE_PAIRS = 3064  # image/mask pairs in that dataset, as patients.csv lists them
+
+
 DEFAULT_DATA_DIR = "data/brain-tumor-segmentation"
+
+
 PATIENTS_CSV = Path(__file__).resolve().parent / "patients.csv"
+
+
 CHECKPOINT_FORMAT = "brain-tumor-segmentation-unet"
+
+
 CHECKPOINT_VERSION = 1
+
+
 # For checkpoints written before a field existed: the value that keeps their behaviour (not the
 # current default, which may differ). Used by --resume and predict.
 BEFORE_FIELD_EXISTED = {"tta": False}
+
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
@@ -143,54 +170,12 @@ class UserError(Exception):
     """A problem the user can fix; printed as one message without a traceback."""
 
 
-def check_config(cfg: Config) -> None:
-    """Every field in range before anything is read, written or deleted."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--{f.name.replace('_', '-')} {value}: must be a finite number")
-    if cfg.image_size < 16 or cfg.image_size % 16:
-        raise UserError(f"--image-size {cfg.image_size}: must be a multiple of 16 (the U-Net halves it 4 times)")
-    if not 0 < cfg.val_fraction < 1 or not 0 < cfg.test_fraction < 1 or cfg.val_fraction + cfg.test_fraction >= 1:
-        raise UserError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
-    choices = dict(split=("patient", "random"), recipe=("improved", "seed"), optimizer=("adam", "adamw"),
-                   schedule=("constant", "onecycle"), loss=tuple(LOSSES),
-                   amp=("auto", "bf16", "fp16", "off"), compile=("auto", "on", "off"),
-                   compile_mode=("default", "reduce-overhead", "max-autotune"))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    if cfg.folds != 0 and cfg.folds < 3:
-        raise UserError(f"--folds {cfg.folds}: must be 0 (one split) or at least 3 (test, validation and training folds)")
-    if not -1 <= cfg.fold < max(cfg.folds, 1) or (cfg.fold >= 0 and not cfg.folds):
-        raise UserError(f"--fold {cfg.fold}: must be -1 (all folds) or a fold number from 0 to --folds minus 1, "
-                        f"with --folds")
-    for name, low in (("epochs", 1), ("batch_size", 1), ("base_width", 1), ("eval_batch_size", 1),
-                      ("demo_images", 10), ("panel_images", 0), ("test_samples", 0), ("workers", 0), ("limit", 0),
-                      ("nan_check_every", 1), ("lr", 1e-12), ("weight_decay", 0), ("smooth", 0),
-                      ("aug_rotation", 0), ("aug_scale", 0), ("aug_gamma", 0), ("threshold_step", 1e-6)):
-        if getattr(cfg, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be "
-                            + ("above 0" if 0 < low < 1e-3 else f"at least {low}"))
-    for name in ("threshold", "threshold_min", "threshold_max", "aug_flip", "warmup_fraction"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be between 0 and 1")
-    if cfg.threshold_min > cfg.threshold_max:
-        raise UserError("--threshold-min must not be above --threshold-max")
-    check_batch_fits(cfg, cfg.batch_size)
-
-
-def check_batch_fits(cfg: Config, n_train: int) -> None:
-    """Batch norm needs two values per channel: at 16x16 the bottleneck is 1x1, so a batch of one fails."""
-    values = min(cfg.batch_size, max(n_train, 1)) * (cfg.image_size // 16) ** 2
-    if values < 2:
-        raise UserError(f"--image-size {cfg.image_size} with batches of {min(cfg.batch_size, n_train)} image: the "
-                        f"bottleneck is 1x1 and batch norm needs 2 values; use --batch-size 2 or more (and at least "
-                        f"2 training images), or --image-size 32")
-
-
 # -----------------------------------------------------------------------------
 # Small utilities: messages, atomic writes
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def log(*args) -> None:
@@ -498,6 +483,10 @@ def make_synthetic_dataset(folder: Path | str, n: int, size: int = 128, seed: in
     return folder
 
 
+# -----------------------------------------------------------------------------
+# Data: getting the Kaggle dataset (kagglehub, else the kaggle client)
+
+
 def kaggle_credentials_found() -> bool:
     """Whether the `kaggle` client would find credentials (see NOTES: env vars, token, kaggle.json)."""
     if os.environ.get("KAGGLE_API_TOKEN") or (os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")):
@@ -624,7 +613,8 @@ def resolve_data_dir(cfg: Config) -> Path:
     return download_dataset(Path(DEFAULT_DATA_DIR))
 
 
-# --- patient-level splits
+# -----------------------------------------------------------------------------
+# Patient-level splits
 
 
 def read_groups_csv(path: Path | str) -> dict[str, tuple[str, str]]:
@@ -808,7 +798,7 @@ class UNet(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Loss and metrics (always float32)
+# Losses and metrics (always float32)
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, per_image: bool = False):
@@ -853,6 +843,8 @@ METRICS = {
     "precision": lambda tp, fp, fn: (tp, tp + fp),
     "recall": lambda tp, fp, fn: (tp, tp + fn),
 }
+
+
 EPOCH_METRICS = ("dice", "iou")  # the first one picks the best epoch
 
 
@@ -906,11 +898,149 @@ def bootstrap_interval(values: np.ndarray, groups: list[str], n: int = 2000, see
 
 
 # -----------------------------------------------------------------------------
-# Training
+# Training steps
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def to_input(images_u8: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = images_u8.to(device, non_blocking=True).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, cfg: Config):
+    """Random left-right flip, rotation, scaling and gamma per image, on the device (the ranges are
+    the aug_* fields). Left-right flips keep anatomy plausible; vertical ones would not. Written by
+    hand because torchvision's transforms draw one set of parameters per call, not per image of a batch."""
+    n = x.shape[0]
+
+    def uniform(low, high):
+        return torch.rand(n, device=x.device, generator=generator) * (high - low) + low
+
+    angle = uniform(-math.radians(cfg.aug_rotation), math.radians(cfg.aug_rotation))
+    scale = torch.exp(uniform(-cfg.aug_scale, cfg.aug_scale))
+    flip = torch.where(uniform(0, 1) < cfg.aug_flip, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos * flip, -sin, zero], 1), torch.stack([sin * flip, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    gamma = torch.exp(uniform(-cfg.aug_gamma, cfg.aug_gamma)).view(n, 1, 1, 1)
+    return x.clamp(0, 1).pow(gamma), y
+
+
+def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
+    """Constant, or one-cycle: linear warm-up over `warmup_fraction` of the steps to lr, cosine down to lr/1e4."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    warmup = max(1, int(cfg.warmup_fraction * total_steps))
+    if step < warmup:
+        return cfg.lr / 25 + (cfg.lr - cfg.lr / 25) * step / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return cfg.lr / 1e4 + (cfg.lr - cfg.lr / 1e4) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Shuffled indices of one epoch, as (steps, batch) for this process: deterministic in
+    (seed, epoch), so a resumed run sees the same batches. The ragged remainder is dropped
+    (a different one each epoch) to keep shapes fixed."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    per_rank = n // world
+    mine = perm[rank * per_rank:(rank + 1) * per_rank]
+    steps = max(1, len(mine) // batch_size)
+    if len(mine) < batch_size:  # tiny datasets: one smaller batch
+        return mine.view(1, -1)
+    return mine[:steps * batch_size].view(steps, batch_size)
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; training stops at the end of the current step. A second Ctrl-C
+    interrupts at once."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # only the main thread can install handlers
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        log(f"\n{signal.Signals(signum).name} received: stopping after this step (again to abort)")
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def stop_requested(stop: StopFlag, world: int, device: torch.device) -> bool:
+    """Whether any process got a stop signal: all stop at the same step."""
+    if world == 1:
+        return stop.signal is not None
+    import torch.distributed as dist
+    flag = torch.tensor([1.0 if stop.signal is not None else 0.0], device=device)
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
+
+class Interrupted(UserError):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def check_finite(step_losses: torch.Tensor, first: int, last: int, epoch: int, out: Path) -> None:
+    """Stop, naming the first bad step, when a loss or gradient of steps first..last is NaN or inf."""
+    bad = (~torch.isfinite(step_losses[first:last + 1])).nonzero()
+    if len(bad):
+        step = first + int(bad[0])
+        raise NonFiniteLoss(f"the loss or its gradient became {float(step_losses[step])} at epoch {epoch + 1}, "
+                            f"step {step + 1}; nothing was saved after that, so the last good checkpoints in "
+                            f"{out} are intact. Try a lower --lr, or --amp off")
+
+
+def forward_backward(model, optimizer, scaler, x, y, cfg: Config, dtype) -> torch.Tensor:
+    """Loss and gradients of one batch; the caller then steps the optimizer. Returns the loss
+    without a device sync, turned NaN when a gradient is not finite."""
+    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = model(x)
+    loss = compute_loss(logits, y, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if scaler.is_enabled():  # a grad scaler skips steps with non-finite gradients by itself
+        return loss.detach()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return loss.detach() + 0 * nn.utils.get_total_norm(grads)
+
+
+def first_compiled_step(compiled_model, eager_model, model, optimizer, scaler, x, y, cfg: Config, dtype):
+    """forward_backward through the compiled model, which compiles now. If that fails (no compiler,
+    an unsupported GPU), warn, undo what the failed step changed and redo it without compiling.
+    Returns the loss and the model to train with from then on."""
+    # The backward pass compiles after the forward ran and moved the batch-norm statistics.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        return forward_backward(compiled_model, optimizer, scaler, x, y, cfg, dtype), compiled_model
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        warn(f"the first compiled step failed ({type(e).__name__}: {first_line}); redoing it and "
+             f"training without torch.compile. Pass --compile off to skip the attempt.")
+        model.load_state_dict(before)
+        return forward_backward(eager_model, optimizer, scaler, x, y, cfg, dtype), eager_model
+
+
+# -----------------------------------------------------------------------------
+# The machine: device, precision, compile, optimizer
 
 
 def pick_device(name: str) -> torch.device:
@@ -993,9 +1123,9 @@ def amp_dtype(cfg: Config, device: torch.device):
     return torch.float16
 
 
-def set_up_machine(cfg: Config, resume: dict | None = None) -> Machine:
-    """The device (joining the process group under torchrun), precision and layout; logs the
-    configuration. A resumed run keeps the precision it started with."""
+def set_up_machine(cfg: Config) -> Machine:
+    """The device (joining the process group under torchrun) and layout; logs the configuration.
+    The precision comes later (choose_precision)."""
     device, rank, world = setup_device(cfg)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned kernels differ run to run
@@ -1005,15 +1135,20 @@ def set_up_machine(cfg: Config, resume: dict | None = None) -> Machine:
     log("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
     log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                                f" ({torch.get_num_threads()} threads)") + (f", {world} processes" if world > 1 else ""))
+    return Machine(device, None, cfg.channels_last and device.type == "cuda", rank, world)
+
+
+def choose_precision(cfg: Config, machine: Machine, resume: dict | None) -> None:
+    """Set machine.dtype: the resumed run's own, else amp_dtype's choice (on a CPU with --amp auto a
+    measurement, taken once the data is known to be there)."""
     if resume and resume.get("precision") in ("bfloat16", "float16", "float32"):
-        dtype = None if resume["precision"] == "float32" else getattr(torch, resume["precision"])
-    else:
-        dtype = amp_dtype(cfg, device)
-    if world > 1 and device.type == "cpu" and cfg.amp == "auto":  # the processes' measurements may differ
-        choice = torch.tensor([dtype is not None], dtype=torch.float32)
+        machine.dtype = None if resume["precision"] == "float32" else getattr(torch, resume["precision"])
+        return
+    machine.dtype = amp_dtype(cfg, machine.device)
+    if machine.world > 1 and machine.device.type == "cpu" and cfg.amp == "auto":  # measurements may differ
+        choice = torch.tensor([machine.dtype is not None], dtype=torch.float32)
         torch.distributed.broadcast(choice, 0)
-        dtype = torch.bfloat16 if choice.item() else None
-    return Machine(device, dtype, cfg.channels_last and device.type == "cuda", rank, world)
+        machine.dtype = torch.bfloat16 if choice.item() else None
 
 
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -1029,126 +1164,23 @@ def use_compile(cfg: Config, device: torch.device) -> bool:
                                    and torch.cuda.get_device_capability(device) >= (7, 0))
 
 
-def to_input(images_u8: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = images_u8.to(device, non_blocking=True).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+def print_model_summary(model: nn.Module, cfg: Config, device: torch.device) -> None:
+    from torchsummary import summary  # its device argument must match the model's (see NOTES)
+    model.eval()  # its forward pass must not update the batch-norm statistics
+    with contextlib.redirect_stdout(io.StringIO()) as text, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchsummary 1.5.1 reads tensors that require grad
+        summary(model, (1, cfg.image_size, cfg.image_size), device=device.type)
+    print(text.getvalue(), flush=True)
+    model.train()
 
 
-def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, cfg: Config):
-    """Random left-right flip, rotation, scaling and gamma per image, on the device (the ranges are
-    the aug_* fields). Left-right flips keep anatomy plausible; vertical ones would not. Written by
-    hand because torchvision's transforms draw one set of parameters per call, not per image of a batch."""
-    n = x.shape[0]
-
-    def uniform(low, high):
-        return torch.rand(n, device=x.device, generator=generator) * (high - low) + low
-
-    angle = uniform(-math.radians(cfg.aug_rotation), math.radians(cfg.aug_rotation))
-    scale = torch.exp(uniform(-cfg.aug_scale, cfg.aug_scale))
-    flip = torch.where(uniform(0, 1) < cfg.aug_flip, -1.0, 1.0)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    zero = torch.zeros_like(cos)
-    theta = torch.stack([torch.stack([cos * flip, -sin, zero], 1), torch.stack([sin * flip, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
-    gamma = torch.exp(uniform(-cfg.aug_gamma, cfg.aug_gamma)).view(n, 1, 1, 1)
-    return x.clamp(0, 1).pow(gamma), y
+# -----------------------------------------------------------------------------
+# Checkpoints and the output folder
 
 
-def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
-    """Constant, or one-cycle: linear warm-up over `warmup_fraction` of the steps to lr, cosine down to lr/1e4."""
-    if cfg.schedule == "constant":
-        return cfg.lr
-    warmup = max(1, int(cfg.warmup_fraction * total_steps))
-    if step < warmup:
-        return cfg.lr / 25 + (cfg.lr - cfg.lr / 25) * step / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return cfg.lr / 1e4 + (cfg.lr - cfg.lr / 1e4) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """Shuffled indices of one epoch, as (steps, batch) for this process: deterministic in
-    (seed, epoch), so a resumed run sees the same batches. The ragged remainder is dropped
-    (a different one each epoch) to keep shapes fixed."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    per_rank = n // world
-    mine = perm[rank * per_rank:(rank + 1) * per_rank]
-    steps = max(1, len(mine) // batch_size)
-    if len(mine) < batch_size:  # tiny datasets: one smaller batch
-        return mine.view(1, -1)
-    return mine[:steps * batch_size].view(steps, batch_size)
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM; training stops at the end of the current step. A second Ctrl-C
-    interrupts at once."""
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # only the main thread can install handlers
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-        log(f"\n{signal.Signals(signum).name} received: stopping after this step (again to abort)")
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-class NonFiniteLoss(UserError):
-    pass
-
-
-def check_finite(step_losses: torch.Tensor, first: int, last: int, epoch: int, out: Path) -> None:
-    """Stop, naming the first bad step, when a loss or gradient of steps first..last is NaN or inf."""
-    bad = (~torch.isfinite(step_losses[first:last + 1])).nonzero()
-    if len(bad):
-        step = first + int(bad[0])
-        raise NonFiniteLoss(f"the loss or its gradient became {float(step_losses[step])} at epoch {epoch + 1}, "
-                            f"step {step + 1}; nothing was saved after that, so the last good checkpoints in "
-                            f"{out} are intact. Try a lower --lr, or --amp off")
-
-
-def forward_backward(model, optimizer, scaler, x, y, cfg: Config, dtype) -> torch.Tensor:
-    """Loss and gradients of one batch; the caller then steps the optimizer. Returns the loss
-    without a device sync, turned NaN when a gradient is not finite."""
-    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = model(x)
-    loss = compute_loss(logits, y, cfg)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if scaler.is_enabled():  # a grad scaler skips steps with non-finite gradients by itself
-        return loss.detach()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return loss.detach() + 0 * nn.utils.get_total_norm(grads)
-
-
-def first_compiled_step(compiled_model, eager_model, model, optimizer, scaler, x, y, cfg: Config, dtype):
-    """forward_backward through the compiled model, which compiles now. If that fails (no compiler,
-    an unsupported GPU), warn, undo what the failed step changed and redo it without compiling.
-    Returns the loss and the model to train with from then on."""
-    # The backward pass compiles after the forward ran and moved the batch-norm statistics.
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        return forward_backward(compiled_model, optimizer, scaler, x, y, cfg, dtype), compiled_model
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as e:
-        first_line = (str(e).strip().splitlines() or [""])[0][:200]
-        warn(f"the first compiled step failed ({type(e).__name__}: {first_line}); redoing it and "
-             f"training without torch.compile. Pass --compile off to skip the attempt.")
-        model.load_state_dict(before)
-        return forward_backward(eager_model, optimizer, scaler, x, y, cfg, dtype), eager_model
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 def checkpoint_state(model, optimizer, scaler, cfg, split, history, epoch, step, extra) -> dict:
@@ -1222,15 +1254,20 @@ def model_from_checkpoint(state: dict, path, device) -> nn.Module:
     return model.to(device).eval()
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
 RUN_OUTPUTS = ("model.pth", "last.pth", "metrics.json", "test_per_image.csv", "split.json", "config.json")
+
+
 # What --resume may change; the rest of a resumed run's settings come from its checkpoint.
 RESUMABLE_FIELDS = ("device", "workers", "eval_batch_size", "compile", "compile_mode", "data_dir", "panel_images",
                     "test_samples", "epochs")
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files of writes a crash (kill -9) cut short: never read, safe to delete once the
+    folder is ours."""
+    for path in folder.rglob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 @contextlib.contextmanager
@@ -1263,14 +1300,6 @@ def folder_lock(folder: Path):
             with contextlib.suppress(OSError):
                 (folder / ".lock").unlink()
                 folder.rmdir()
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Temporary files of writes a crash (kill -9) cut short: never read, safe to delete once the
-    folder is ours."""
-    for path in folder.rglob(".*.tmp"):
-        with contextlib.suppress(OSError):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def check_out_dir(cfg: Config) -> Path:
@@ -1309,32 +1338,6 @@ def resume_config(cfg: Config, explicit: frozenset, state: dict, path: Path) -> 
     keep = {k: getattr(cfg, k) for k in explicit if k in RESUMABLE_FIELDS}
     # The run continues in the folder of the checkpoint it resumes.
     return dataclasses.replace(saved, **keep, resume=str(path), out_dir=str(path.parent))
-
-
-class Interrupted(UserError):
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
-def stop_requested(stop: StopFlag, world: int, device: torch.device) -> bool:
-    """Whether any process got a stop signal: all stop at the same step."""
-    if world == 1:
-        return stop.signal is not None
-    import torch.distributed as dist
-    flag = torch.tensor([1.0 if stop.signal is not None else 0.0], device=device)
-    dist.all_reduce(flag)
-    return flag.item() > 0
-
-
-def print_model_summary(model: nn.Module, cfg: Config, device: torch.device) -> None:
-    from torchsummary import summary  # its device argument must match the model's (see NOTES)
-    model.eval()  # its forward pass must not update the batch-norm statistics
-    with contextlib.redirect_stdout(io.StringIO()) as text, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchsummary 1.5.1 reads tensors that require grad
-        summary(model, (1, cfg.image_size, cfg.image_size), device=device.type)
-    print(text.getvalue(), flush=True)
-    model.train()
 
 
 # -----------------------------------------------------------------------------
@@ -1403,45 +1406,6 @@ def summarize(scores: dict[str, np.ndarray], counts: np.ndarray) -> dict:
             "pooled_dice": float(2 * c[0] / max(2 * c[0] + c[1] + c[2], 1))}
 
 
-def evaluate_test(model, run: Run, threshold: float) -> dict:
-    """Per-image and pooled scores of every metric and HD95 on the test part, a 95% bootstrap
-    interval over patients, a per-image CSV and the test plots."""
-    cfg, test_idx = run.cfg, run.idx["test"]
-    idx = test_idx.to(run.machine.device)
-    probs = predict_probabilities(model, run.images[idx], cfg.eval_batch_size, run.machine, flip=cfg.tta)
-    pred = (probs > threshold)
-    target = run.masks[idx].bool()
-    counts = confusion_counts(pred, target).cpu().numpy()
-    scores = scores_from_counts(counts)
-    pred_np, target_np = pred.cpu().numpy()[:, 0], target.cpu().numpy()[:, 0]
-    scores["hd95"] = np.array([hd95(p, t) for p, t in zip(pred_np, target_np)])
-    test_names = [run.names[i] for i in test_idx.tolist()]
-    groups = [run.split["groups"].get(n, n) for n in test_names]
-    types = np.array([run.split.get("tumor_types", {}).get(n, "") for n in test_names])
-    summary = summarize(scores, counts)
-    summary["patients"] = len(set(groups))
-    summary["dice_ci95"] = list(bootstrap_interval(scores["dice"], groups, seed=cfg.seed))
-    by_type = {t: summarize({k: v[types == t] for k, v in scores.items()}, counts[types == t])
-               for t in sorted(set(types)) if t}
-    rows = [{"image": n, "patient": g, "tumor_type": t, "gt_pixels": int(c[0] + c[2]), "pred_pixels": int(c[0] + c[1]),
-             **{k: round(float(scores[k][i]), 5) for k in (*METRICS, "hd95")}}
-            for i, (n, g, t, c) in enumerate(zip(test_names, groups, types, counts))]
-    save_csv(run.out / "test_per_image.csv", rows)
-    plot_test_results(run.out / "visualizations", run.images[idx].cpu().numpy()[:, 0], target_np, pred_np,
-                      scores["dice"], test_names, cfg)
-    metrics = {"test": summary, "by_tumor_type": by_type, "threshold": threshold, "tta": cfg.tta,
-               "split": run.split["how"],
-               "empty_masks": "an empty ground truth with an empty prediction scores 1 on every metric; "
-                              "otherwise a zero denominator scores 0; HD95 is averaged over images where both "
-                              "masks are non-empty, and is null when there is no such image",
-               "hd95_unit": f"pixels at {cfg.image_size}x{cfg.image_size}"}
-    if not target_np.any():
-        metrics["warning"] = (f"the {len(test_names)} test images hold no tumour pixel at all: the Dice only says "
-                              f"whether anything was predicted, not how well tumours are outlined")
-        warn("THE TEST SET HOLDS NO TUMOUR PIXEL: " + metrics["warning"])
-    return metrics
-
-
 # -----------------------------------------------------------------------------
 # Plots
 
@@ -1505,6 +1469,17 @@ def plot_samples(path, images, targets, preds, dice, names, which, title) -> Non
     plt.close(fig)
 
 
+def plot_dice_histogram(path, dice: np.ndarray, mean: float) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(dice, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
+    ax.axvline(mean, color="tab:red", label=f"mean {mean:.3f}")
+    ax.set(xlabel="Dice per test image", ylabel="images", title="Test Dice per image")
+    ax.legend()
+    save_figure(path, fig)
+    plt.close(fig)
+
+
 def plot_test_results(vis: Path, images_np, target_np, pred_np, dice: np.ndarray, names: list[str], cfg: Config):
     """Random test images, the worst ones, and the Dice histogram."""
     rng = np.random.default_rng(cfg.seed)
@@ -1518,19 +1493,58 @@ def plot_test_results(vis: Path, images_np, target_np, pred_np, dice: np.ndarray
     plot_dice_histogram(vis / "test_dice_histogram.png", dice, float(dice.mean()))
 
 
-def plot_dice_histogram(path, dice: np.ndarray, mean: float) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(dice, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
-    ax.axvline(mean, color="tab:red", label=f"mean {mean:.3f}")
-    ax.set(xlabel="Dice per test image", ylabel="images", title="Test Dice per image")
-    ax.legend()
-    save_figure(path, fig)
-    plt.close(fig)
-
-
 # -----------------------------------------------------------------------------
-# The run: set up, one epoch at a time, validation and checkpoints, the test
+# The run: checks, set-up, one epoch at a time, validation and checkpoints, the test
+
+
+def check_batch_fits(cfg: Config, n_train: int) -> None:
+    """Batch norm needs two values per channel: at 16x16 the bottleneck is 1x1, so a batch of one fails."""
+    values = min(cfg.batch_size, max(n_train, 1)) * (cfg.image_size // 16) ** 2
+    if values < 2:
+        raise UserError(f"--image-size {cfg.image_size} with batches of {min(cfg.batch_size, n_train)} image: the "
+                        f"bottleneck is 1x1 and batch norm needs 2 values; use --batch-size 2 or more (and at least "
+                        f"2 training images), or --image-size 32")
+
+
+def check_config(cfg: Config) -> None:
+    """Every field in range before anything is read, written or deleted."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name.replace('_', '-')} {value}: must be a finite number")
+    if cfg.image_size < 16 or cfg.image_size % 16:
+        raise UserError(f"--image-size {cfg.image_size}: must be a multiple of 16 (the U-Net halves it 4 times)")
+    if not 0 < cfg.val_fraction < 1 or not 0 < cfg.test_fraction < 1 or cfg.val_fraction + cfg.test_fraction >= 1:
+        raise UserError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
+    choices = dict(split=("patient", "random"), recipe=("improved", "seed"), optimizer=("adam", "adamw"),
+                   schedule=("constant", "onecycle"), loss=tuple(LOSSES),
+                   amp=("auto", "bf16", "fp16", "off"), compile=("auto", "on", "off"),
+                   compile_mode=("default", "reduce-overhead", "max-autotune"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    if cfg.folds != 0 and cfg.folds < 3:
+        raise UserError(f"--folds {cfg.folds}: must be 0 (one split) or at least 3 (test, validation and training folds)")
+    if not -1 <= cfg.fold < max(cfg.folds, 1) or (cfg.fold >= 0 and not cfg.folds):
+        raise UserError(f"--fold {cfg.fold}: must be -1 (all folds) or a fold number from 0 to --folds minus 1, "
+                        f"with --folds")
+    for name, low in (("epochs", 1), ("batch_size", 1), ("base_width", 1), ("eval_batch_size", 1),
+                      ("demo_images", 10), ("panel_images", 0), ("test_samples", 0), ("workers", 0), ("limit", 0),
+                      ("nan_check_every", 1), ("lr", 1e-12), ("weight_decay", 0), ("smooth", 0),
+                      ("aug_rotation", 0), ("aug_scale", 0), ("aug_gamma", 0), ("threshold_step", 1e-6)):
+        if getattr(cfg, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be "
+                            + ("above 0" if 0 < low < 1e-3 else f"at least {low}"))
+    for name in ("threshold", "threshold_min", "threshold_max", "aug_flip", "warmup_fraction"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be between 0 and 1")
+    if cfg.threshold_min > cfg.threshold_max:
+        raise UserError("--threshold-min must not be above --threshold-max")
+    check_batch_fits(cfg, cfg.batch_size)
+
+
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", *(f"val_{m}" for m in EPOCH_METRICS), "lr", "epoch_seconds",
+                "images_per_second")
 
 
 @dataclass
@@ -1562,8 +1576,43 @@ class Run:
         return self.machine.rank == 0
 
 
-HISTORY_KEYS = ("epoch", "train_loss", "val_loss", *(f"val_{m}" for m in EPOCH_METRICS), "lr", "epoch_seconds",
-                "images_per_second")
+def evaluate_test(model, run: Run, threshold: float) -> dict:
+    """Per-image and pooled scores of every metric and HD95 on the test part, a 95% bootstrap
+    interval over patients, a per-image CSV and the test plots."""
+    cfg, test_idx = run.cfg, run.idx["test"]
+    idx = test_idx.to(run.machine.device)
+    probs = predict_probabilities(model, run.images[idx], cfg.eval_batch_size, run.machine, flip=cfg.tta)
+    pred = (probs > threshold)
+    target = run.masks[idx].bool()
+    counts = confusion_counts(pred, target).cpu().numpy()
+    scores = scores_from_counts(counts)
+    pred_np, target_np = pred.cpu().numpy()[:, 0], target.cpu().numpy()[:, 0]
+    scores["hd95"] = np.array([hd95(p, t) for p, t in zip(pred_np, target_np)])
+    test_names = [run.names[i] for i in test_idx.tolist()]
+    groups = [run.split["groups"].get(n, n) for n in test_names]
+    types = np.array([run.split.get("tumor_types", {}).get(n, "") for n in test_names])
+    summary = summarize(scores, counts)
+    summary["patients"] = len(set(groups))
+    summary["dice_ci95"] = list(bootstrap_interval(scores["dice"], groups, seed=cfg.seed))
+    by_type = {t: summarize({k: v[types == t] for k, v in scores.items()}, counts[types == t])
+               for t in sorted(set(types)) if t}
+    rows = [{"image": n, "patient": g, "tumor_type": t, "gt_pixels": int(c[0] + c[2]), "pred_pixels": int(c[0] + c[1]),
+             **{k: round(float(scores[k][i]), 5) for k in (*METRICS, "hd95")}}
+            for i, (n, g, t, c) in enumerate(zip(test_names, groups, types, counts))]
+    save_csv(run.out / "test_per_image.csv", rows)
+    plot_test_results(run.out / "visualizations", run.images[idx].cpu().numpy()[:, 0], target_np, pred_np,
+                      scores["dice"], test_names, cfg)
+    metrics = {"test": summary, "by_tumor_type": by_type, "threshold": threshold, "tta": cfg.tta,
+               "split": run.split["how"],
+               "empty_masks": "an empty ground truth with an empty prediction scores 1 on every metric; "
+                              "otherwise a zero denominator scores 0; HD95 is averaged over images where both "
+                              "masks are non-empty, and is null when there is no such image",
+               "hd95_unit": f"pixels at {cfg.image_size}x{cfg.image_size}"}
+    if not target_np.any():
+        metrics["warning"] = (f"the {len(test_names)} test images hold no tumour pixel at all: the Dice only says "
+                              f"whether anything was predicted, not how well tumours are outlined")
+        warn("THE TEST SET HOLDS NO TUMOUR PIXEL: " + metrics["warning"])
+    return metrics
 
 
 def resumed_state(cfg: Config, explicit: frozenset) -> tuple[Config, dict | None]:
@@ -1614,6 +1663,7 @@ def set_up_run(cfg: Config, machine: Machine, resume: dict | None) -> Run:
             clear_previous_outputs(out)
         save_json(out / "config.json", dataclasses.asdict(cfg))
         save_json(out / "split.json", split)
+    choose_precision(cfg, machine, resume)
     torch.manual_seed(cfg.seed)
     model = UNet(width=cfg.base_width).to(machine.device)
     if machine.rank == 0:
@@ -1784,7 +1834,7 @@ def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
     cfg, resume = resumed_state(cfg, explicit)
     check_config(cfg)
     out = check_out_dir(cfg)
-    machine = set_up_machine(cfg, resume)
+    machine = set_up_machine(cfg)
     if resume and resume["step"] and resume.get("world", 1) != machine.world:
         raise UserError(f"{cfg.resume} stopped in the middle of an epoch with {resume.get('world', 1)} "
                         f"processes; resume it with that many (the batches of an epoch depend on it)")
@@ -1912,19 +1962,23 @@ def check_predict_out(out: Path, inputs: list[str], files: list[Path], masks_dir
                         f"{existing[0]}); pass --overwrite to replace them, or choose another --out")
 
 
-def segment_files(model, machine: Machine, files: list[Path], size: int, threshold: float, flip: bool,
-                  batch_size: int, truth: dict, masks_dir: str, stage: Path) -> tuple[list[dict], int]:
-    """Masks, overlays and CSV rows of the readable files, written into `stage`."""
-    rows = []
-    with tqdm(total=len(files), desc="predicting", unit="img", disable=not is_main_process()) as bar:
-        for start in range(0, len(files), batch_size):
-            segment_batch(model, machine, files[start:start + batch_size], size, threshold, flip, truth, masks_dir,
-                          stage, rows)
-            bar.update(len(files[start:start + batch_size]))
-    skipped = len(files) - len(rows)
-    if rows:
-        save_csv(stage / "predictions.csv", rows)
-    return rows, skipped
+def score_against_truth(f: Path, pred: np.ndarray, truth: dict, masks_dir: str, size: int) -> dict:
+    """The METRICS of one prediction against its --masks file, at the model's resolution; {} if none."""
+    if f.stem not in truth:
+        if masks_dir:
+            warn(f"{f.name}: no mask named {f.stem}.* in {masks_dir}; no scores for it")
+        return {}
+    try:
+        mask = read_mask(truth[f.stem])
+    except ValueError as e:
+        warn(f"{e}; no scores for {f.name}")
+        return {}
+    target = preprocess_mask(mask, size)
+    vanished = vanished_tumour(truth[f.stem], mask, target)
+    if vanished:
+        warn(vanished)
+    scores = scores_from_counts(confusion_counts(torch.from_numpy(pred)[None], torch.from_numpy(target)[None]))
+    return {name: round(float(value[0]), 5) for name, value in scores.items()}
 
 
 def segment_batch(model, machine: Machine, files: list[Path], size: int, threshold: float, flip: bool, truth: dict,
@@ -1952,23 +2006,19 @@ def segment_batch(model, machine: Machine, files: list[Path], size: int, thresho
         rows.append(row)
 
 
-def score_against_truth(f: Path, pred: np.ndarray, truth: dict, masks_dir: str, size: int) -> dict:
-    """The METRICS of one prediction against its --masks file, at the model's resolution; {} if none."""
-    if f.stem not in truth:
-        if masks_dir:
-            warn(f"{f.name}: no mask named {f.stem}.* in {masks_dir}; no scores for it")
-        return {}
-    try:
-        mask = read_mask(truth[f.stem])
-    except ValueError as e:
-        warn(f"{e}; no scores for {f.name}")
-        return {}
-    target = preprocess_mask(mask, size)
-    vanished = vanished_tumour(truth[f.stem], mask, target)
-    if vanished:
-        warn(vanished)
-    scores = scores_from_counts(confusion_counts(torch.from_numpy(pred)[None], torch.from_numpy(target)[None]))
-    return {name: round(float(value[0]), 5) for name, value in scores.items()}
+def segment_files(model, machine: Machine, files: list[Path], size: int, threshold: float, flip: bool,
+                  batch_size: int, truth: dict, masks_dir: str, stage: Path) -> tuple[list[dict], int]:
+    """Masks, overlays and CSV rows of the readable files, written into `stage`."""
+    rows = []
+    with tqdm(total=len(files), desc="predicting", unit="img", disable=not is_main_process()) as bar:
+        for start in range(0, len(files), batch_size):
+            segment_batch(model, machine, files[start:start + batch_size], size, threshold, flip, truth, masks_dir,
+                          stage, rows)
+            bar.update(len(files[start:start + batch_size]))
+    skipped = len(files) - len(rows)
+    if rows:
+        save_csv(stage / "predictions.csv", rows)
+    return rows, skipped
 
 
 def move_into_place(stage: Path, out: Path) -> None:
@@ -2131,7 +2181,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,8 @@ if str(REPO_ROOT) not in sys.path:
 
 # /work/shared/data for /work/main; computed from the checkout so that a clone elsewhere
 # finds the shared/ folder beside it.
-REAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL_DIR = REPO_ROOT.parent / "shared" / "data"
+SCRIPT = REPO_ROOT / "brain_tumor_segmentation.py"
 
 cv2.setNumThreads(1)
 
@@ -51,6 +52,21 @@ def square_pair(size=48, top=10, left=12, side=16, seed=0):
     return image, mask
 
 
+def squares_dataset(folder, n: int, seed: int, size: int = 32, empty: int = 0) -> Path:
+    """images/sqI.png and masks/sqI.png: square_pair slices with squares of random size and
+    position (mask = the square); the last `empty` images have no square."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        side = int(rng.integers(6, 15))
+        top, left = (int(v) for v in rng.integers(0, size - side + 1, 2))
+        image, mask = square_pair(size=size, top=top, left=left, side=side, seed=seed * 1000 + i)
+        if i >= n - empty:
+            image[mask > 0] = 40
+            mask[:] = 0
+        write_pair(folder, f"sq{i}", image, mask)
+    return Path(folder)
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path):
     """A data folder with 12 synthetic 48x48 pairs named 1..12 (pair 12 has no tumour)."""
@@ -77,13 +93,21 @@ TINY_ARGS = ["--amp", "off", "--image-size", "32", "--base-width", "4", "--batch
              "--test-samples", "2", "--panel-images", "1", "--workers", "1"]
 
 
-def snapshot(folder, ignore: str = "") -> dict[str, str]:
-    """Relative path -> sha256 of every file under folder (names and bytes); folders as '<dir>';
-    files named `ignore` left out."""
+def snapshot(folder, ignore: str = "", inodes: bool = False) -> dict:
+    """Relative path -> sha256 of every file under folder (names and bytes), folders as '<dir>';
+    files named `ignore` left out. With `inodes`, files only, each as (sha256, inode, mtime_ns), so
+    that a rewrite shows even with the same bytes (outputs are written through a rename)."""
     import hashlib
     folder = Path(folder)
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
-            for p in sorted(folder.rglob("*")) if p.name != ignore}
+    if not folder.exists():
+        return {}
+    state = {}
+    for p in sorted(folder.rglob("*")):
+        if p.name == ignore or (inodes and not p.is_file()):
+            continue
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+        state[str(p.relative_to(folder))] = (digest, p.stat().st_ino, p.stat().st_mtime_ns) if inodes else digest
+    return state
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
@@ -106,3 +130,8 @@ def without_root_override(command: list[str]) -> list[str]:
         caps = "-dac_override,-dac_read_search"
         return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *command]
     return command
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs of several seconds each; `pytest -m 'not slow'` "
+                                       "leaves them out")

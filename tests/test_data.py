@@ -3,7 +3,6 @@ synthetic data and patient-level splits, tested through the public functions."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import re
 from pathlib import Path
 
@@ -13,13 +12,7 @@ import pytest
 import torch
 
 import brain_tumor_segmentation as bts
-from conftest import square_pair, write_pair
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under folder (names and bytes)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+from conftest import snapshot, square_pair, write_pair
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

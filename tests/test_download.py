@@ -12,10 +12,10 @@ import pytest
 import brain_tumor_segmentation as bts
 import kaggle_fake
 
+from conftest import SCRIPT, TINY_ARGS
+
 TESTS = Path(__file__).resolve().parent
-SCRIPT = TESTS.parent / "brain_tumor_segmentation.py"
-TINY = ["--amp", "off", "--limit", "40", "--image-size", "16", "--base-width", "4", "--batch-size", "8", "--epochs", "1",
-        "--test-samples", "2", "--panel-images", "1", "--workers", "1"]
+TINY = [*TINY_ARGS, "--limit", "40", "--image-size", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,7 @@ def test_both_download_clients_import_in_the_installed_environment(tmp_path):
     assert result.returncode == 0 and "imported" in result.stdout, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_first_run_downloads_without_an_account_trains_and_a_second_run_downloads_nothing(tmp_path, kaggle_zip):
     log = tmp_path / "requests.log"
     env = user_env(tmp_path, zip=str(kaggle_zip), hub="ok", kaggle="403", log=str(log))

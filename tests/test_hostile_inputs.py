@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -19,25 +20,32 @@ import pytest
 import torch
 
 import brain_tumor_segmentation as bts
-from conftest import TINY_ARGS, run_cli, snapshot, square_pair, without_root_override, write_pair
+from conftest import SCRIPT, TINY_ARGS, run_cli, snapshot, square_pair, without_root_override, write_pair
 
-SCRIPT = Path(bts.__file__).resolve()
+
+def make_dataset(folder: Path) -> Path:
+    """20 pairs of 48x48 slices with a bright square tumour."""
+    for i in range(1, 21):
+        write_pair(folder, str(i), *square_pair(top=4 + i, left=24 - i, side=8 + i % 5, seed=i))
+    return folder
 
 
 @pytest.fixture
 def dataset(tmp_path):
-    """20 pairs of 48x48 slices with a bright square tumour."""
-    for i in range(1, 21):
-        write_pair(tmp_path / "data", str(i), *square_pair(top=4 + i, left=24 - i, side=8 + i % 5, seed=i))
-    return tmp_path / "data"
+    return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert bts.main(["--data-dir", str(make_dataset(out.parent / "data")), "--out-dir", str(out), *TINY_ARGS]) == 0
+    return out
 
 
 @pytest.fixture
-def finished_run(dataset, tmp_path, capsys):
-    out = tmp_path / "run"
-    rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", out, *TINY_ARGS)
-    assert rc == 0, err
-    return out
+def finished_run(trained_once, tmp_path):
+    """A copy of a finished tiny run, for this test to change."""
+    return Path(shutil.copytree(trained_once, tmp_path / "run"))
 
 
 def one_error(rc: int, err: str, *fragments: str) -> str:
@@ -243,6 +251,7 @@ def test_unreadable_files_are_skipped_in_training_predict_and_masks(kind, datase
     assert snapshot(dataset) == before
 
 
+@pytest.mark.slow
 def test_files_without_read_permission_are_skipped(dataset, finished_run, tmp_path):
     (dataset / "images" / "7.png").chmod(0)
     (dataset / "masks" / "8.png").chmod(0)

@@ -7,6 +7,7 @@ bright squares, where the right answer is obvious, for a known-answer Dice check
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import pickle
 import shutil
@@ -21,11 +22,11 @@ import pytest
 import torch
 
 import brain_tumor_segmentation as bts
+from conftest import REAL_DIR, REPO_ROOT, snapshot, squares_dataset
 
 torch.set_num_threads(1)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REAL_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "brain-tumor-segmentation-512-sample"
+REAL_SAMPLE = REAL_DIR / "brain-tumor-segmentation-512-sample"
 CSV_COLUMNS = ["image", "width", "height", "tumor_pixels", "tumor_fraction", "mean_probability"]
 
 
@@ -47,45 +48,10 @@ def read_csv(path: Path) -> tuple[list[str], list[dict]]:
         return list(reader.fieldnames or []), list(reader)
 
 
-def file_state(folder: Path) -> dict[str, tuple]:
-    """Relative path -> (bytes, inode, mtime_ns) of every output file under folder (not predict's
-    hidden .lock and marker). Outputs are written through a temporary file and a rename, so any
-    rewrite changes the inode."""
-    if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}
-
-
-def contents(folder: Path) -> dict[str, bytes]:
-    """Relative path -> bytes of every file and folder under `folder` (names and contents)."""
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"<dir>")
-            for p in sorted(folder.rglob("*"))}
-
-
 def read_unchanged(path: Path) -> np.ndarray:
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     assert image is not None, f"{path} not written or unreadable"
     return image
-
-
-def squares_dataset(folder: Path, n: int, seed: int, size: int = 32, empty: int = 0) -> Path:
-    """images/ and masks/ with noisy dark slices holding one bright square of random size and
-    position (mask = the square); the last `empty` images have no square."""
-    rng = np.random.default_rng(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    (folder / "masks").mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        image = rng.integers(10, 50, (size, size)).astype(np.uint8)
-        mask = np.zeros((size, size), np.uint8)
-        if i < n - empty:
-            side = int(rng.integers(6, 15))
-            top, left = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
-            image[top:top + side, left:left + side] = rng.integers(180, 240, (side, side))
-            mask[top:top + side, left:left + side] = 255
-        assert cv2.imwrite(str(folder / "images" / f"sq{i}.png"), image)
-        assert cv2.imwrite(str(folder / "masks" / f"sq{i}.png"), mask)
-    return folder
 
 
 def model_probabilities(model_path: Path, image_path: Path) -> tuple[np.ndarray, float]:
@@ -369,7 +335,7 @@ def test_malicious_checkpoint_refused_without_running(how, scans, tmp_path, caps
     marker = tmp_path / "marker"
     evil = write_evil(tmp_path / "model.pth", marker, how)
     out = tmp_path / "out"
-    before = contents(scans)
+    before = snapshot(scans)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's own protocol warning: see the next test
         rc, _, err = run_predict(capsys, scans, "--model", evil, "--out", out)
@@ -377,7 +343,7 @@ def test_malicious_checkpoint_refused_without_running(how, scans, tmp_path, caps
     assert "could run code" in line
     assert not marker.exists()
     assert not out.exists()
-    assert contents(scans) == before
+    assert snapshot(scans) == before
 
 
 def test_malicious_plain_pickle_prints_only_the_refusal(scans, tmp_path, capsys):
@@ -481,7 +447,7 @@ def test_unreadable_file_is_reported_and_skipped(trained, scans, tmp_path, capsy
     bad = scans / "bad.png"
     bad.write_bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
     (scans / "notes.txt").write_text("not an image\n")
-    before = contents(scans)
+    before = snapshot(scans)
     out = tmp_path / "out"
     rc, _, err = run_predict(capsys, scans, "--model", trained["model"], "--out", out)
     assert rc == 0, err
@@ -489,7 +455,7 @@ def test_unreadable_file_is_reported_and_skipped(trained, scans, tmp_path, capsy
     assert any(str(bad) in line and "skipped" in line for line in err.splitlines()), err
     assert "notes.txt" not in err  # not an image file: ignored silently
     check_outputs(out, {"1": (64, 64), "2": (64, 64), "3": (64, 64)})
-    assert contents(scans) == before
+    assert snapshot(scans) == before
 
 
 def test_all_inputs_unreadable_writes_nothing(trained, tmp_path, capsys):
@@ -500,28 +466,28 @@ def test_all_inputs_unreadable_writes_nothing(trained, tmp_path, capsys):
     rc, _, err = run_predict(capsys, folder, "--model", trained["model"], "--out", out)
     assert rc == 1
     assert "bad.png" in err and "Traceback" not in err
-    assert file_state(out) == {}
+    assert snapshot(out, ignore=".lock", inodes=True) == {}
 
 
 def test_existing_outputs_need_overwrite(trained, scans, tmp_path, capsys):
     out = tmp_path / "out"
-    before_inputs = contents(scans)
+    before_inputs = snapshot(scans)
     rc, _, err = run_predict(capsys, scans, "--model", trained["model"], "--out", out)
     assert rc == 0, err
-    first = file_state(out)
-    assert len(first) == 7  # 3 masks, 3 overlays, predictions.csv
+    first = snapshot(out, ignore=".lock", inodes=True)
+    assert len(first) == 8  # 3 masks, 3 overlays, predictions.csv and the hidden .written-by-predict
 
     rc, _, err = run_predict(capsys, scans, "--model", trained["model"], "--out", out)
     assert_one_clear_error(rc, err, "--overwrite", str(out))
-    assert file_state(out) == first  # same files, same inodes and mtimes: nothing rewritten
+    assert snapshot(out, ignore=".lock", inodes=True) == first  # same files, same inodes and mtimes: nothing rewritten
 
     rc, _, err = run_predict(capsys, scans, "--model", trained["model"], "--out", out, "--overwrite")
     assert rc == 0, err
-    second = file_state(out)
+    second = snapshot(out, ignore=".lock", inodes=True)
     assert sorted(second) == sorted(first)
     assert {k: v[0] for k, v in second.items()} == {k: v[0] for k, v in first.items()}  # same bytes
     assert all(second[k][1:] != first[k][1:] for k in first)  # but written again
-    assert contents(scans) == before_inputs
+    assert snapshot(scans) == before_inputs
 
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
@@ -531,16 +497,16 @@ def test_a_file_predict_did_not_write_is_never_replaced(overwrite, trained, scan
     (out / "masks" / "2.png").write_bytes(b"keep me")
     rc, _, err = run_predict(capsys, scans, "--model", trained["model"], "--out", out, *overwrite)
     assert_one_clear_error(rc, err, "did not write", str(out / "masks" / "2.png"))
-    assert contents(out) == {"masks": b"<dir>", "masks/2.png": b"keep me"}
+    assert snapshot(out) == {"masks": "<dir>", "masks/2.png": hashlib.sha256(b"keep me").hexdigest()}
 
 
 @pytest.mark.parametrize("where", [".", "preds", "preds/deeper"])
 def test_out_inside_input_folder_is_refused(where, trained, scans, capsys):
-    before = contents(scans)
+    before = snapshot(scans)
     out = scans / where
     rc, _, err = run_predict(capsys, scans, "--model", trained["model"], "--out", out)
     assert_one_clear_error(rc, err, "inside the input folder", str(scans))
-    assert contents(scans) == before
+    assert snapshot(scans) == before
 
 
 def test_nonexistent_input_is_one_clear_error(trained, scans, tmp_path, capsys):

@@ -13,11 +13,9 @@ import torch
 
 import brain_tumor_segmentation as bts
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "brain_tumor_segmentation.py"
+from conftest import REPO_ROOT as ROOT, SCRIPT, TINY_ARGS
 
-TINY = ["--amp", "off", "--image-size", "32", "--base-width", "4", "--batch-size", "8", "--epochs", "3",
-        "--test-samples", "3", "--panel-images", "2", "--workers", "1"]
+TINY = [*TINY_ARGS, "--epochs", "3", "--test-samples", "3", "--panel-images", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +104,7 @@ EDITED_DEFAULTS = {"lr": ("2e-3", "7e-4"), "epochs": ("20", "2"), "augment": ("T
                    "warmup_fraction": ("0.3", "0.5"), "threshold_step": ("0.05", "0.1")}
 
 
+@pytest.mark.slow
 def test_defaults_edited_at_the_top_of_a_copy_of_the_script_drive_the_run(synthetic, tmp_path):
     """The user's real path: edit the constants in the file, run it, read config.json back."""
     source = SCRIPT.read_text()
@@ -307,30 +306,50 @@ def test_an_error_after_compile_worked_is_not_hidden(synthetic, tmp_path, monkey
         run(["--data-dir", synthetic, "--out-dir", tmp_path / "run", *TINY, "--compile", "on"])
 
 
+# A writer whose checkpoint writes block halfway: the torch.save it calls writes half of its bytes
+# into atomic_write's temporary file, flushes them, says "mid-write" and waits to be killed.
 KILLER = """
-import sys, torch
+import os, sys, time, torch
 sys.path.insert(0, {root!r})
 import brain_tumor_segmentation as bts
-i = 0
-while True:
-    i += 1
+real_save = torch.save
+def half_then_wait(obj, f):
+    if obj["i"] == {block_at}:
+        import io
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        print("mid-write", flush=True)
+        time.sleep(600)
+    real_save(obj, f)
+torch.save = half_then_wait
+for i in range(1, {block_at} + 1):
     bts.save_checkpoint(bts.Path({path!r}), {{"format": bts.CHECKPOINT_FORMAT, "version": bts.CHECKPOINT_VERSION,
-                        "i": i, "weights": torch.full((4_000_000,), float(i))}})
+                        "i": i, "weights": torch.full((1_000_000,), float(i))}})
     print(i, flush=True)
 """
 
 
-def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("block_at", [1, 3])
+def test_sigkill_inside_a_checkpoint_write_leaves_the_previous_one_and_the_next_run_cleans_up(block_at, tmp_path):
     path = tmp_path / "model.pth"
-    code = KILLER.format(root=str(ROOT), path=str(path))
-    for delay in (0.05, 0.13, 0.29):
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "1" or path.exists()  # at least one complete write
-        time.sleep(delay)  # each write takes tens of milliseconds: the kill lands mid-write
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    code = KILLER.format(root=str(ROOT), path=str(path), block_at=block_at)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    lines = [proc.stdout.readline().strip() for _ in range(block_at)]
+    assert lines == [str(i) for i in range(1, block_at)] + ["mid-write"]  # the writer is inside a write now
+    partial = list(tmp_path.glob(".model.pth.*.tmp"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 0  # half a checkpoint, on disk
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if block_at == 1:
+        assert not path.exists()  # no checkpoint yet, and no half one under its name
+    else:
         state = torch.load(path, weights_only=True)
-        assert state["format"] == bts.CHECKPOINT_FORMAT and torch.all(state["weights"] == state["i"])
+        assert state["i"] == block_at - 1 and torch.all(state["weights"] == block_at - 1)
+    bts.remove_stale_temporaries(tmp_path)  # what the next run in this folder does first
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_checkpoint_of_another_version_gets_a_clear_message(tmp_path):
@@ -340,6 +359,7 @@ def test_checkpoint_of_another_version_gets_a_clear_message(tmp_path):
         bts.load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_demo_learns(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run(["--demo", "--demo-images", "240", "--epochs", "8", "--workers", "1", "--test-samples", "3"]) == 0
