@@ -23,6 +23,7 @@ import contextlib
 import csv
 import dataclasses
 import errno
+import hashlib
 import io
 import json
 import math
@@ -31,6 +32,7 @@ import pickle
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -1494,6 +1496,69 @@ def plot_test_results(vis: Path, images_np, target_np, pred_np, dice: np.ndarray
 
 
 # -----------------------------------------------------------------------------
+# The runs table: one row per finished run, for comparing runs
+
+
+# Settings that do not change what a run learns: left out of "what differs".
+NOT_COMPARED = ("out_dir", "resume", "overwrite", "workers", "eval_batch_size", "panel_images", "test_samples",
+                "device", "fold")
+
+
+def changed_fields(config: dict, reference: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in NOT_COMPARED and k in reference and reference[k] != v}
+
+
+def script_version() -> str:
+    """The git commit of the script's checkout, when it is one, and the file's own sha256."""
+    here = Path(__file__).resolve()
+    digest = hashlib.sha256(here.read_bytes()).hexdigest()[:12]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here.parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        if commit:
+            return f"git {commit}, sha256 {digest}"
+    return f"sha256 {digest}"
+
+
+def split_fingerprint(test_names: list[str]) -> str:
+    """Runs tested on the same images share this; their Dice then compares image for image."""
+    return hashlib.sha256("\n".join(sorted(test_names)).encode()).hexdigest()[:12]
+
+
+def append_run_row(table: Path, row: dict) -> None:
+    """Add one row to a runs table, rewriting it whole (atomically) under a lock that concurrent
+    runs wait for, so that none of their rows is lost and the file is never half-written."""
+    table.parent.mkdir(parents=True, exist_ok=True)
+    with open(table.parent / f".{table.name}.lock", "a") as lock:
+        with contextlib.suppress(ImportError):
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = []
+        if table.is_file():
+            with open(table, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        save_csv(table, rows + [row])
+
+
+def record_run(run: Run, metrics: dict) -> None:
+    """One row in runs.csv beside the run's folder: what differs from the defaults, and the results."""
+    t, history = metrics["test"], run.history
+    row = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "run": str(run.out),
+           "changed": "; ".join(f"{k}={v}" for k, v in changed_fields(dataclasses.asdict(run.cfg),
+                                                                      dataclasses.asdict(Config())).items()),
+           "best_epoch": metrics["best_epoch"], "best_val_dice": round(metrics["best_val_dice"], 5),
+           "test_dice": round(t["dice"], 5), "test_dice_ci95_low": round(t["dice_ci95"][0], 5),
+           "test_dice_ci95_high": round(t["dice_ci95"][1], 5),
+           "dice_by_tumor_type": "; ".join(f"{k}={v['dice']:.4f}" for k, v in metrics["by_tumor_type"].items()),
+           "test_split": metrics["test_split"],
+           "images_per_second": round(float(np.mean(history["images_per_second"])), 2) if history["epoch"] else "",
+           "seconds": round(metrics["total_seconds"], 1),
+           "device": torch.cuda.get_device_name(run.machine.device) if run.machine.device.type == "cuda" else "cpu",
+           "script": script_version()}
+    append_run_row(run.out.resolve().parent / "runs.csv", row)
+
+
+# -----------------------------------------------------------------------------
 # The run: checks, set-up, one epoch at a time, validation and checkpoints, the test
 
 
@@ -1805,8 +1870,10 @@ def finish_run(run: Run, t_start: float) -> dict:
     metrics = evaluate_test(best_model, run, threshold)
     # From model.pth itself: after a crash between its write and last.pth's, `best` would be older.
     metrics.update(best_epoch=state["best"]["epoch"], best_val_dice=state["best"]["val_dice"],
-                   total_seconds=time.time() - t_start)
+                   total_seconds=time.time() - t_start, history=run.history,
+                   test_split=split_fingerprint(run.split["test"]))
     save_json(out / "metrics.json", metrics)
+    record_run(run, metrics)
     t = metrics["test"]
     unit = "patients" if "by patient" in run.split["how"] else "groups"
     log(f"test ({t['images']} images, {t['patients']} {unit}): Dice {t['dice']:.4f} [95% CI {t['dice_ci95'][0]:.4f}-"
@@ -1884,9 +1951,127 @@ def cross_validate(cfg: Config, explicit: frozenset = frozenset()) -> dict:
                "test_iou_mean": float(np.mean([r["test"]["iou"] for r in results])),
                "test_images": int(sum(r["test"]["images"] for r in results))}
     save_json(out / "cv_summary.json", summary)
+    spread = summary["test_dice_std"]
+    append_run_row(out.resolve().parent / "runs.csv", {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"), "run": str(out),
+        "changed": "; ".join(f"{k}={v}" for k, v in changed_fields(dataclasses.asdict(cfg),
+                                                                   dataclasses.asdict(Config())).items()),
+        "test_dice": round(summary["test_dice_mean"], 5), "test_dice_ci95_low": round(summary["test_dice_mean"] - spread, 5),
+        "test_dice_ci95_high": round(summary["test_dice_mean"] + spread, 5),
+        "folds": f"{cfg.folds} (test Dice: mean +- sd over folds)", "script": script_version()})
     log(f"cross-validation over {cfg.folds} folds of patients: test Dice {summary['test_dice_mean']:.4f} "
         f"+- {summary['test_dice_std']:.4f} (mean +- sd over folds); {out / 'cv_summary.json'}")
     return summary
+
+
+# -----------------------------------------------------------------------------
+# Comparing runs: `compare`
+
+
+def load_finished_run(folder: Path) -> dict:
+    """A run folder, or a cross-validation folder (its folds as mean and spread), for `compare`."""
+    folder = Path(folder)
+    folds = sorted(folder.glob("fold_*/metrics.json"))
+    if (folder / "metrics.json").is_file():
+        parts = [folder]
+    elif folds:
+        parts = [f.parent for f in folds]
+    else:
+        raise UserError(f"{folder}: not a finished run (no metrics.json, nor fold_*/metrics.json of a "
+                        f"cross-validation)")
+    try:
+        metrics = [json.loads((p / "metrics.json").read_text()) for p in parts]
+        config = json.loads((parts[0] / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}: its metrics.json or config.json cannot be read ({e})") from None
+    dice = np.array([m["test"]["dice"] for m in metrics])
+    if len(parts) == 1:
+        low, high = metrics[0]["test"]["dice_ci95"]
+    else:  # over folds: the mean and its spread (one standard deviation either side)
+        low, high = dice.mean() - dice.std(ddof=1), dice.mean() + dice.std(ddof=1)
+    epochs = min(len(m.get("history", {}).get("epoch", [])) for m in metrics)
+    curves = {k: np.mean([m["history"][k][:epochs] for m in metrics], axis=0) if epochs else np.array([])
+              for k in ("val_dice", "val_loss", "train_loss")}
+    return {"folder": folder, "config": config, "folds": len(parts) if folds and len(parts) > 1 else 0,
+            "dice": float(dice.mean()), "low": float(low), "high": float(high), "curves": curves,
+            "best_val_dice": float(np.mean([m["best_val_dice"] for m in metrics])),
+            "split": ",".join(m.get("test_split", "?") for m in metrics)}
+
+
+def run_labels(runs: list[dict]) -> list[str]:
+    """Each run named by the settings in which the runs differ (the folder when none differ)."""
+    keys = sorted({k for r in runs for o in runs for k in changed_fields(r["config"], o["config"])})
+    labels = [", ".join(f"{k}={r['config'].get(k)}" for k in keys) or r["folder"].name for r in runs]
+    return [f"{label} ({r['folder'].name})" if labels.count(label) > 1 else label for label, r in zip(labels, runs)]
+
+
+def plot_comparison(path: Path, runs: list[dict], labels: list[str]) -> None:
+    plt = _pyplot()
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for r, label in zip(runs, labels):
+        epochs = np.arange(1, len(r["curves"]["val_dice"]) + 1)
+        line, = ax1.plot(epochs, r["curves"]["val_dice"], "o-", label=label)
+        ax2.plot(epochs, r["curves"]["val_loss"], "o-", color=line.get_color(), label=f"{label}: validation")
+        ax2.plot(epochs, r["curves"]["train_loss"], "--", color=line.get_color(), alpha=0.6)
+    ax1.set(xlabel="epoch", ylabel="Dice", title="Validation Dice")
+    ax2.set(xlabel="epoch", ylabel="loss", title="Validation loss (training loss dashed)")
+    y = np.arange(len(runs))
+    dice = np.array([r["dice"] for r in runs])
+    err = np.array([[r["dice"] - r["low"] for r in runs], [r["high"] - r["dice"] for r in runs]])
+    ax3.errorbar(dice, y, xerr=err, fmt="o", capsize=4)
+    ax3.set_yticks(y, labels)
+    ax3.invert_yaxis()
+    ax3.set(xlabel="test Dice (95% interval over patients; mean +- sd over folds for cross-validation)",
+            title="Test Dice")
+    for ax in (ax1, ax2, ax3):
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def compare_runs(folders: list[str], out: str) -> list[dict]:
+    """Overlay the curves and test Dice of finished runs, labelled by what differs between them; say
+    when intervals overlap and when runs were tested on different images."""
+    runs = [load_finished_run(Path(f)) for f in folders]
+    labels = run_labels(runs)
+    width = max(len(label) for label in labels)
+    log(f"{'run':{width}s}  best val Dice  test Dice  interval")
+    for r, label in zip(runs, labels):
+        spread = "mean +- sd over folds" if r["folds"] else "95% over patients"
+        log(f"{label:{width}s}  {r['best_val_dice']:13.4f}  {r['dice']:9.4f}  {r['low']:.4f}-{r['high']:.4f} ({spread})")
+    for i in range(len(runs)):
+        for j in range(i + 1, len(runs)):
+            a, b = runs[i], runs[j]
+            if a["low"] <= b["high"] and b["low"] <= a["high"]:
+                log(f"{labels[i]} vs {labels[j]}: the intervals overlap, so this test set cannot tell them apart")
+            if a["split"] != b["split"]:
+                log(f"{labels[i]} vs {labels[j]}: tested on different splits (other test images), so their Dice "
+                    f"is not comparable image for image")
+    plot_comparison(Path(out), runs, labels)
+    log(f"figure: {out}")
+    return runs
+
+
+def compare_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog=f"{Path(sys.argv[0]).name} compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Did my change help? Overlay the validation curves and the test Dice of finished runs "
+                    "(run folders, or cross-validation folders), labelled by the settings that differ.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of finished runs (a glob works)")
+    parser.add_argument("--out", default="comparison.png", help="the figure to write")
+    args = parser.parse_args(argv)
+    folders = []
+    for pattern in args.runs:  # the shell expands globs; quoted ones (and Windows shells) are expanded here
+        if any(c in pattern for c in "*?["):
+            folders += [str(p) for p in sorted(Path().glob(pattern)) if p.is_dir() and not p.name.startswith(".")]
+        else:
+            folders.append(pattern)
+    if len(folders) < 2:
+        parser.error("give at least two run folders")
+    compare_runs(folders, args.out)
+
 
 
 # -----------------------------------------------------------------------------
@@ -2152,6 +2337,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "predict":
             predict_main(argv[1:])
+        elif argv and argv[0] == "compare":
+            compare_main(argv[1:])
         else:
             cfg = config_from_args(argv)
             batch_size = cfg.batch_size
