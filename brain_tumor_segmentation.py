@@ -2008,21 +2008,18 @@ def run_labels(runs: list[dict]) -> list[str]:
 def plot_comparison(path: Path, runs: list[dict], labels: list[str]) -> None:
     plt = _pyplot()
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
-    for r, label in zip(runs, labels):
+    for i, (r, label) in enumerate(zip(runs, labels)):
         epochs = np.arange(1, len(r["curves"]["val_dice"]) + 1)
         line, = ax1.plot(epochs, r["curves"]["val_dice"], "o-", label=label)
         ax2.plot(epochs, r["curves"]["val_loss"], "o-", color=line.get_color(), label=f"{label}: validation")
         ax2.plot(epochs, r["curves"]["train_loss"], "--", color=line.get_color(), alpha=0.6)
+        ax3.errorbar([r["dice"]], [i], xerr=[[r["dice"] - r["low"]], [r["high"] - r["dice"]]], fmt="o", capsize=5,
+                     color=line.get_color())
     ax1.set(xlabel="epoch", ylabel="Dice", title="Validation Dice")
     ax2.set(xlabel="epoch", ylabel="loss", title="Validation loss (training loss dashed)")
-    y = np.arange(len(runs))
-    dice = np.array([r["dice"] for r in runs])
-    err = np.array([[r["dice"] - r["low"] for r in runs], [r["high"] - r["dice"] for r in runs]])
-    ax3.errorbar(dice, y, xerr=err, fmt="o", capsize=4)
-    ax3.set_yticks(y, labels)
-    ax3.invert_yaxis()
-    ax3.set(xlabel="test Dice (95% interval over patients; mean +- sd over folds for cross-validation)",
-            title="Test Dice")
+    ax3.set_yticks(np.arange(len(runs)), labels)
+    ax3.set(ylim=(len(runs) - 0.5, -0.5), xlabel="test Dice",
+            title="Test Dice: 95% interval over patients\n(cross-validation: mean +- sd over folds)")
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=8)
