@@ -289,6 +289,13 @@ def read_image(path: Path | str) -> np.ndarray:
     8-bit images are divided by 255 as the seed did; 16-bit and float images by their own
     maximum, because their value range depends on the scanner. Raises ValueError when unreadable."""
     image = decode_file(path)
+    try:
+        return gray_in_unit_range(image)
+    except MemoryError:
+        raise ValueError(f"{path}: too large to convert in the memory there is") from None
+
+
+def gray_in_unit_range(image: np.ndarray) -> np.ndarray:
     if image.ndim == 3:
         channels = image.shape[2]
         if channels == 4:
@@ -308,17 +315,25 @@ def read_image(path: Path | str) -> np.ndarray:
 def read_mask(path: Path | str) -> np.ndarray:
     """A mask file -> bool array at its original size.
 
-    Colour masks count a pixel as tumour by its strongest colour channel (a red tumour on black is
-    tumour; alpha is ignored). 8-bit masks whose maximum is above 127 are cut at 127, which keeps
-    0/255 masks right under JPEG noise; darker ones (0/1 masks, noisy or not) count every non-zero
-    pixel. 16-bit and float masks are cut at half their maximum."""
+    A pixel's value is its strongest colour channel (gray, or the largest of red, green and blue;
+    fully transparent pixels count as 0). The mask's levels are the non-zero values that cover at
+    least a tenth of the area of the most common one: a lone stray value (JPEG noise, a slip of the
+    brush) is not a level. A pixel is tumour when its value is above half the lowest level: 0/255
+    and 0/1 masks, noisy or not, 16-bit ones, and masks with several labels (every label is tumour)."""
     mask = decode_file(path)
-    if mask.ndim == 3:
-        mask = mask[:, :, :3].max(axis=2)
-    if mask.dtype == np.uint8:
-        return mask > (127 if mask.max() > 127 else 0)
-    mask = mask.astype(np.float32)
-    return mask > float(mask.max()) / 2 if mask.max() > 0 else np.zeros(mask.shape, bool)
+    try:
+        if mask.ndim == 3:
+            value = mask[:, :, :3].max(axis=2)
+            if mask.shape[2] == 4:
+                value = np.where(mask[:, :, 3] > 0, value, 0)
+            mask = value
+        values, counts = np.unique(mask[mask > 0], return_counts=True)
+        if not len(values):
+            return np.zeros(mask.shape, bool)
+        lowest_level = values[counts >= 0.1 * counts.max()].min()
+        return mask > lowest_level / 2
+    except MemoryError:
+        raise ValueError(f"{path}: too large to convert in the memory there is") from None
 
 
 def preprocess_image(gray: np.ndarray, size: int) -> np.ndarray:
@@ -338,11 +353,22 @@ def _sort_key(name: str):
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
+def folder_entries(folder: Path) -> list[Path]:
+    """What a folder holds; a folder that cannot be read stops the run with one sentence."""
+    try:
+        return list(Path(folder).iterdir())
+    except OSError as e:
+        raise UserError(f"{folder}: cannot read this folder ({e.strerror or type(e).__name__}); check its "
+                        f"permissions") from None
+
+
 def list_images(folder: Path) -> dict[str, Path]:
     """Image files of a folder by stem; other files are ignored."""
     files = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+    for path in sorted(folder_entries(folder)):
+        if path.is_dir() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            warn(f"{path}: a folder, not an image; skipped")
+        elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
             if path.stem in files:
                 warn(f"{path}: another file has the same name {path.stem!r} ({files[path.stem].name}); "
                      f"skipped, keep one of them")
@@ -396,8 +422,11 @@ def _load_pair(pair, size):
     if image.shape != mask.shape:
         return name, None, (f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
                             f"{image.shape[1]}x{image.shape[0]}; pair {name} skipped")
-    resized = preprocess_mask(mask, size)
-    return name, (preprocess_image(image, size), resized), vanished_tumour(mask_path, mask, resized)
+    try:
+        resized = preprocess_mask(mask, size)
+        return name, (preprocess_image(image, size), resized), vanished_tumour(mask_path, mask, resized)
+    except MemoryError:
+        return name, None, f"{image_path}: too large to resize in the memory there is; pair {name} skipped"
 
 
 def load_dataset(data_dir: Path | str, size: int, limit: int = 0, workers: int = 0) -> dict:
@@ -425,6 +454,10 @@ def load_dataset(data_dir: Path | str, size: int, limit: int = 0, workers: int =
         raise UserError(f"{data_dir}: none of the {len(pairs)} image/mask pairs could be read")
     if len(names) < len(pairs):
         warn(f"{len(pairs) - len(names)} of {len(pairs)} pairs skipped (see the warnings above)")
+    mostly = [n for n, m in zip(names, masks) if m.mean() > 0.5]
+    if mostly:
+        warn(f"{len(mostly)} of {len(names)} masks are more than half tumour (for example {mostly[0]}): inverted "
+             f"masks (tumour dark on a bright background)? Tumour must be the bright or coloured part")
     if not any(m.any() for m in masks):
         warn(f"NO TUMOUR PIXEL in any of the {len(names)} masks of {data_dir}: the model can only learn to "
              f"predict nothing, and its Dice will say nothing. Check the masks (tumour non-zero on black, "
@@ -635,7 +668,13 @@ def read_groups_csv(path: Path | str) -> dict[str, tuple[str, str]]:
         raise UserError(f"{path}: a groups file needs the columns image,patient_id (and optionally tumor_type)")
     if any(not r["image"] or not r["patient_id"] for r in rows):
         raise UserError(f"{path}: every row needs an image and a patient_id")
-    return {Path(r["image"]).stem: (r["patient_id"], r.get("tumor_type") or "") for r in rows}
+    table = {}
+    for r in rows:
+        name, entry = Path(r["image"]).stem, (r["patient_id"], r.get("tumor_type") or "")
+        if table.setdefault(name, entry) != entry:
+            raise UserError(f"{path}: image {r['image']!r} is listed twice with different patients or types "
+                            f"({table[name]} and {entry}); keep one row per image")
+    return table
 
 
 def neighbour_correlations(images: torch.Tensor, names: list[str]) -> tuple[list[int], np.ndarray]:
@@ -897,6 +936,65 @@ def bootstrap_interval(values: np.ndarray, groups: list[str], n: int = 2000, see
     draws = np.random.default_rng(seed).integers(0, len(keys), size=(n, len(keys)))
     means = sums[draws].sum(1) / counts[draws].sum(1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+# -----------------------------------------------------------------------------
+# Checking the settings
+
+
+def check_batch_fits(cfg: Config, n_train: int) -> None:
+    """Batch norm needs two values per channel: at 16x16 the bottleneck is 1x1, so a batch of one fails."""
+    values = min(cfg.batch_size, max(n_train, 1)) * (cfg.image_size // 16) ** 2
+    if values < 2:
+        raise UserError(f"--image-size {cfg.image_size} with batches of {min(cfg.batch_size, n_train)} image: the "
+                        f"bottleneck is 1x1 and batch norm needs 2 values; use --batch-size 2 or more (and at least "
+                        f"2 training images), or --image-size 32")
+
+
+def check_config(cfg: Config) -> None:
+    """Every field of the right type and in range before anything is read, written or deleted."""
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), type(f.default)
+        if not (type(value) is kind or (kind is float and type(value) is int)):
+            raise UserError(f"--{f.name.replace('_', '-')} {value!r}: must be {kind.__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name.replace('_', '-')} {value}: must be a finite number")
+    if not 0 <= cfg.seed < 2 ** 31:
+        raise UserError(f"--seed {cfg.seed}: must be from 0 to 2147483647")
+    if cfg.image_size > 4096:
+        raise UserError(f"--image-size {cfg.image_size}: at most 4096 (the dataset's slices are 512x512)")
+    for name, high in (("aug_rotation", 180), ("aug_scale", 1), ("aug_gamma", 2)):
+        if getattr(cfg, name) > high:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: at most {high}")
+    if cfg.image_size < 16 or cfg.image_size % 16:
+        raise UserError(f"--image-size {cfg.image_size}: must be a multiple of 16 (the U-Net halves it 4 times)")
+    if not 0 < cfg.val_fraction < 1 or not 0 < cfg.test_fraction < 1 or cfg.val_fraction + cfg.test_fraction >= 1:
+        raise UserError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
+    choices = dict(split=("patient", "random"), recipe=("improved", "seed"), optimizer=("adam", "adamw"),
+                   schedule=("constant", "onecycle"), loss=tuple(LOSSES),
+                   amp=("auto", "bf16", "fp16", "off"), compile=("auto", "on", "off"),
+                   compile_mode=("default", "reduce-overhead", "max-autotune"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    if cfg.folds != 0 and cfg.folds < 3:
+        raise UserError(f"--folds {cfg.folds}: must be 0 (one split) or at least 3 (test, validation and training folds)")
+    if not -1 <= cfg.fold < max(cfg.folds, 1) or (cfg.fold >= 0 and not cfg.folds):
+        raise UserError(f"--fold {cfg.fold}: must be -1 (all folds) or a fold number from 0 to --folds minus 1, "
+                        f"with --folds")
+    for name, low in (("epochs", 1), ("batch_size", 1), ("base_width", 1), ("eval_batch_size", 1),
+                      ("demo_images", 10), ("panel_images", 0), ("test_samples", 0), ("workers", 0), ("limit", 0),
+                      ("nan_check_every", 1), ("lr", 1e-12), ("weight_decay", 0), ("smooth", 0),
+                      ("aug_rotation", 0), ("aug_scale", 0), ("aug_gamma", 0), ("threshold_step", 1e-6)):
+        if getattr(cfg, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be "
+                            + ("above 0" if 0 < low < 1e-3 else f"at least {low}"))
+    for name in ("threshold", "threshold_min", "threshold_max", "aug_flip", "warmup_fraction"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be between 0 and 1")
+    if cfg.threshold_min > cfg.threshold_max:
+        raise UserError("--threshold-min must not be above --threshold-max")
+    check_batch_fits(cfg, cfg.batch_size)
 
 
 # -----------------------------------------------------------------------------
@@ -1216,6 +1314,8 @@ def load_checkpoint(path: Path | str) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about old pickle protocols before refusing
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
     except pickle.UnpicklingError as e:
         with open(path, "rb") as f:
             raw_pickle = f.read(1) == b"\x80"  # a bare pickle, not torch.save's zip: may hold code
@@ -1224,7 +1324,8 @@ def load_checkpoint(path: Path | str) -> dict:
                             f"only checkpoints written by this script can be used") from None
         raise UserError(f"{path}: not a PyTorch checkpoint (another kind of file)") from None
     except Exception as e:  # torch raises many kinds for damaged files: all mean the same to a user
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        detail = detail if len(detail) <= 120 else detail[:120].rsplit(" ", 1)[0] + " ..."
         raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or another kind of "
                         f"file: {detail})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -1243,6 +1344,17 @@ def load_checkpoint(path: Path | str) -> dict:
     if wrong:
         raise UserError(f"{path}: damaged checkpoint, {', '.join(wrong)} of the wrong type; use another "
                         f"checkpoint, or train anew (--overwrite)")
+    try:
+        check_config(Config(**{**BEFORE_FIELD_EXISTED, **{k: v for k, v in config.items()
+                                                          if k in Config.__dataclass_fields__}}))
+        problem = ("threshold not between 0 and 1" if not 0 <= state["threshold"] <= 1 else
+                   "epoch or step below 0" if min(state["epoch"], state["step"]) < 0 else
+                   "weights that are not finite" if not all(torch.isfinite(v).all() for v in state["model"].values()
+                                                           if v.is_floating_point()) else "")
+    except (UserError, TypeError) as e:
+        problem = f"its settings are invalid: {e}"
+    if problem:
+        raise UserError(f"{path}: damaged checkpoint, {problem}; use another checkpoint, or train anew (--overwrite)")
     return state
 
 
@@ -1272,6 +1384,29 @@ def remove_stale_temporaries(folder: Path) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def lock_file(path: Path):
+    """An open file holding an exclusive lock on `path`, or UserError naming the owner. The lock is
+    taken on the file that `path` names once it is held (a finished run may delete it meanwhile)."""
+    while True:
+        handle = open(path, "a+")
+        try:
+            import fcntl
+        except ImportError:
+            return handle
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"{path.parent} is in use by another run ({owner}); wait for it to end, or choose "
+                            f"another output folder") from None
+        with contextlib.suppress(OSError):
+            if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                return handle
+        handle.close()  # locked a file that was deleted meanwhile: take the new one
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path):
     """Own `folder` while writing into it: a second run into the same folder is refused. The
@@ -1279,17 +1414,8 @@ def folder_lock(folder: Path):
     nothing stuck. (No such lock on Windows, which lacks fcntl.)"""
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / ".lock", "a+")
+    handle = lock_file(folder / ".lock")
     try:
-        with contextlib.suppress(ImportError):
-            import fcntl
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.seek(0)
-                owner = handle.read().strip() or "another process"
-                raise UserError(f"{folder} is in use by another run ({owner}); wait for it to end, or choose "
-                                f"another output folder") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -1297,11 +1423,11 @@ def folder_lock(folder: Path):
         remove_stale_temporaries(folder)
         yield
     finally:
-        handle.close()
         if created and [p.name for p in folder.iterdir()] == [".lock"]:  # a run that wrote nothing leaves nothing
             with contextlib.suppress(OSError):
                 (folder / ".lock").unlink()
                 folder.rmdir()
+        handle.close()
 
 
 def check_out_dir(cfg: Config) -> Path:
@@ -1310,6 +1436,10 @@ def check_out_dir(cfg: Config) -> Path:
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out-dir {out} is a file, not a folder; choose another --out-dir")
+    data = Path(cfg.data_dir).resolve() if cfg.data_dir and not cfg.demo else None
+    if data and (out.resolve() == data or data in out.resolve().parents):
+        raise UserError(f"--out-dir {out} is inside the data folder {cfg.data_dir}: a run never writes into its data "
+                        f"(and its runs.csv would land there too). Choose an --out-dir outside it")
     has_model, has_last = (out / "model.pth").exists(), (out / "last.pth").exists()
     if cfg.resume or cfg.overwrite or not (has_model or has_last):
         return out
@@ -1319,6 +1449,14 @@ def check_out_dir(cfg: Config) -> Path:
     raise UserError(f"{out} holds the model.pth of an earlier run but no last.pth (it stopped before its first "
                     f"resumable state was written), so --resume cannot continue it. Keep it and pick another "
                     f"--out-dir, or replace it with --overwrite")
+
+
+def check_writable(out: Path) -> None:
+    """Every folder a run writes into takes a file, before --overwrite deletes anything."""
+    for folder in (out, out / "visualizations", out / "visualizations" / "epochs"):
+        if folder.is_dir():
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-", suffix=".tmp"):
+                pass
 
 
 def clear_previous_outputs(out: Path) -> None:
@@ -1528,16 +1666,25 @@ def split_fingerprint(test_names: list[str]) -> str:
 def append_run_row(table: Path, row: dict) -> None:
     """Add one row to a runs table, rewriting it whole (atomically) under a lock that concurrent
     runs wait for, so that none of their rows is lost and the file is never half-written."""
-    table.parent.mkdir(parents=True, exist_ok=True)
-    with open(table.parent / f".{table.name}.lock", "a") as lock:
-        with contextlib.suppress(ImportError):
-            import fcntl
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = []
-        if table.is_file():
-            with open(table, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
-        save_csv(table, rows + [row])
+    try:
+        table.parent.mkdir(parents=True, exist_ok=True)
+        with open(table.parent / f".{table.name}.lock", "a") as lock:
+            with contextlib.suppress(ImportError):
+                import fcntl
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            rows = []
+            if table.is_file():
+                with open(table, newline="", encoding="utf-8") as f:
+                    reader = csv.DictReader(f)
+                    rows = list(reader)
+                if not {"when", "run", "test_dice"} <= set(reader.fieldnames or []):
+                    warn(f"{table} is not a runs table of this script: left as it is, and this run is not "
+                         f"recorded in it")
+                    return
+            save_csv(table, rows + [row])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:  # the run itself is done: say so, do not fail it
+        warn(f"this run could not be added to {table} ({getattr(e, 'strerror', None) or e}); its results are in "
+             f"its own folder")
 
 
 def record_run(run: Run, metrics: dict) -> None:
@@ -1560,52 +1707,6 @@ def record_run(run: Run, metrics: dict) -> None:
 
 # -----------------------------------------------------------------------------
 # The run: checks, set-up, one epoch at a time, validation and checkpoints, the test
-
-
-def check_batch_fits(cfg: Config, n_train: int) -> None:
-    """Batch norm needs two values per channel: at 16x16 the bottleneck is 1x1, so a batch of one fails."""
-    values = min(cfg.batch_size, max(n_train, 1)) * (cfg.image_size // 16) ** 2
-    if values < 2:
-        raise UserError(f"--image-size {cfg.image_size} with batches of {min(cfg.batch_size, n_train)} image: the "
-                        f"bottleneck is 1x1 and batch norm needs 2 values; use --batch-size 2 or more (and at least "
-                        f"2 training images), or --image-size 32")
-
-
-def check_config(cfg: Config) -> None:
-    """Every field in range before anything is read, written or deleted."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--{f.name.replace('_', '-')} {value}: must be a finite number")
-    if cfg.image_size < 16 or cfg.image_size % 16:
-        raise UserError(f"--image-size {cfg.image_size}: must be a multiple of 16 (the U-Net halves it 4 times)")
-    if not 0 < cfg.val_fraction < 1 or not 0 < cfg.test_fraction < 1 or cfg.val_fraction + cfg.test_fraction >= 1:
-        raise UserError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
-    choices = dict(split=("patient", "random"), recipe=("improved", "seed"), optimizer=("adam", "adamw"),
-                   schedule=("constant", "onecycle"), loss=tuple(LOSSES),
-                   amp=("auto", "bf16", "fp16", "off"), compile=("auto", "on", "off"),
-                   compile_mode=("default", "reduce-overhead", "max-autotune"))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    if cfg.folds != 0 and cfg.folds < 3:
-        raise UserError(f"--folds {cfg.folds}: must be 0 (one split) or at least 3 (test, validation and training folds)")
-    if not -1 <= cfg.fold < max(cfg.folds, 1) or (cfg.fold >= 0 and not cfg.folds):
-        raise UserError(f"--fold {cfg.fold}: must be -1 (all folds) or a fold number from 0 to --folds minus 1, "
-                        f"with --folds")
-    for name, low in (("epochs", 1), ("batch_size", 1), ("base_width", 1), ("eval_batch_size", 1),
-                      ("demo_images", 10), ("panel_images", 0), ("test_samples", 0), ("workers", 0), ("limit", 0),
-                      ("nan_check_every", 1), ("lr", 1e-12), ("weight_decay", 0), ("smooth", 0),
-                      ("aug_rotation", 0), ("aug_scale", 0), ("aug_gamma", 0), ("threshold_step", 1e-6)):
-        if getattr(cfg, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be "
-                            + ("above 0" if 0 < low < 1e-3 else f"at least {low}"))
-    for name in ("threshold", "threshold_min", "threshold_max", "aug_flip", "warmup_fraction"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be between 0 and 1")
-    if cfg.threshold_min > cfg.threshold_max:
-        raise UserError("--threshold-min must not be above --threshold-max")
-    check_batch_fits(cfg, cfg.batch_size)
 
 
 HISTORY_KEYS = ("epoch", "train_loss", "val_loss", *(f"val_{m}" for m in EPOCH_METRICS), "lr", "epoch_seconds",
@@ -1681,20 +1782,55 @@ def evaluate_test(model, run: Run, threshold: float) -> dict:
 
 
 def resumed_state(cfg: Config, explicit: frozenset) -> tuple[Config, dict | None]:
-    """With --resume: the checkpoint to continue and its configuration; else (cfg, None)."""
+    """With --resume: the checkpoint to continue and its configuration; else (cfg, None). Each
+    state a crash can leave is either continued or answered with the way forward."""
     if not cfg.resume:
         return cfg, None
     path = Path(cfg.out_dir) / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
+    anew = f"start anew there with --overwrite (without --resume), or pick another --out-dir"
     if not path.exists():
-        hint = (f"; {path.parent} holds only model.pth, which cannot be continued: start anew there with "
-                f"--overwrite (without --resume), or pick another --out-dir") if (path.parent / "model.pth").exists() else (
-                "; start a new run without --resume")
+        hint = (f"; {path.parent} holds only model.pth, which cannot be continued: {anew}"
+                if (path.parent / "model.pth").exists() else "; start a new run without --resume")
         raise UserError(f"{path}: no resumable state (last.pth) to continue" + hint)
-    state = load_checkpoint(path)
+    try:
+        state = load_checkpoint(path)
+    except UserError as e:
+        raise UserError(f"{e}. It cannot be continued: {anew}") from None
     if state.get("optimizer") is None or "epoch_loss_sum" not in state:
-        raise UserError(f"{path}: a best-model file, not a resumable state; resume from last.pth")
+        last = path.parent / "last.pth"
+        raise UserError(f"{path}: a best-model file, not a resumable state; " + (
+            f"resume from {last}" if last.is_file() else f"{path.parent} has no last.pth: {anew}"))
+    resumable = {"optimizer": dict, "epoch_loss_sum": (int, float), "best": dict, "world": int}
+    wrong = [k for k, kind in resumable.items() if not isinstance(state.get(k, 1), kind)]
+    wrong += [k for k in ("train", "val", "test") if not isinstance(state["split"].get(k), list)]
+    wrong += [k for k, v in state["history"].items() if not isinstance(v, list)]
+    if not wrong and not (isinstance(state["best"].get("epoch"), int) and
+                          isinstance(state["best"].get("val_dice"), (int, float))):
+        wrong.append("best")
+    if wrong:
+        raise UserError(f"{path}: damaged checkpoint ({', '.join(wrong)}); it cannot be continued: {anew}")
+    cfg = resume_config(cfg, explicit, state, path)
+    check_best_model(state, path, cfg.epochs)
     log(f"resuming {path} at epoch {state['epoch'] + 1}, step {state['step']}")
-    return resume_config(cfg, explicit, state, path), state
+    return cfg, state
+
+
+def check_best_model(state: dict, path: Path, epochs: int) -> None:
+    """A resumed run needs the model.pth its state says was saved: if a crash or a user removed or
+    damaged it, the best model is chosen anew from the epochs still to run."""
+    best_path = path.parent / "model.pth"
+    if state["best"]["epoch"] < 1:
+        return
+    try:
+        load_checkpoint(best_path)
+        return
+    except UserError as e:
+        problem = str(e)
+    if state["epoch"] >= epochs:
+        raise UserError(f"{problem}; the run it belongs to has finished, so there is nothing left to choose a best "
+                        f"model from: start anew with --overwrite (without --resume), or pick another --out-dir")
+    warn(f"{problem}: the best model is chosen anew from the epochs still to run")
+    state["best"] = {"epoch": 0, "val_dice": -1.0}
 
 
 def load_data_and_split(cfg: Config, machine: Machine, resume: dict | None) -> tuple[dict, dict, dict]:
@@ -1724,6 +1860,7 @@ def set_up_run(cfg: Config, machine: Machine, resume: dict | None) -> Run:
     out = Path(cfg.out_dir)
     data, split, idx = load_data_and_split(cfg, machine, resume)
     if machine.rank == 0:
+        check_writable(out)
         if cfg.overwrite and not cfg.resume:
             clear_previous_outputs(out)
         save_json(out / "config.json", dataclasses.asdict(cfg))
@@ -1751,10 +1888,15 @@ def set_up_run(cfg: Config, machine: Machine, resume: dict | None) -> Run:
               # redone without compiling. Under DDP a retry by one rank alone would hang the others.
               compile_unproven=compiled and machine.world == 1)
     if resume:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
+        try:
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            if resume.get("scaler"):
+                scaler.load_state_dict(resume["scaler"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{cfg.resume}: its saved weights or optimizer state do not fit this model "
+                            f"({type(e).__name__}); it cannot be continued: start anew with --overwrite "
+                            f"(without --resume), or pick another --out-dir") from None
         run.history, run.best = resume["history"], resume["best"]
         run.epoch, run.step, run.loss_sum = resume["epoch"], resume["step"], resume["epoch_loss_sum"]
     return run
@@ -1786,6 +1928,9 @@ def train_one_epoch(run: Run, stop: StopFlag) -> tuple[torch.Tensor, int, bool]:
     order = batch_order(n_train, cfg.batch_size, cfg.seed, run.epoch, m.rank, m.world)
     total_steps = cfg.epochs * len(order)
     train_idx = run.idx["train"].to(m.device)
+    if run.step > len(order):
+        raise UserError(f"{run.cfg.resume}: the resumed state is at step {run.step} of an epoch of {len(order)} "
+                        f"steps: damaged, or saved with other data or batch size; start anew with --overwrite")
     step_losses = torch.zeros(len(order), device=m.device)
     run.model.train()
     first, seen = run.step, 0
@@ -1950,15 +2095,18 @@ def cross_validate(cfg: Config, explicit: frozenset = frozenset()) -> dict:
                "test_dice_std": float(dice.std(ddof=1)),
                "test_iou_mean": float(np.mean([r["test"]["iou"] for r in results])),
                "test_images": int(sum(r["test"]["images"] for r in results))}
+    caveats = sorted({r["warning"] for r in results if r.get("warning")})
+    if caveats:
+        summary["warning"] = "; ".join(caveats)
+        warn(f"cross-validation: {summary['warning']}")
     save_json(out / "cv_summary.json", summary)
     spread = summary["test_dice_std"]
     append_run_row(out.resolve().parent / "runs.csv", {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"), "run": str(out),
         "changed": "; ".join(f"{k}={v}" for k, v in changed_fields(dataclasses.asdict(cfg),
                                                                    dataclasses.asdict(Config())).items()),
-        "test_dice": round(summary["test_dice_mean"], 5), "test_dice_ci95_low": round(summary["test_dice_mean"] - spread, 5),
-        "test_dice_ci95_high": round(summary["test_dice_mean"] + spread, 5),
-        "folds": f"{cfg.folds} (test Dice: mean +- sd over folds)", "script": script_version()})
+        "test_dice": round(summary["test_dice_mean"], 5), "test_dice_sd_over_folds": round(spread, 5),
+        "folds": cfg.folds, "script": script_version()})
     log(f"cross-validation over {cfg.folds} folds of patients: test Dice {summary['test_dice_mean']:.4f} "
         f"+- {summary['test_dice_std']:.4f} (mean +- sd over folds); {out / 'cv_summary.json'}")
     return summary
@@ -2081,7 +2229,7 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += [p for p in sorted(path.iterdir(), key=lambda p: _sort_key(p.stem))
+            files += [p for p in sorted(folder_entries(path), key=lambda p: _sort_key(p.stem))
                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
         elif path.is_file():
             files.append(path)
@@ -2120,13 +2268,22 @@ def check_predict_out(out: Path, inputs: list[str], files: list[Path], masks_dir
     read_folders = {Path(i).resolve(): f"the input folder {i}" for i in inputs if Path(i).is_dir()}
     if masks_dir:
         read_folders[Path(masks_dir).resolve()] = f"the --masks folder {masks_dir}"
+    file_folders = {f.resolve().parent: f"the folder of the input {f}" for f in files}
+    for sub in ("masks", "overlays"):  # a subfolder linked elsewhere would carry the writes out of --out
+        if (out / sub).exists() and (out / sub).resolve() != out.resolve() / sub:
+            raise UserError(f"--out {out}: {out / sub} is a link to {(out / sub).resolve()}; predict writes only "
+                            f"into real folders inside --out. Choose another --out")
     for written in (out, out / "masks", out / "overlays"):
         w = written.resolve()
+        for folder, what in [*read_folders.items(), *file_folders.items()]:
+            if w == folder or (folder in w.parents and folder in read_folders):
+                raise UserError(f"--out {out} would write into {written}, which is inside {what}: predict "
+                                f"reads from there and never writes into it, with or without --overwrite. Choose "
+                                f"an --out outside every input and --masks folder")
         for folder, what in read_folders.items():
-            if w == folder or folder in w.parents:
-                raise UserError(f"--out {out} would write into {written}, which is inside {what}: predict reads "
-                                f"from there and never writes into it, with or without --overwrite. Choose an "
-                                f"--out outside every input and --masks folder")
+            if w in folder.parents and written == out:
+                raise UserError(f"--out {out} holds {what}: predict never writes beside its inputs, with or "
+                                f"without --overwrite. Choose an --out outside it")
     targets = [out / "predictions.csv"] + [out / sub / f"{f.stem}.png" for f in files for sub in ("masks", "overlays")]
     read_files = {f.resolve() for f in files} | {m.resolve() for m in truth.values()}
     for target in targets:
@@ -2160,7 +2317,7 @@ def score_against_truth(f: Path, pred: np.ndarray, truth: dict, masks_dir: str, 
     if vanished:
         warn(vanished)
     scores = scores_from_counts(confusion_counts(torch.from_numpy(pred)[None], torch.from_numpy(target)[None]))
-    return {name: round(float(value[0]), 5) for name, value in scores.items()}
+    return {"true_tumor_pixels": int(target.sum()), **{name: round(float(value[0]), 5) for name, value in scores.items()}}
 
 
 def segment_batch(model, machine: Machine, files: list[Path], size: int, threshold: float, flip: bool, truth: dict,
@@ -2251,6 +2408,9 @@ def predict(model_path, inputs: list[str], out_dir, masks_dir: str = "", batch_s
     log(f"{len(rows)} images segmented in {seconds:.2f} s ({seconds / len(rows):.3f} s each) on {dev}"
         + (f", {skipped} unreadable skipped" if skipped else "") + f"; masks, overlays and predictions.csv in {out}/")
     scored = [r for r in rows if "dice" in r]
+    if scored and not any(r["true_tumor_pixels"] for r in scored):
+        warn(f"THE {len(scored)} --masks FILES HOLD NO TUMOUR PIXEL at {size}x{size}: the scores below only say "
+             f"whether anything was predicted, not how well tumours are outlined")
     if scored:
         log(f"against {len(scored)} masks (mean over images, at {size}x{size}): "
             + ", ".join(f"{name} {np.mean([r[name] for r in scored]):.4f}" for name in METRICS))
@@ -2324,7 +2484,8 @@ def write_failure(e: OSError) -> str:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"no permission to write {where}; choose another output folder (--out-dir, or --out for predict)"
     if e.errno in (errno.ENOTDIR, errno.EEXIST):
-        return f"cannot create the folder {where}: a file of that name is in the way; choose another output folder"
+        return (f"cannot create the folder {where}: a file stands where a folder of that path should be; choose "
+                f"another output folder")
     return f"cannot write {where}: {e.strerror or e}"
 
 
@@ -2358,6 +2519,16 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"--batch-size {max(1, batch_size // 2)}" if batch_size > 1 else "a smaller --batch-size"
         print(f"error: the GPU ran out of memory. Try {hint}, or close other programs that use the GPU",
               file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"error: out of memory. Try a smaller --batch-size, --image-size or --eval-batch-size, or --limit",
+              file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e) and "not enough memory" not in str(e):
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0][:120]}). Try a smaller --batch-size, --image-size or "
+              f"--eval-batch-size, or --limit", file=sys.stderr)
         return 1
     except OSError as e:  # reads are turned into warnings or UserError: this is a write that failed
         print(f"error: {write_failure(e)}", file=sys.stderr)

@@ -61,7 +61,7 @@ def test_compare_takes_a_glob_and_refuses_an_unfinished_folder(runs, tmp_path, c
 
 def test_concurrent_rows_are_all_kept(tmp_path):
     table = tmp_path / "runs.csv"
-    threads = [threading.Thread(target=bts.append_run_row, args=(table, {"run": str(i), "test_dice": i}))
+    threads = [threading.Thread(target=bts.append_run_row, args=(table, {"when": "now", "run": str(i), "test_dice": i}))
                for i in range(20)]
     for t in threads:
         t.start()

@@ -89,8 +89,35 @@ def test_predict_into_the_folder_of_an_input_file_keeps_the_file(dataset, finish
     before = snapshot(tmp_path / "single")
     rc, _, err = run_cli(capsys, "predict", copy, "--model", finished_run / "model.pth", "--device", "cpu",
                          "--out", tmp_path / "single", "--overwrite")
-    one_error(rc, err, "did not write")
+    one_error(rc, err, "the folder of the input")
     assert snapshot(tmp_path / "single") == before
+
+
+def test_predict_never_follows_a_linked_output_subfolder_into_the_data(dataset, finished_run, tmp_path, capsys):
+    out = tmp_path / "pred"
+    args = ["predict", dataset / "images", "--model", finished_run / "model.pth", "--device", "cpu", "--out", out]
+    rc, _, err = run_cli(capsys, *args)
+    assert rc == 0, err
+    shutil.rmtree(out / "masks")
+    (out / "masks").symlink_to(dataset / "masks")  # an earlier output whose masks/ now leads to the ground truth
+    before = snapshot(dataset)
+    rc, _, err = run_cli(capsys, *args, "--overwrite")
+    one_error(rc, err, "is a link to")
+    assert snapshot(dataset) == before
+
+
+def test_predict_names_an_input_folder_inside_out_as_an_input(dataset, finished_run, capsys):
+    rc, _, err = run_cli(capsys, "predict", dataset / "images", "--model", finished_run / "model.pth",
+                         "--device", "cpu", "--out", dataset, "--overwrite")
+    one_error(rc, err, "holds the input folder")
+
+
+def test_training_never_writes_into_its_data_folder(dataset, capsys):
+    before = snapshot(dataset)
+    for out in (dataset / "images", dataset / "run", dataset):
+        rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", out, *TINY_ARGS)
+        one_error(rc, err, "data folder")
+    assert snapshot(dataset) == before
 
 
 # -----------------------------------------------------------------------------
@@ -372,3 +399,182 @@ def test_metrics_json_is_strict_with_null_for_undefined_hd95(tmp_path, capsys):
     assert rc == 0, err
     metrics = strict_load(tmp_path / "o" / "metrics.json")
     assert metrics["test"]["hd95"] is None and "null" in metrics["empty_masks"]
+
+
+# -----------------------------------------------------------------------------
+# More members of the classes above (a hostile review of the first fixes)
+
+
+@pytest.mark.parametrize("kind", ["stray-255-in-0-1", "16-bit-0-1000-stray", "two-labels", "rgba-transparent-white"])
+def test_more_mask_encodings_keep_their_tumour(kind, tmp_path):
+    truth = np.zeros((40, 40), bool)
+    truth[10:20, 10:20] = True
+    if kind == "stray-255-in-0-1":
+        mask = truth.astype(np.uint8)
+        mask[0, 0] = 255
+    elif kind == "16-bit-0-1000-stray":
+        mask = truth.astype(np.uint16) * 1000
+        mask[0, 0] = 65535
+    elif kind == "two-labels":  # oedema 100 around a core 255: both are tumour
+        truth[8:22, 8:22] = True
+        mask = truth.astype(np.uint8) * 100
+        mask[12:18, 12:18] = 255
+    else:  # a red tumour painted on a transparent white layer
+        mask = np.zeros((40, 40, 4), np.uint8)
+        mask[..., :3] = 255
+        mask[truth] = (0, 0, 255, 255)
+    cv2.imwrite(str(tmp_path / "m.png"), mask)
+    read = bts.read_mask(tmp_path / "m.png")
+    assert read[truth].all() and read.sum() <= truth.sum() + 1
+
+
+def test_inverted_masks_are_flagged(tmp_path, capsys):
+    for i in range(1, 21):
+        image, mask = square_pair(seed=i)
+        write_pair(tmp_path / "inv", str(i), image, 255 - mask)
+    rc, _, err = run_cli(capsys, "--data-dir", tmp_path / "inv", "--out-dir", tmp_path / "o", *TINY_ARGS,
+                         "--split", "random")
+    assert rc == 0, err
+    assert "20 of 20 masks are more than half tumour" in err and "inverted" in err
+
+
+def test_an_unreadable_folder_is_a_read_error_not_a_write_error(dataset, finished_run, tmp_path, capsys,
+                                                                monkeypatch):
+    real_iterdir = Path.iterdir
+
+    def refusing(self):
+        if self == dataset / "images":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", refusing)
+    rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", tmp_path / "o", *TINY_ARGS)
+    one_error(rc, err, "cannot read this folder", "Permission denied")
+    rc, _, err = run_cli(capsys, "predict", dataset / "images", "--model", finished_run / "model.pth",
+                         "--device", "cpu", "--out", tmp_path / "p")
+    one_error(rc, err, "cannot read this folder")
+    assert "write" not in err
+
+
+def test_an_image_too_large_for_memory_is_skipped(dataset, tmp_path, capsys, monkeypatch):
+    real = bts.gray_in_unit_range
+
+    def out_of_memory(image):
+        if image.shape == (48, 48) and image[0, 0] == 255:
+            raise MemoryError
+        return real(image)
+
+    image, mask = square_pair(seed=3)
+    image[0, 0] = 255
+    write_pair(dataset, "huge", image, mask)
+    monkeypatch.setattr(bts, "gray_in_unit_range", out_of_memory)
+    rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", tmp_path / "o", *TINY_ARGS)
+    assert rc == 0 and "huge.png: too large" in err
+
+
+def test_a_refused_run_never_frees_the_winners_folder(tmp_path):
+    folder = tmp_path / "new"
+    with bts.folder_lock(folder):
+        with pytest.raises(bts.UserError, match="in use"):
+            with bts.folder_lock(folder):
+                pass
+        assert (folder / ".lock").exists()
+        with pytest.raises(bts.UserError, match="in use"):  # still owned by the first
+            with bts.folder_lock(folder):
+                pass
+
+
+def test_resume_without_model_pth_chooses_the_best_model_anew(dataset, finished_run, capsys):
+    (finished_run / "model.pth").unlink()
+    rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", finished_run, "--resume")
+    one_error(rc, err, "--overwrite")  # finished: nothing left to choose from
+    rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", finished_run, "--resume", "--epochs", "2")
+    assert rc == 0 and "chosen anew" in err, err
+    assert (finished_run / "model.pth").is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "model-as-resume"])
+def test_every_damaged_resume_names_the_way_forward(damage, dataset, finished_run, capsys):
+    last = finished_run / "last.pth"
+    args = ["--data-dir", dataset, "--out-dir", finished_run, "--epochs", "2", "--resume"]
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:100_000])
+    elif damage == "empty":
+        last.write_bytes(b"")
+    else:
+        last.unlink()
+        args.append(str(finished_run / "model.pth"))
+    rc, _, err = run_cli(capsys, *args)
+    one_error(rc, err, "--overwrite")
+    rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", finished_run, *TINY_ARGS, "--overwrite")
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("field, value", [("best", None), ("best", "missing"), ("optimizer", {"param_groups": "x"}),
+                                          ("split", {}), ("epoch_loss_sum", "x"), ("config.lr", "fast"),
+                                          ("step", 10 ** 6), ("epoch", -5), ("config.image_size", 17),
+                                          ("config.base_width", 8), ("history", {"epoch": "x"})])
+def test_a_damaged_resumable_state_is_one_sentence(field, value, dataset, finished_run, capsys):
+    state = torch.load(finished_run / "last.pth", map_location="cpu", weights_only=True)
+    top, _, sub = field.partition(".")
+    if value == "missing":
+        del state[top]
+    elif sub:
+        state[top][sub] = value
+    else:
+        state[top] = value
+    torch.save(state, finished_run / "last.pth")
+    rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", finished_run, "--resume", "--epochs", "2")
+    one_error(rc, err, "last.pth")
+
+
+@pytest.mark.parametrize("field, value", [("config.image_size", 17), ("threshold", float("nan")), ("threshold", 5.0),
+                                          ("config.tta", "no"), ("weights", float("nan"))])
+def test_predict_refuses_a_checkpoint_with_impossible_values(field, value, dataset, finished_run, tmp_path, capsys):
+    state = torch.load(finished_run / "model.pth", map_location="cpu", weights_only=True)
+    if field == "weights":
+        state["model"]["head.weight"][:] = value
+    elif field.startswith("config."):
+        state["config"][field[7:]] = value
+    else:
+        state[field] = value
+    torch.save(state, finished_run / "model.pth")
+    rc, _, err = run_cli(capsys, "predict", dataset / "images", "--model", finished_run / "model.pth",
+                         "--device", "cpu", "--out", tmp_path / "p")
+    one_error(rc, err, "damaged checkpoint")
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("args, message", [(["--seed", "-1"], "--seed -1"), (["--seed", "99999999999999999999"], "--seed"),
+                                           (["--image-size", "99999984"], "at most 4096"),
+                                           (["--aug-scale", "1000"], "at most 1")])
+def test_more_flags_out_of_range(args, message, dataset, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", tmp_path / "o", *TINY_ARGS, *args)
+    one_error(rc, err, message)
+
+
+def test_a_groups_file_with_two_patients_for_one_image_is_refused(dataset, tmp_path, capsys):
+    rows = "".join(f"{i},p{i}\n" for i in range(1, 21))
+    (tmp_path / "groups.csv").write_text("image,patient_id\n" + rows + "3,p99\n")
+    rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", tmp_path / "o", *TINY_ARGS,
+                         "--groups", tmp_path / "groups.csv")
+    one_error(rc, err, "listed twice")
+
+
+@pytest.mark.parametrize("table", [b"name,score\nmine,1\n", b"\xff\xfe\x00garbage"])
+def test_a_foreign_or_broken_runs_table_is_left_alone_and_the_run_still_succeeds(table, dataset, tmp_path, capsys):
+    (tmp_path / "parent").mkdir()
+    (tmp_path / "parent" / "runs.csv").write_bytes(table)
+    rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", tmp_path / "parent" / "run", *TINY_ARGS)
+    assert rc == 0, err
+    assert "runs.csv" in err and (tmp_path / "parent" / "runs.csv").read_bytes() == table
+
+
+def test_predict_against_tumour_free_masks_says_the_scores_say_nothing(dataset, finished_run, tmp_path, capsys):
+    empty = tmp_path / "empty-masks"
+    empty.mkdir()
+    for path in (dataset / "masks").iterdir():
+        cv2.imwrite(str(empty / path.name), np.zeros((48, 48), np.uint8))
+    rc, _, err = run_cli(capsys, "predict", dataset / "images", "--masks", empty, "--model", finished_run / "model.pth",
+                         "--device", "cpu", "--out", tmp_path / "p")
+    assert rc == 0 and "HOLD NO TUMOUR PIXEL" in err, err

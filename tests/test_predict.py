@@ -225,7 +225,7 @@ def test_predict_known_answer_squares_dice_above_0_9(squares_model, tmp_path):
     assert dice.mean() > 0.9, dice
     np.testing.assert_allclose(iou, dice / (2 - dice), atol=1e-4)  # IoU = D / (2 - D) per image
     columns, csv_rows = read_csv(out / "predictions.csv")
-    assert columns == CSV_COLUMNS + list(bts.METRICS)
+    assert columns == CSV_COLUMNS + ["true_tumor_pixels", *bts.METRICS]
     assert [float(r["dice"]) for r in csv_rows] == pytest.approx(dice.tolist())
     assert [float(r["iou"]) for r in csv_rows] == pytest.approx(iou.tolist())
 
