@@ -168,6 +168,7 @@ def test_same_seed_runs_are_identical_on_cpu(synthetic, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_sigint_then_resume_gives_the_same_result_as_an_uninterrupted_run(synthetic, tmp_path, monkeypatch, capsys):
     args = ["--data-dir", synthetic, *TINY, "--recipe", "improved"]
     assert run([*args, "--out-dir", tmp_path / "straight"]) == 0
@@ -272,6 +273,7 @@ class FakeCompiled(torch.nn.Module):
         return out
 
 
+@pytest.mark.slow
 def test_a_failing_torch_compile_falls_back_to_eager_with_the_same_result(synthetic, tmp_path, monkeypatch, capsys):
     assert run(["--data-dir", synthetic, "--out-dir", tmp_path / "eager", *TINY, "--compile", "off"]) == 0
     modes = []
@@ -378,6 +380,7 @@ def test_demo_never_overwrites_a_folder_it_did_not_make(tmp_path, capsys):
     assert (precious / "images" / "keep.png").read_bytes() == b"not mine to delete"
 
 
+@pytest.mark.slow
 def test_cross_validation_trains_one_model_per_fold_on_disjoint_patients(synthetic, tmp_path):
     out = tmp_path / "cv"
     assert run(["--data-dir", synthetic, "--out-dir", out, *TINY, "--epochs", "1", "--folds", "3"]) == 0
