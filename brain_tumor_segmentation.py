@@ -110,12 +110,12 @@ class Config:
                           "native bf16, bf16 when a short measurement at start-up shows it faster, else "
                           "float32), bf16, fp16 or off")
     channels_last: bool = _f(True, "channels-last memory format on CUDA")
+    deterministic: bool = _f(False, "repeatable CUDA runs: deterministic kernels, no cuDNN autotuning (slower)")
     compile: str = _f("auto", "torch.compile the model: auto (on CUDA), on or off")
     compile_mode: str = _f("default", "torch.compile mode: default, reduce-overhead (CUDA graphs) or "
                                       "max-autotune (autotuned kernels and CUDA graphs; longer compile)")
     nan_check_every: int = _f(20, "on GPUs, check the loss for NaN every N steps (each check waits for the "
                                   "GPU); on a CPU every step is checked")
-    deterministic: bool = _f(False, "repeatable CUDA runs: deterministic kernels, no cuDNN autotuning (slower)")
     eval_batch_size: int = _f(64, "images per step in validation, test and prediction")
     workers: int = _f(0, "threads that decode images once at start-up (0: one per CPU core, max 8)")
     # outputs and run control
@@ -2199,11 +2199,15 @@ def compare_runs(folders: list[str], out: str) -> list[dict]:
     return runs
 
 
+def subcommand_parser(name: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"{Path(sys.argv[0]).name} {name}", description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
 def compare_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog=f"{Path(sys.argv[0]).name} compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Did my change help? Overlay the validation curves and the test Dice of finished runs "
-                    "(run folders, or cross-validation folders), labelled by the settings that differ.")
+    parser = subcommand_parser("compare", "Did my change help? Overlay the validation curves and the test Dice of "
+                                          "finished runs (run folders, or cross-validation folders), labelled by the "
+                                          "settings that differ.")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of finished runs (a glob works)")
     parser.add_argument("--out", default="comparison.png", help="the figure to write")
     args = parser.parse_args(argv)
@@ -2418,14 +2422,12 @@ def predict(model_path, inputs: list[str], out_dir, masks_dir: str = "", batch_s
 
 
 def predict_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog=f"{Path(sys.argv[0]).name} predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Segment MRI slices with a trained model: a mask at each input's size, an overlay, "
-                    "and predictions.csv (tumour area and mean probability per image).")
+    parser = subcommand_parser("predict", "Segment MRI slices with a trained model: a mask at each input's size, an "
+                                          "overlay, and predictions.csv (tumour area and mean probability per image).")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders of images")
     parser.add_argument("--model", default="outputs/model.pth", help="checkpoint written by training")
     parser.add_argument("--out", default="predictions", help="output folder")
-    parser.add_argument("--masks", default="", help="folder of true masks (same file names): report Dice and IoU")
+    parser.add_argument("--masks", default="", help="folder of true masks (same file names): score each prediction on every metric")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier prediction")
