@@ -5,16 +5,23 @@
     python brain_tumor_segmentation.py                   # the Kaggle dataset (downloaded if needed)
     python brain_tumor_segmentation.py --data-dir DIR    # any folder with images/ and masks/
     python brain_tumor_segmentation.py predict --model outputs/model.pth SCAN.png --out preds
+    python brain_tumor_segmentation.py compare outputs/run1 outputs/run2   # did my change help?
 
 Every constant is a field of `Config` below: edit a default there, or override it for one run on
 the command line (`--epochs 5 --batch-size 8`); `--help` lists them all. Sections follow the data:
-config, data and its download, the patient split, model, losses and metrics, training steps, the
-machine, checkpoints, evaluation, plots, the run, prediction, command line. Each helper stands
+config, data and its download, the patient split, model, losses and metrics, checking the settings,
+training steps, the machine, checkpoints, evaluation, plots, the runs table, the run, comparing
+runs, prediction, command line. Each helper stands
 above its first use; `train()` near the end reads as the whole run in a few named steps.
 
-Measured (commands and details in bench/RESULTS.md; CPU figures on a 2-core AMD EPYC with AVX-512
-and native bf16, PyTorch 2.14.1):
-MEASURED_RESULTS
+Measured (commands and details in bench/RESULTS.md; on 2 cores of an AMD EPYC with AVX-512 and
+native bf16, PyTorch 2.14.1, 2026-11-26):
+    make demo                  synthetic slices, 64x64, width 16, 12 epochs: test Dice 0.980
+                               (95% CI 0.972-0.985) in 31.5 s start to finish (--amp auto chose bf16)
+    bench/bench.py --amp bf16  256x256, width 32, batch 8: 5.49 training images/s, x2.14 the seed's
+                               float32 DataLoader loop in the same run (float32 here: 2.39)
+    bench/split_balance.py     patient split within 0.0012 of 70/20/10, tumour types within 0.0056
+Not yet measured: anything on a GPU, and a full 20-epoch run at 256x256 on the real data.
 """
 from __future__ import annotations
 
