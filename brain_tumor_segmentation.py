@@ -290,18 +290,6 @@ def decode_file(path: Path | str) -> np.ndarray:
     return image
 
 
-def read_image(path: Path | str) -> np.ndarray:
-    """Any PNG/JPEG/TIFF/BMP (gray, RGB, RGBA, 8 or 16 bit) -> float32 gray in [0, 1], original size.
-
-    8-bit images are divided by 255 as the seed did; 16-bit and float images by their own
-    maximum, because their value range depends on the scanner. Raises ValueError when unreadable."""
-    image = decode_file(path)
-    try:
-        return gray_in_unit_range(image)
-    except MemoryError:
-        raise ValueError(f"{path}: too large to convert in the memory there is") from None
-
-
 def gray_in_unit_range(image: np.ndarray) -> np.ndarray:
     if image.ndim == 3:
         channels = image.shape[2]
@@ -317,6 +305,18 @@ def gray_in_unit_range(image: np.ndarray) -> np.ndarray:
     image -= min(float(image.min()), 0.0)
     peak = float(image.max())
     return image / peak if peak > 0 else image
+
+
+def read_image(path: Path | str) -> np.ndarray:
+    """Any PNG/JPEG/TIFF/BMP (gray, RGB, RGBA, 8 or 16 bit) -> float32 gray in [0, 1], original size.
+
+    8-bit images are divided by 255 as the seed did; 16-bit and float images by their own
+    maximum, because their value range depends on the scanner. Raises ValueError when unreadable."""
+    image = decode_file(path)
+    try:
+        return gray_in_unit_range(image)
+    except MemoryError:
+        raise ValueError(f"{path}: too large to convert in the memory there is") from None
 
 
 def read_mask(path: Path | str) -> np.ndarray:
@@ -790,6 +790,11 @@ def make_split(cfg: Config, data: dict) -> dict:
     return split
 
 
+def group_unit(split: dict) -> str:
+    """What the split's groups are: patients, or groups of similar slices standing in for them."""
+    return "patients" if "by patient" in split["how"] else "groups"
+
+
 def split_indices(split: dict, names: list[str]) -> dict[str, torch.Tensor]:
     position = {n: i for i, n in enumerate(names)}
     out = {}
@@ -893,7 +898,7 @@ METRICS = {
 }
 
 
-EPOCH_METRICS = ("dice", "iou")  # the first one picks the best epoch
+EPOCH_METRICS = ("dice", "iou")  # "dice" must stay: the best epoch is the one with the best validation Dice
 
 
 def scores_from_counts(counts: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
@@ -951,6 +956,8 @@ def bootstrap_interval(values: np.ndarray, groups: list[str], n: int = 2000, see
 
 def check_batch_fits(cfg: Config, n_train: int) -> None:
     """Batch norm needs two values per channel: at 16x16 the bottleneck is 1x1, so a batch of one fails."""
+    if n_train < 1:
+        raise UserError("no training image for each process: add data, or run fewer processes")
     values = min(cfg.batch_size, max(n_train, 1)) * (cfg.image_size // 16) ** 2
     if values < 2:
         raise UserError(f"--image-size {cfg.image_size} with batches of {min(cfg.batch_size, n_train)} image: the "
@@ -1104,14 +1111,21 @@ class NonFiniteLoss(UserError):
     pass
 
 
-def check_finite(step_losses: torch.Tensor, first: int, last: int, epoch: int, out: Path) -> None:
-    """Stop, naming the first bad step, when a loss or gradient of steps first..last is NaN or inf."""
-    bad = (~torch.isfinite(step_losses[first:last + 1])).nonzero()
+def check_finite(step_losses: torch.Tensor, first: int, last: int, epoch: int, out: Path, world: int = 1) -> None:
+    """Stop, naming the first bad step, when a loss or gradient of steps first..last is NaN or inf
+    (in any process: under torchrun all stop together)."""
+    finite = torch.isfinite(step_losses[first:last + 1])
+    if world > 1:
+        finite = finite.float()
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        finite = finite.bool()
+    bad = (~finite).nonzero()
     if len(bad):
         step = first + int(bad[0])
         raise NonFiniteLoss(f"the loss or its gradient became {float(step_losses[step])} at epoch {epoch + 1}, "
-                            f"step {step + 1}; nothing was saved after that, so the last good checkpoints in "
-                            f"{out} are intact. Try a lower --lr, or --amp off")
+                            f"step {step + 1} (in this or another process); nothing was saved after that, so the "
+                            f"checkpoints in {out} are from before it. Start anew with --overwrite and a lower --lr, "
+                            f"or --amp off")
 
 
 def forward_backward(model, optimizer, scaler, x, y, cfg: Config, dtype) -> torch.Tensor:
@@ -1303,6 +1317,11 @@ def checkpoint_state(model, optimizer, scaler, cfg, split, history, epoch, step,
             "threshold": cfg.threshold, **extra}
 
 
+def saved_config(config: dict) -> Config:
+    """A checkpoint's configuration as a Config; fields it predates get BEFORE_FIELD_EXISTED's values."""
+    return Config(**{**BEFORE_FIELD_EXISTED, **{k: v for k, v in config.items() if k in Config.__dataclass_fields__}})
+
+
 # What every checkpoint holds, and of which type (checked before any of it is used).
 CHECKPOINT_TYPES = {"model": dict, "config": dict, "split": dict, "history": dict, "threshold": (int, float),
                     "epoch": int, "step": int}
@@ -1352,8 +1371,7 @@ def load_checkpoint(path: Path | str) -> dict:
         raise UserError(f"{path}: damaged checkpoint, {', '.join(wrong)} of the wrong type; use another "
                         f"checkpoint, or train anew (--overwrite)")
     try:
-        check_config(Config(**{**BEFORE_FIELD_EXISTED, **{k: v for k, v in config.items()
-                                                          if k in Config.__dataclass_fields__}}))
+        check_config(saved_config(config))
         problem = ("threshold not between 0 and 1" if not 0 <= state["threshold"] <= 1 else
                    "epoch or step below 0" if min(state["epoch"], state["step"]) < 0 else
                    "weights that are not finite" if not all(torch.isfinite(v).all() for v in state["model"].values()
@@ -1450,6 +1468,9 @@ def check_out_dir(cfg: Config) -> Path:
     has_model, has_last = (out / "model.pth").exists(), (out / "last.pth").exists()
     if cfg.resume or cfg.overwrite or not (has_model or has_last):
         return out
+    if has_last and (out / "metrics.json").exists():
+        raise UserError(f"{out} holds a finished run (metrics.json). Train it further with --resume --epochs N (N "
+                        f"above its epochs), pick another --out-dir, or replace it with --overwrite")
     if has_last:
         raise UserError(f"{out} already holds the outputs of an earlier run (last.pth). Continue it with "
                         f"--resume, pick another --out-dir, or replace it with --overwrite")
@@ -1476,13 +1497,15 @@ def clear_previous_outputs(out: Path) -> None:
 
 def resume_config(cfg: Config, explicit: frozenset, state: dict, path: Path) -> Config:
     """The checkpoint's configuration, with the few fields --resume may change that the user typed."""
-    saved = Config(**{**BEFORE_FIELD_EXISTED,
-                      **{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__}})
+    saved = saved_config(state["config"])
     ignored = sorted(explicit - set(RESUMABLE_FIELDS) - {"resume", "out_dir", "overwrite", "folds", "fold"})
     if ignored:
         warn(f"resuming with the checkpoint's settings: {', '.join('--' + k.replace('_', '-') for k in ignored)} "
              f"ignored (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_FIELDS)} can change)")
     keep = {k: getattr(cfg, k) for k in explicit if k in RESUMABLE_FIELDS}
+    if "epochs" in keep and keep["epochs"] != saved.epochs and saved.schedule == "onecycle":
+        warn(f"--epochs {keep['epochs']} (was {saved.epochs}): the one-cycle schedule is stretched to the new length, "
+             f"so the learning rate jumps to where that schedule is at this epoch")
     # The run continues in the folder of the checkpoint it resumes.
     return dataclasses.replace(saved, **keep, resume=str(path), out_dir=str(path.parent))
 
@@ -1716,6 +1739,7 @@ def record_run(run: Run, metrics: dict) -> None:
 # The run: checks, set-up, one epoch at a time, validation and checkpoints, the test
 
 
+NO_BEST = {"epoch": 0, "val_dice": -1.0}  # before the first epoch: any validation Dice is better
 HISTORY_KEYS = ("epoch", "train_loss", "val_loss", *(f"val_{m}" for m in EPOCH_METRICS), "lr", "epoch_seconds",
                 "images_per_second")
 
@@ -1739,7 +1763,7 @@ class Run:
     scaler: torch.amp.GradScaler
     compile_unproven: bool
     history: dict = field(default_factory=lambda: {k: [] for k in HISTORY_KEYS})
-    best: dict = field(default_factory=lambda: {"epoch": 0, "val_dice": -1.0})
+    best: dict = field(default_factory=lambda: dict(NO_BEST))
     epoch: int = 0
     step: int = 0
     loss_sum: float = 0.0  # the training loss summed over the steps of this epoch done so far
@@ -1788,12 +1812,33 @@ def evaluate_test(model, run: Run, threshold: float) -> dict:
     return metrics
 
 
+def check_best_model(state: dict, path: Path, epochs: int) -> None:
+    """A resumed run needs the model.pth its state says was saved: if a crash or a user removed or
+    damaged it, the best model is chosen anew from the epochs still to run."""
+    best_path = path.parent / "model.pth"
+    if state["best"]["epoch"] < 1:
+        return
+    try:
+        load_checkpoint(best_path)
+        return
+    except UserError:
+        problem = f"{best_path} is missing or damaged"
+    if state["epoch"] >= epochs:
+        raise UserError(f"{problem}, and its run has no epoch left to choose a best model from: train on with "
+                        f"--resume --epochs {state['epoch'] + 1} or more, start anew with --overwrite (without "
+                        f"--resume), or pick another --out-dir")
+    warn(f"{problem}: the best model is chosen anew from the epochs still to run")
+    state["best"] = dict(NO_BEST)
+
+
 def resumed_state(cfg: Config, explicit: frozenset) -> tuple[Config, dict | None]:
     """With --resume: the checkpoint to continue and its configuration; else (cfg, None). Each
     state a crash can leave is either continued or answered with the way forward."""
     if not cfg.resume:
         return cfg, None
     path = Path(cfg.out_dir) / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
+    if path.is_dir():
+        path = path / "last.pth"
     anew = f"start anew there with --overwrite (without --resume), or pick another --out-dir"
     if not path.exists():
         hint = (f"; {path.parent} holds only model.pth, which cannot be continued: {anew}"
@@ -1802,6 +1847,8 @@ def resumed_state(cfg: Config, explicit: frozenset) -> tuple[Config, dict | None
     try:
         state = load_checkpoint(path)
     except UserError as e:
+        if "format version" in str(e):
+            raise
         raise UserError(f"{e}. It cannot be continued: {anew}") from None
     if state.get("optimizer") is None or "epoch_loss_sum" not in state:
         last = path.parent / "last.pth"
@@ -1822,24 +1869,6 @@ def resumed_state(cfg: Config, explicit: frozenset) -> tuple[Config, dict | None
     return cfg, state
 
 
-def check_best_model(state: dict, path: Path, epochs: int) -> None:
-    """A resumed run needs the model.pth its state says was saved: if a crash or a user removed or
-    damaged it, the best model is chosen anew from the epochs still to run."""
-    best_path = path.parent / "model.pth"
-    if state["best"]["epoch"] < 1:
-        return
-    try:
-        load_checkpoint(best_path)
-        return
-    except UserError as e:
-        problem = str(e)
-    if state["epoch"] >= epochs:
-        raise UserError(f"{problem}; the run it belongs to has finished, so there is nothing left to choose a best "
-                        f"model from: start anew with --overwrite (without --resume), or pick another --out-dir")
-    warn(f"{problem}: the best model is chosen anew from the epochs still to run")
-    state["best"] = {"epoch": 0, "val_dice": -1.0}
-
-
 def load_data_and_split(cfg: Config, machine: Machine, resume: dict | None) -> tuple[dict, dict, dict]:
     """The dataset decoded once, and its split (the checkpoint's when resuming)."""
     if machine.rank == 0:  # one process downloads or generates; the others wait, then read
@@ -1854,7 +1883,7 @@ def load_data_and_split(cfg: Config, machine: Machine, resume: dict | None) -> t
     idx = split_indices(split, data["names"])
     log(f"data: {len(data['names'])} pairs from {data_dir} at {cfg.image_size}x{cfg.image_size}, decoded in "
         f"{time.time() - t0:.1f} s; {split['how']}")
-    unit = "patients" if "by patient" in split["how"] else "groups"
+    unit = group_unit(split)
     log(f"split: train {len(idx['train'])} images ({len(split['train_patients'])} {unit}), val "
         f"{len(idx['val'])} ({len(split['val_patients'])}), test {len(idx['test'])} ({len(split['test_patients'])})")
     check_batch_fits(cfg, len(idx["train"]) // machine.world)
@@ -1952,7 +1981,7 @@ def train_one_epoch(run: Run, stop: StopFlag) -> tuple[torch.Tensor, int, bool]:
         # Reading the loss waits for the device: on a GPU only every nan_check_every steps (on a CPU
         # every step, so that bad numbers never reach the weights).
         if m.device.type == "cpu" or step % cfg.nan_check_every == 0 or last:
-            check_finite(step_losses, first, step, run.epoch, run.out)
+            check_finite(step_losses, first, step, run.epoch, run.out, m.world)
             bar.set_postfix(loss=f"{float(step_losses[step]):.4f}", refresh=False)
         run.scaler.step(run.optimizer)
         run.scaler.update()
@@ -1963,7 +1992,7 @@ def train_one_epoch(run: Run, stop: StopFlag) -> tuple[torch.Tensor, int, bool]:
             stopped = True
             break
     bar.close()
-    check_finite(step_losses, first, run.step - 1, run.epoch, run.out)
+    check_finite(step_losses, first, run.step - 1, run.epoch, run.out, m.world)
     run.loss_sum += float(step_losses[first:run.step].sum())
     return step_losses, seen, stopped
 
@@ -1980,6 +2009,9 @@ def save_last(run: Run) -> None:
 def end_epoch(run: Run, steps: int, seen: int, seconds: float) -> None:
     """Validate, record the history, keep the best model.pth, write last.pth and the plots."""
     cfg = run.cfg
+    if run.machine.world > 1:  # each process's batch-norm statistics saw its own last batches: take rank 0's
+        for buffer in run.model.buffers():
+            torch.distributed.broadcast(buffer, 0)
     val = evaluate(run.model, run.machine, run.images, run.masks, run.idx["val"], cfg, cfg.threshold)
     record = {"epoch": run.epoch + 1, "train_loss": run.loss_sum / steps, "val_loss": val["loss"],
               **{f"val_{m}": val[m] for m in EPOCH_METRICS}, "lr": run.optimizer.param_groups[0]["lr"],
@@ -2027,7 +2059,7 @@ def finish_run(run: Run, t_start: float) -> dict:
     save_json(out / "metrics.json", metrics)
     record_run(run, metrics)
     t = metrics["test"]
-    unit = "patients" if "by patient" in run.split["how"] else "groups"
+    unit = group_unit(run.split)
     log(f"test ({t['images']} images, {t['patients']} {unit}): Dice {t['dice']:.4f} [95% CI {t['dice_ci95'][0]:.4f}-"
         f"{t['dice_ci95'][1]:.4f}], " + ", ".join(f"{name} {t[name]:.4f}" for name in METRICS if name != "dice")
         + (f", HD95 {t['hd95']:.1f} px" if t["hd95"] is not None else ", HD95 undefined (no image where both "
@@ -2039,10 +2071,11 @@ def finish_run(run: Run, t_start: float) -> dict:
 
 def interrupted(run: Run, stop: StopFlag) -> Interrupted:
     launcher = f"torchrun --nproc_per_node={run.machine.world}" if run.machine.world > 1 else "python"
-    folder = Path(run.cfg.out_dir).parent if run.cfg.folds else run.out
+    in_cross_validation = run.cfg.folds and run.out.name == f"fold_{run.cfg.fold + 1}"
+    folder = run.out.parent if in_cross_validation else run.out
     return Interrupted(f"stopped at epoch {run.epoch + 1}, step {run.step}; {run.out / 'last.pth'} holds the run. "
                        f"Continue it with:\n  {launcher} {Path(sys.argv[0]).name} --resume --out-dir {folder}"
-                       + (f" --folds {run.cfg.folds}" if run.cfg.folds else ""),
+                       + (f" --folds {run.cfg.folds}" if in_cross_validation else ""),
                        code=130 if stop.signal == signal.SIGINT else 143)
 
 
@@ -2070,8 +2103,10 @@ def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
                 if stop_asked and run.epoch < cfg.epochs:
                     sys.stdout.flush()
                     raise interrupted(run, stop)
-        # the test evaluation runs on rank 0 alone
-        return finish_run(run, t_start) if run.main else {}
+        metrics = finish_run(run, t_start) if run.main else {}  # the test evaluation runs on rank 0 alone
+        if machine.world > 1:  # leave together: a process that exits early can abort the others' shutdown
+            torch.distributed.barrier()
+        return metrics
 
 
 def cross_validate(cfg: Config, explicit: frozenset = frozenset()) -> dict:
@@ -2087,7 +2122,9 @@ def cross_validate(cfg: Config, explicit: frozenset = frozenset()) -> dict:
             log(f"fold {k + 1}: done already, kept")
             results.append(json.loads((fold_out / "metrics.json").read_text()))
             continue
-        if cfg.resume and not (fold_out / "last.pth").is_file():
+        if cfg.resume and (fold_out / "last.pth").is_file():
+            fold_cfg = dataclasses.replace(fold_cfg, resume=str(fold_out / "last.pth"))
+        elif cfg.resume:
             first = out / "fold_1" / "last.pth"
             if first.is_file():
                 saved = resume_config(cfg, explicit, load_checkpoint(first), first)
@@ -2240,8 +2277,7 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += [p for p in sorted(folder_entries(path), key=lambda p: _sort_key(p.stem))
-                      if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+            files += sorted(list_images(path).values(), key=lambda p: _sort_key(p.stem))
         elif path.is_file():
             files.append(path)
         else:
