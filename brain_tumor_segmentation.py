@@ -596,6 +596,7 @@ def check_kaggle_download(root: Path) -> None:
 def download_dataset(dest: Path) -> Path:
     """Download the Kaggle dataset into a temporary folder beside `dest`, check it, then move it into place.
     kagglehub first (no account needed), then the kaggle client (needs credentials)."""
+    parent_created = not dest.parent.exists()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
     causes = []
@@ -620,6 +621,9 @@ def download_dataset(dest: Path) -> Path:
             return dest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if parent_created and not dest.exists():
+            with contextlib.suppress(OSError):
+                dest.parent.rmdir()  # only if empty: a failed download leaves no trace
     raise UserError(f"the dataset is not at {dest} and could not be downloaded:\n  " + "\n  ".join(causes) +
                     f"\nWays forward:\n"
                     f"  1. with network, run again: kagglehub downloads {KAGGLE_DATASET} without an account\n"
