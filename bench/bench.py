@@ -169,11 +169,16 @@ def main():
     p.add_argument("--compile-mode", default="default", help="default, reduce-overhead (CUDA graphs) or max-autotune")
     p.add_argument("--amp", default="auto", help="the fast path's precision: auto (as in training), bf16, fp16 or off")
     p.add_argument("--full-run", action="store_true", help="also time a whole 20-epoch run of the script")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="the fast path's memory format on CUDA")
+    p.add_argument("--seed-loops", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the seed's DataLoader loops (0 and --workers workers) in the same run")
     args = p.parse_args()
     device = bts.pick_device(args.device)
     cfg = bts.dataclasses.replace(bts.config_from_args(["--recipe", args.recipe]), batch_size=args.batch_size,
                                   image_size=args.image_size, base_width=args.base_width, compile=args.compile,
-                                  compile_mode=args.compile_mode, amp=args.amp)
+                                  compile_mode=args.compile_mode, amp=args.amp,
+                                  channels_last=args.channels_last)
     data = Path(args.data_dir)
     originals = data / "brain-tumor-segmentation-512-sample"
     pairs = [(p, originals / "masks" / p.name) for p in sorted((originals / "images").glob("*.png"))]
@@ -183,7 +188,8 @@ def main():
     loaded = bts.load_dataset(data / "brain-tumor-segmentation", args.image_size, limit=512)
     images, masks = loaded["images"].to(device), loaded["masks"].to(device)
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}"
-          f" ({torch.get_num_threads()} threads), torch {torch.__version__}; batch {args.batch_size}, "
+          f" ({torch.get_num_threads()} threads), torch {torch.__version__}; batch {args.batch_size}, compile "
+          f"{args.compile} ({args.compile_mode}), channels-last {args.channels_last}, "
           f"{args.image_size}x{args.image_size}, width {args.base_width}; data decoded in {time.perf_counter() - t0:.1f} s")
 
     step, dtype = fast_path(cfg, images, masks, device)
@@ -192,7 +198,7 @@ def main():
         print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {bts.cpu_has_native_bf16()}; "
               f"fast path precision {precision} (--amp {args.amp}); seed loop float32")
     loops = {"fast path": step}
-    for workers in (0, args.workers):
+    for workers in (0, args.workers) if args.seed_loops else ():
         loops[f"seed loop, {workers} workers"] = seed_loop(pairs, cfg, device, workers)
     timed = time_loops(loops, args.batch_size, args.steps, args.warmup, args.repeats, device)
     fast = timed["fast path"][0]
@@ -201,7 +207,7 @@ def main():
     print(f"model: {flops / 1e9:.1f} GFLOP per training image (forward + backward)")
     print(f"matrix product, {dtype or torch.float32}: {peak / 1e9:.1f} GFLOP/s")
     for name, (rate, repeats) in timed.items():
-        ratio = "" if name == "fast path" else f"  fast path x{fast / rate:.2f}"
+        ratio = "" if name == "fast path" or not rate else f"  fast path x{fast / rate:.2f}"
         name = f"{name} ({precision if name == 'fast path' else 'float32'})"
         print(f"{name:34s} {rate:9.3f} images/s  {rate * flops / 1e9:9.1f} GFLOP/s  "
               f"{rate * flops / peak:6.1%} of the matrix product  (repeats: "
