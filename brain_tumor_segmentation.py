@@ -2102,7 +2102,7 @@ def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
                 step_losses, seen, stop_asked = train_one_epoch(run, stop)
                 if run.step < len(step_losses):  # stopped within the epoch
                     save_last(run)
-                if run.step == len(step_losses):
+                else:
                     end_epoch(run, len(step_losses), seen, time.time() - t_epoch)  # writes last.pth too
                 if stop_asked and run.epoch < cfg.epochs:
                     sys.stdout.flush()
