@@ -1721,12 +1721,17 @@ def append_run_row(table: Path, row: dict) -> None:
              f"its own folder")
 
 
+def run_row_start(cfg: Config, out: Path) -> dict:
+    """The first columns of a runs.csv row: when, which folder, what differs from the defaults."""
+    changed = changed_fields(dataclasses.asdict(cfg), dataclasses.asdict(Config()))
+    return {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "run": str(out),
+            "changed": "; ".join(f"{k}={v}" for k, v in changed.items())}
+
+
 def record_run(run: Run, metrics: dict) -> None:
     """One row in runs.csv beside the run's folder: what differs from the defaults, and the results."""
     t, history = metrics["test"], run.history
-    row = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "run": str(run.out),
-           "changed": "; ".join(f"{k}={v}" for k, v in changed_fields(dataclasses.asdict(run.cfg),
-                                                                      dataclasses.asdict(Config())).items()),
+    row = {**run_row_start(run.cfg, run.out),
            "best_epoch": metrics["best_epoch"], "best_val_dice": round(metrics["best_val_dice"], 5),
            "test_dice": round(t["dice"], 5), "test_dice_ci95_low": round(t["dice_ci95"][0], 5),
            "test_dice_ci95_high": round(t["dice_ci95"][1], 5),
@@ -2150,9 +2155,7 @@ def cross_validate(cfg: Config, explicit: frozenset = frozenset()) -> dict:
     save_json(out / "cv_summary.json", summary)
     spread = summary["test_dice_std"]
     append_run_row(out.resolve().parent / "runs.csv", {
-        "when": time.strftime("%Y-%m-%d %H:%M:%S"), "run": str(out),
-        "changed": "; ".join(f"{k}={v}" for k, v in changed_fields(dataclasses.asdict(cfg),
-                                                                   dataclasses.asdict(Config())).items()),
+        **run_row_start(cfg, out),
         "test_dice": round(summary["test_dice_mean"], 5), "test_dice_sd_over_folds": round(spread, 5),
         "folds": cfg.folds, "script": script_version()})
     log(f"cross-validation over {cfg.folds} folds of patients: test Dice {summary['test_dice_mean']:.4f} "
