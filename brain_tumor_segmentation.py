@@ -139,39 +139,19 @@ class Config:
 # except those given on the command line.
 SEED_RECIPE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", loss="dice",
                    augment=False, tune_threshold=False, tta=False)
-
-
 # --demo: a synthetic dataset small enough to train well in a few CPU minutes.
 DEMO_DEFAULTS = dict(image_size=64, base_width=16, epochs=12, batch_size=16, out_dir="outputs/demo",
                      data_dir="data/synthetic-demo")
-
-
 DEMO_MARKER = ".synthetic-demo"  # marks a folder --demo generated, and so may regenerate
-
-
 KAGGLE_DATASET = "nikhilroxtomar/brain-tumor-segmentation"
-
-
 KAGGLE_PAIRS = 3064  # image/mask pairs in that dataset, as patients.csv lists them
-
-
 DEFAULT_DATA_DIR = "data/brain-tumor-segmentation"
-
-
 PATIENTS_CSV = Path(__file__).resolve().parent / "patients.csv"
-
-
 CHECKPOINT_FORMAT = "brain-tumor-segmentation-unet"
-
-
 CHECKPOINT_VERSION = 1
-
-
 # For checkpoints written before a field existed: the value that keeps their behaviour (not the
 # current default, which may differ). Used by --resume and predict.
 BEFORE_FIELD_EXISTED = {"tta": False}
-
-
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
@@ -272,10 +252,11 @@ def save_figure(path, fig) -> None:
 # Data: find the pairs, decode each file once, keep the dataset as uint8 tensors
 
 
-def decode_file(path: Path | str) -> np.ndarray:
-    """The file's pixels as OpenCV decodes them (any depth and channels). Every way a read can fail
-    (no permission, a folder, a corrupt or empty file, a header claiming a size the decoder refuses
-    or memory cannot hold) raises ValueError naming the file, so callers skip it with one warning."""
+def decode_file(path: Path | str, convert) -> np.ndarray:
+    """`convert` of the file's pixels as OpenCV decodes them (any depth and channels). Every way a
+    read can fail (no permission, a folder, a corrupt or empty file, a header claiming a size the
+    decoder refuses, pixels that memory cannot hold or convert) raises ValueError naming the file,
+    so callers skip it with one warning."""
     path = Path(path)
     try:
         data = np.fromfile(path, dtype=np.uint8)  # imdecode also copes with non-ASCII paths
@@ -287,7 +268,10 @@ def decode_file(path: Path | str) -> np.ndarray:
         raise ValueError(f"{path}: the decoder refused it (too large, or a damaged header: {detail})") from None
     if image is None or image.size == 0:
         raise ValueError(f"{path}: not a readable image (corrupt, empty or unsupported format)")
-    return image
+    try:
+        return convert(image)
+    except MemoryError:
+        raise ValueError(f"{path}: too large to convert in the memory there is") from None
 
 
 def gray_in_unit_range(image: np.ndarray) -> np.ndarray:
@@ -312,11 +296,20 @@ def read_image(path: Path | str) -> np.ndarray:
 
     8-bit images are divided by 255 as the seed did; 16-bit and float images by their own
     maximum, because their value range depends on the scanner. Raises ValueError when unreadable."""
-    image = decode_file(path)
-    try:
-        return gray_in_unit_range(image)
-    except MemoryError:
-        raise ValueError(f"{path}: too large to convert in the memory there is") from None
+    return decode_file(path, gray_in_unit_range)
+
+
+def tumour_pixels(mask: np.ndarray) -> np.ndarray:
+    if mask.ndim == 3:
+        value = mask[:, :, :3].max(axis=2)
+        if mask.shape[2] == 4:
+            value = np.where(mask[:, :, 3] > 0, value, 0)
+        mask = value
+    values, counts = np.unique(mask[mask > 0], return_counts=True)
+    if not len(values):
+        return np.zeros(mask.shape, bool)
+    lowest_level = values[counts >= 0.1 * counts.max()].min()
+    return mask > lowest_level / 2
 
 
 def read_mask(path: Path | str) -> np.ndarray:
@@ -327,20 +320,7 @@ def read_mask(path: Path | str) -> np.ndarray:
     least a tenth of the area of the most common one: a lone stray value (JPEG noise, a slip of the
     brush) is not a level. A pixel is tumour when its value is above half the lowest level: 0/255
     and 0/1 masks, noisy or not, 16-bit ones, and masks with several labels (every label is tumour)."""
-    mask = decode_file(path)
-    try:
-        if mask.ndim == 3:
-            value = mask[:, :, :3].max(axis=2)
-            if mask.shape[2] == 4:
-                value = np.where(mask[:, :, 3] > 0, value, 0)
-            mask = value
-        values, counts = np.unique(mask[mask > 0], return_counts=True)
-        if not len(values):
-            return np.zeros(mask.shape, bool)
-        lowest_level = values[counts >= 0.1 * counts.max()].min()
-        return mask > lowest_level / 2
-    except MemoryError:
-        raise ValueError(f"{path}: too large to convert in the memory there is") from None
+    return decode_file(path, tumour_pixels)
 
 
 def preprocess_image(gray: np.ndarray, size: int) -> np.ndarray:
@@ -900,8 +880,6 @@ METRICS = {
     "precision": lambda tp, fp, fn: (tp, tp + fp),
     "recall": lambda tp, fp, fn: (tp, tp + fn),
 }
-
-
 EPOCH_METRICS = ("dice", "iou")  # "dice" must stay: the best epoch is the one with the best validation Dice
 
 
@@ -1398,8 +1376,6 @@ def model_from_checkpoint(state: dict, path, device) -> nn.Module:
 
 
 RUN_OUTPUTS = ("model.pth", "last.pth", "metrics.json", "test_per_image.csv", "split.json", "config.json")
-
-
 # What --resume may change; the rest of a resumed run's settings come from its checkpoint.
 RESUMABLE_FIELDS = ("device", "workers", "eval_batch_size", "compile", "compile_mode", "data_dir", "panel_images",
                     "test_samples", "epochs")
