@@ -1,27 +1,19 @@
 #!/usr/bin/env python3
 """Brain tumour segmentation from MRI: a U-Net trained end to end in one file.
 
-    python brain_tumor_segmentation.py --demo            # offline, synthetic data, minutes on a CPU
+    python brain_tumor_segmentation.py --demo            # offline, synthetic data, seconds on a CPU
     python brain_tumor_segmentation.py                   # the Kaggle dataset (downloaded if needed)
     python brain_tumor_segmentation.py --data-dir DIR    # any folder with images/ and masks/
-    python brain_tumor_segmentation.py predict --model outputs/model.pth SCAN.png --out preds
-    python brain_tumor_segmentation.py compare outputs/run1 outputs/run2   # did my change help?
+    python predict.py --model outputs/model.pth SCAN.png --out predictions   # segment new scans
+    python compare.py outputs/run1 outputs/run2          # did my change help?
 
-Every constant is a field of `Config` below: edit a default there, or override it for one run on
-the command line (`--epochs 5 --batch-size 8`); `--help` lists them all. Sections follow the data:
-config, data and its download, the patient split, model, losses and metrics, checking the settings,
-training steps, the machine, checkpoints, evaluation, plots, the runs table, the run, comparing
-runs, prediction, command line. Each helper stands
-above its first use; `train()` near the end reads as the whole run in a few named steps.
+Every constant is a field of `Config` below: edit a default there, or set it for one run on the
+command line (`--epochs 5 --batch-size 8`); `--help` lists them all. The file reads in the order it
+runs: `Config`, then `train()`, the whole run as named steps, then those steps in the order
+`train()` calls them, and the command line at the end. predict.py and compare.py beside it use a
+finished run and import what they need from here.
 
-Measured (commands and details in bench/RESULTS.md; on 2 cores of an AMD EPYC with AVX-512 and
-native bf16, PyTorch 2.14.1, 2026-11-26):
-    make demo                  synthetic slices, 64x64, width 16, 12 epochs: test Dice 0.980
-                               (95% CI 0.972-0.985) in 31.5 s start to finish (--amp auto chose bf16)
-    bench/bench.py --amp bf16  256x256, width 32, batch 8: 5.49 training images/s, x2.14 the seed's
-                               float32 DataLoader loop in the same run (float32 here: 2.39)
-    bench/split_balance.py     patient split within 0.0012 of 70/20/10, tumour types within 0.0056
-Not yet measured: anything on a GPU, and a full 20-epoch run at 256x256 on the real data.
+MEASURED
 """
 from __future__ import annotations
 
@@ -30,16 +22,16 @@ import contextlib
 import csv
 import dataclasses
 import errno
+import glob
 import hashlib
 import io
 import json
 import math
 import os
-import pickle
+import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,89 +39,142 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import cv2
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 
 # -----------------------------------------------------------------------------
-# Config
+# Config: every constant of a run, with its help text and its bounds beside it
 
 
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
+def setting(default, help, **rules):
+    """A Config field. Its rules stand beside it and are all the checks and the command line know:
+    low/high (inclusive bounds), above (an exclusive lower bound), share (between 0 and 1), choices
+    (a function naming the allowed values, for tables defined further down), resumable (may change
+    on --resume), learns=False (does not change what a run learns or measures: compare leaves it
+    out), const and aliases (for the command line)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **rules})
+    return field(default=default, metadata={"help": help, **rules})
+
+
+def training_setting(name: str, **rules):
+    """A field of another tool's settings that is also training's: the same default, help and rules."""
+    metadata = {**Config.__dataclass_fields__[name].metadata, **rules}
+    return setting(Config.__dataclass_fields__[name].default, **metadata)
 
 
 @dataclass
 class Config:
     # data
-    data_dir: str = _f("", "folder with images/ and masks/; empty: ./data/brain-tumor-segmentation, "
-                           "downloaded from Kaggle when missing")
-    out_dir: str = _f("outputs", "where model.pth, metrics, split and visualizations/ go")
-    demo: bool = _f(False, "train on a generated synthetic dataset (offline, minutes on a CPU)")
-    demo_images: int = _f(600, "number of synthetic slices generated for --demo")
-    limit: int = _f(0, "use only the first N image pairs (0: all); for quick experiments")
-    image_size: int = _f(256, "images and masks are resized to this square size (multiple of 16)")
-    split: str = _f("patient", "patient: no patient in two parts (patients.csv, --groups, or "
-                               "similar neighbouring slices); random: by image, as the seed did")
-    groups: str = _f("", "CSV with columns image,patient_id[,tumor_type] for your own data")
-    val_fraction: float = _f(0.2, "fraction of the data for validation")
-    test_fraction: float = _f(0.1, "fraction of the data for the final test")
-    seed: int = _f(42, "seed of the split, the initial weights, the batch order and augmentation")
-    folds: int = _f(0, "K >= 3: K-fold cross-validation over patients, one model per fold in OUT_DIR/fold_N "
-                       "(the next fold validates); 0: one 70/20/10 split")
-    fold: int = _f(-1, "with --folds: run only this fold (0-based); -1: all of them, then a summary")
+    data_dir: str = setting("", "folder with images/ and masks/; empty: ./data/brain-tumor-segmentation, "
+                                "downloaded from Kaggle when missing", resumable=True, learns=False)
+    out_dir: str = setting("outputs", "where model.pth, metrics, split and visualizations/ go", resumable=True,
+                           learns=False)
+    demo: bool = setting(False, "train on a generated synthetic dataset (offline, seconds on a CPU)")
+    demo_images: int = setting(600, "number of synthetic slices generated for --demo", low=10)
+    limit: int = setting(0, "use only the first N image pairs (0: all); for quick experiments", low=0)
+    image_size: int = setting(256, "images and masks are resized to this square size (a multiple of 16)",
+                              low=16, high=4096)
+    split: Literal["patient", "random"] = setting(
+        "patient", "patient: no patient in two parts (patients.csv, --groups, or similar neighbouring slices); "
+                   "random: by image, as the seed did")
+    groups: str = setting("", "CSV with columns image,patient_id[,tumor_type] for your own data")
+    val_fraction: float = setting(0.2, "fraction of the data for validation", above=0)
+    test_fraction: float = setting(0.1, "fraction of the data for the final test", above=0)
+    split_seed: int = setting(42, "seed of the split alone: runs with other --seed values test on the same images",
+                              low=0, high=2 ** 31 - 1)
+    folds: int = setting(0, "K >= 3: K-fold cross-validation over patients, one model per fold in OUT_DIR/fold_N "
+                            "(the next fold validates); 0: one 70/20/10 split", resumable=True)
+    fold: int = setting(-1, "with --folds: run only this fold (0-based); -1: all of them, then a summary",
+                        resumable=True, learns=False)
     # model
-    base_width: int = _f(32, "channels of the first encoder block; the U-Net doubles it 4 times")
+    base_width: int = setting(32, "channels of the first encoder block; the U-Net doubles it 4 times", low=1)
     # training recipe
-    recipe: str = _f("improved", "improved: per-image Dice+BCE, AdamW, one-cycle, augmentation, threshold "
-                                 "tuned on validation, mirror averaging; seed: the original script's recipe "
-                                 "exactly. Fields you set win")
-    epochs: int = _f(20, "training epochs")
-    batch_size: int = _f(16, "images per training step")
-    lr: float = _f(2e-3, "learning rate (the peak one with --schedule onecycle)")
-    optimizer: str = _f("adamw", "adam or adamw")
-    weight_decay: float = _f(1e-4, "weight decay (decoupled with adamw)")
-    schedule: str = _f("onecycle", "learning-rate schedule: constant or onecycle")
-    loss: str = _f("dice+bce", "dice: the seed's batch Dice loss; dice+bce: per-image Dice plus BCE")
-    smooth: float = _f(1.0, "smoothing term of the Dice loss")
-    warmup_fraction: float = _f(0.3, "with --schedule onecycle: share of the steps spent warming up to lr")
-    augment: bool = _f(True, "random flips, rotations, scaling and gamma, applied on the device")
-    aug_flip: float = _f(0.5, "augmentation: probability of a left-right flip")
-    aug_rotation: float = _f(15.0, "augmentation: largest rotation, in degrees either way")
-    aug_scale: float = _f(0.1, "augmentation: zoom factor drawn log-uniformly in exp(+-aug_scale)")
-    aug_gamma: float = _f(0.3, "augmentation: gamma drawn log-uniformly in exp(+-aug_gamma)")
-    threshold: float = _f(0.5, "probability above which a pixel is tumour: in per-epoch validation, and in "
-                               "the test and predict unless --tune-threshold replaces it after training")
-    tune_threshold: bool = _f(True, "after training, pick the threshold with the best validation Dice")
-    threshold_min: float = _f(0.2, "with --tune-threshold: the lowest threshold tried")
-    threshold_max: float = _f(0.8, "with --tune-threshold: the highest threshold tried")
-    threshold_step: float = _f(0.05, "with --tune-threshold: the step between thresholds tried")
-    tta: bool = _f(True, "average each image's prediction with its left-right mirror's in the test, the "
-                          "threshold choice and predict (not in per-epoch validation)")
-    # machine
-    device: str = _f("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
-    amp: str = _f("auto", "mixed precision: auto (bf16 on CUDA, else fp16 with a scaler; on a CPU with "
-                          "native bf16, bf16 when a short measurement at start-up shows it faster, else "
-                          "float32), bf16, fp16 or off")
-    channels_last: bool = _f(True, "channels-last memory format on CUDA")
-    deterministic: bool = _f(False, "repeatable CUDA runs: deterministic kernels, no cuDNN autotuning (slower)")
-    compile: str = _f("auto", "torch.compile the model: auto (on CUDA), on or off")
-    compile_mode: str = _f("default", "torch.compile mode: default, reduce-overhead (CUDA graphs) or "
-                                      "max-autotune (autotuned kernels and CUDA graphs; longer compile)")
-    nan_check_every: int = _f(20, "on GPUs, check the loss for NaN every N steps (each check waits for the "
-                                  "GPU); on a CPU every step is checked")
-    eval_batch_size: int = _f(64, "images per step in validation, test and prediction")
-    workers: int = _f(0, "threads that decode images once at start-up (0: one per CPU core, max 8)")
+    recipe: Literal["improved", "seed"] = setting(
+        "improved", "improved: per-image Dice+BCE, AdamW, one-cycle, augmentation, threshold tuned on validation, "
+                    "mirror averaging; seed: the original script's recipe exactly. Fields you set win")
+    epochs: int = setting(20, "training epochs", low=1, resumable=True)
+    batch_size: int = setting(16, "images per training step (per process under torchrun)", low=1)
+    lr: float = setting(2e-3, "learning rate (the peak one with --schedule onecycle)", above=0)
+    optimizer: Literal["adam", "adamw"] = setting("adamw", "adam, or adamw (decoupled weight decay)")
+    weight_decay: float = setting(1e-4, "weight decay", low=0)
+    schedule: Literal["constant", "onecycle"] = setting("onecycle", "learning-rate schedule")
+    loss: str = setting("dice+bce", "a name in LOSSES: dice, the seed's batch Dice loss; dice+bce, per-image Dice "
+                                    "plus BCE", choices=lambda: tuple(LOSSES))
+    smooth: float = setting(1.0, "smoothing term of the Dice loss", low=0)
+    warmup_fraction: float = setting(0.3, "with --schedule onecycle: share of the steps spent warming up to lr",
+                                     share=True)
+    seed: int = setting(42, "seed of the initial weights, the batch order and the augmentation", low=0,
+                        high=2 ** 31 - 1)
+    augment: bool = setting(True, "random flips, rotations, scaling and gamma, applied on the device")
+    aug_flip: float = setting(0.5, "augmentation: probability of a left-right flip", share=True)
+    aug_rotation: float = setting(15.0, "augmentation: largest rotation, in degrees either way", low=0, high=180)
+    aug_scale: float = setting(0.1, "augmentation: zoom factor drawn log-uniformly in exp(+-aug_scale)", low=0,
+                               high=1)
+    aug_gamma: float = setting(0.3, "augmentation: gamma drawn log-uniformly in exp(+-aug_gamma)", low=0, high=2)
+    threshold: float = setting(0.5, "probability above which a pixel is tumour: in per-epoch validation, and in the "
+                                    "test and predict unless --tune-threshold replaces it after training", share=True)
+    tune_threshold: bool = setting(True, "after training, pick the threshold with the best validation Dice")
+    threshold_min: float = setting(0.2, "with --tune-threshold: the lowest threshold tried", share=True)
+    threshold_max: float = setting(0.8, "with --tune-threshold: the highest threshold tried", share=True)
+    threshold_step: float = setting(0.05, "with --tune-threshold: the step between thresholds tried", above=0)
+    tta: bool = setting(True, "average each image's prediction with its left-right mirror's in the test, the "
+                              "threshold choice and predict (not in per-epoch validation)")
+    # machine: how fast, not what is learned
+    device: str = setting("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N", resumable=True,
+                          learns=False)
+    amp: Literal["auto", "bf16", "fp16", "off"] = setting(
+        "auto", "mixed precision: auto is bf16 on GPUs that have it (else fp16 with a grad scaler) and on CPUs with "
+                "native bf16 (AVX-512 BF16 or AMX), float32 on other CPUs", resumable=True, learns=False)
+    channels_last: bool = setting(True, "channels-last memory format on CUDA and on AVX-512 CPUs", resumable=True,
+                                  learns=False)
+    compile: Literal["auto", "on", "off"] = setting(
+        "auto", "torch.compile the model: auto is on for CUDA, and on CPUs in bf16 for runs of at least "
+                "COMPILE_WORTH_IT steps (a first compile takes about a minute there)", resumable=True, learns=False)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = setting(
+        "default", "torch.compile mode: reduce-overhead uses CUDA graphs, max-autotune also autotunes kernels",
+        resumable=True, learns=False)
+    deterministic: bool = setting(False, "repeatable CUDA runs: deterministic kernels, no cuDNN autotuning (slower)",
+                                  learns=False)
+    nan_check_every: int = setting(20, "on GPUs, check the loss for NaN every N steps (each check waits for the GPU); "
+                                       "on a CPU every step is checked", low=1, learns=False)
+    eval_batch_size: int = setting(64, "images per step in validation, test and prediction", low=1, resumable=True,
+                                   learns=False)
+    workers: int = setting(0, "threads that decode images once at start-up (0: one per CPU core, max 8)", low=0,
+                           resumable=True, learns=False)
     # outputs and run control
-    panel_images: int = _f(4, "validation images shown in the per-epoch prediction panel")
-    test_samples: int = _f(10, "random test images in the final Original | Ground truth | Prediction panel")
-    resume: str = _f("", "continue from a checkpoint: a path, or 'auto' for OUT_DIR/last.pth")
-    overwrite: bool = _f(False, "allow a new run to replace the outputs of a previous run in OUT_DIR")
+    panel_images: int = setting(4, "validation images in the per-epoch prediction panel", low=0, resumable=True,
+                                learns=False)
+    test_samples: int = setting(10, "random test images in the final Original | Ground truth | Prediction panel",
+                                low=0, resumable=True, learns=False)
+    resume: str = setting("", "continue a run: --resume (OUT_DIR/last.pth), --resume FOLDER or --resume FILE",
+                          const="auto", resumable=True, learns=False)
+    overwrite: bool = setting(False, "let a new run replace the outputs of an earlier run in OUT_DIR (never other "
+                                     "files)", resumable=True, learns=False)
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.image_size % 16:
+            raise UserError(f"--image-size {self.image_size}: must be a multiple of 16 (the U-Net halves it 4 times)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise UserError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
+        if self.folds != 0 and self.folds < 3:
+            raise UserError(f"--folds {self.folds}: must be 0 (one split) or at least 3 (test, validation and "
+                            f"training folds)")
+        if not -1 <= self.fold < max(self.folds, 1) or (self.fold >= 0 and not self.folds):
+            raise UserError(f"--fold {self.fold}: must be -1 (all folds) or a fold number from 0 to --folds minus 1, "
+                            f"with --folds")
+        if self.threshold_min > self.threshold_max:
+            raise UserError("--threshold-min must not be above --threshold-max")
+        check_batch_fits(self, self.batch_size)
 
 
 # The default recipe, `improved`, is the dataclass above: edit a field there and runs use it. Leaving
@@ -139,57 +184,1975 @@ class Config:
 # except those given on the command line.
 SEED_RECIPE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", loss="dice",
                    augment=False, tune_threshold=False, tta=False)
-# --demo: a synthetic dataset small enough to train well in a few CPU minutes.
+# --demo: a synthetic dataset small enough to train well in seconds on a CPU.
 DEMO_DEFAULTS = dict(image_size=64, base_width=16, epochs=12, batch_size=16, out_dir="outputs/demo",
                      data_dir="data/synthetic-demo")
-DEMO_MARKER = ".synthetic-demo"  # marks a folder --demo generated, and so may regenerate
+# A first torch.compile on a CPU takes about a minute and then saves about a tenth of each step
+# (bench/RESULTS.md): worth it from this many training steps on.
+COMPILE_WORTH_IT = 2000
 KAGGLE_DATASET = "nikhilroxtomar/brain-tumor-segmentation"
 KAGGLE_PAIRS = 3064  # image/mask pairs in that dataset, as patients.csv lists them
 DEFAULT_DATA_DIR = "data/brain-tumor-segmentation"
 PATIENTS_CSV = Path(__file__).resolve().parent / "patients.csv"
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 CHECKPOINT_FORMAT = "brain-tumor-segmentation-unet"
 CHECKPOINT_VERSION = 1
 # For checkpoints written before a field existed: the value that keeps their behaviour (not the
 # current default, which may differ). Used by --resume and predict.
-BEFORE_FIELD_EXISTED = {"tta": False}
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+BEFORE_FIELD_EXISTED = {"tta": False, "split_seed": 42}
 
 
 class UserError(Exception):
-    """A problem the user can fix; printed as one message without a traceback."""
+    """A problem the user can fix; printed as one sentence, without a traceback."""
 
 
 # -----------------------------------------------------------------------------
-# Small utilities: messages, atomic writes
+# The run, step by step
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def train(cfg: Config, typed: frozenset = frozenset()) -> dict:
+    """One training run, start to finish; each step is a function below, in this order. `typed`
+    names the fields given on the command line (a resumed run keeps its own settings otherwise).
+    Returns the test metrics."""
+    t_start = time.time()
+    RUN_WARNINGS.clear()
+    machine = set_up_machine(cfg)                                # the device; under torchrun, the processes
+    with contextlib.ExitStack() as stack:
+        with together(machine):                                  # an error in one process stops them all
+            cfg, resume = resumed_state(cfg, typed)              # --resume: the checkpoint and its settings
+            out = stack.enter_context(claim_run_folder(cfg, machine))  # refuses what it may not replace
+            data_dir = resolve_data_dir(cfg)                     # downloaded or generated once, if needed
+        choose_precision(machine, cfg)                           # by fixed rules; logged
+        data = load_dataset(data_dir, cfg.image_size, cfg.limit, cfg.workers)  # decoded once, uint8 tensors
+        split, idx = split_for(cfg, data, resume)                # by patient, from split_seed alone
+        run = build_run(cfg, machine, data, split, idx, resume)  # model, optimizer, compiled if that works
+        begin_outputs(run, out, resume)                          # only now: --overwrite removes the earlier run
+        with StopFlag() as stop, run.writer:                     # checkpoints and plots in the background
+            while run.epoch < cfg.epochs:
+                t_epoch = time.time()
+                stopped = train_epoch(run, stop)                 # the training loop itself
+                if run.step == run.epoch_steps:                  # the epoch ran to its end
+                    end_epoch(run, time.time() - t_epoch)        # validation, model.pth, last.pth, plots
+                else:
+                    save_last(run)
+                if stopped and run.epoch < cfg.epochs:
+                    raise interrupted(run, stop)
+            metrics = finish_run(run, stop, t_start) if machine.rank == 0 else {}  # threshold, test, metrics.json
+        if machine.world > 1:  # leave together: a process that exits early can abort the others' shutdown
+            torch.distributed.barrier()
+        return metrics
+
+
+# -----------------------------------------------------------------------------
+# The machine: device, processes, precision
+
+
+@dataclass
+class Machine:
+    """Where and how the model runs; shared by training, evaluation and prediction."""
+    device: torch.device
+    dtype: torch.dtype | None = None  # autocast precision; None: float32
+    channels_last: bool = False
+    rank: int = 0
+    world: int = 1
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun (0 otherwise): the one notion of 'the first process'."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def log(*args) -> None:
-    if is_main_process():
+    if process_rank() == 0:
         print(*args, flush=True)
 
 
+RUN_WARNINGS: list[str] = []  # this run's warnings, kept in metrics.json beside the numbers they qualify
+
+
 def warn(message: str) -> None:
-    if is_main_process():
+    RUN_WARNINGS.append(message)
+    if process_rank() == 0:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
-        fd = os.open(folder, os.O_RDONLY)
+def set_up_machine(cfg: Config) -> Machine:
+    """This command's device (a resumed run trains where it is resumed) and, under torchrun, the
+    process group."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), process_rank()
+    device = pick_device(cfg.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = pick_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Machine(device, rank=rank, world=world)
+
+
+def choose_precision(machine: Machine, cfg: Config) -> None:
+    """Precision and layout by fixed rules of the machine and the run's settings; logs the
+    configuration and what was chosen."""
+    if machine.device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned kernels differ run to run
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+    machine.dtype, why = precision(cfg.amp, machine.device)
+    # Channels-last trained 40% faster on an AVX-512 CPU (bf16 and float32) and 22% slower on an AVX2 one.
+    layout = machine.device.type == "cuda" or torch.backends.cpu.get_cpu_capability() == "AVX512"
+    machine.channels_last = cfg.channels_last and layout
+    log("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    log(f"device: {machine.device}" + (f" ({torch.cuda.get_device_name(machine.device)})" if machine.device.type ==
+                                       "cuda" else f" ({torch.get_num_threads()} threads)")
+        + (f", {machine.world} processes" if machine.world > 1 else ""))
+    log(f"precision: {str(machine.dtype or torch.float32).removeprefix('torch.')} ({why}), channels-last: "
+        f"{machine.channels_last}")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)
+        check_gpu_supported(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
+                            torch.cuda.get_arch_list())
+        torch.cuda.set_device(device)  # libraries that say just "cuda" (torchsummary) mean this one
+    return device
+
+
+def check_gpu_supported(name: str, capability: tuple[int, int], arch_list: list[str]) -> None:
+    """A PyTorch build carries GPU code for some compute capabilities (`sm_75` ...): a GPU older than
+    all of them fails at its first kernel with a traceback, so say it before."""
+    built = [int(a.split("_")[1]) for a in arch_list if a.startswith("sm_")]
+    if built and capability[0] * 10 + capability[1] < min(built):
+        lowest = min(built)
+        raise UserError(f"{name} (compute capability {capability[0]}.{capability[1]}) is older than every GPU this "
+                        f"PyTorch {torch.__version__} build supports (from {lowest // 10}.{lowest % 10}): install a "
+                        f"PyTorch build for it (README, 'Which GPUs'), or use --device cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: where bf16 trained 2.2x faster than float32. oneDNN's own bf16 check
+    is also true on AVX-512 CPUs without them, which emulate bf16 slowly."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The autocast precision (None: float32) by a fixed rule of the machine and --amp, and why."""
+    if amp == "off":
+        return None, "--amp off"
+    if amp in ("bf16", "fp16"):
+        return (torch.bfloat16 if amp == "bf16" else torch.float16), f"--amp {amp}"
+    if device.type == "cuda":  # bf16 only where it is native (compute capability 8+), else fp16 with a scaler
+        native = torch.cuda.get_device_capability(device)[0] >= 8
+        return (torch.bfloat16, "a GPU with bf16") if native else (torch.float16, "a GPU without bf16")
+    if cpu_has_native_bf16():
+        return torch.bfloat16, "a CPU with native bf16; --amp off for float32"
+    return None, "a CPU without native bf16"
+
+
+@contextlib.contextmanager
+def together(machine: Machine):
+    """Under torchrun, an error that one process meets in this block (a download, a folder it may
+    not write) stops every process with the same sentence, instead of leaving the others waiting."""
+    error = None
+    try:
+        yield
+    except Exception as e:
+        error = e
+    if machine.world > 1:
+        messages = [None] * machine.world
+        torch.distributed.all_gather_object(messages, f"{error}" if error else None)
+        first = next((m for m in messages if m), None)
+        if first and error is None:
+            raise UserError(first)
+    if error is not None:
+        raise error
+
+
+# -----------------------------------------------------------------------------
+# Resuming a run: the checkpoint, checked once
+
+
+def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
+    """With --resume: the checkpoint to continue and the settings it was trained with, of which the
+    typed fields that may change on a resume replace theirs; else (cfg, None)."""
+    if not cfg.resume:
+        return cfg, None
+    path = Path(cfg.out_dir) / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
+    path = path / "last.pth" if path.is_dir() else path
+    anew = "start anew there with --overwrite (without --resume), or pick another --out-dir"
+    if "out_dir" in typed and cfg.resume != "auto" and Path(cfg.out_dir).resolve() != path.parent.resolve():
+        raise UserError(f"--out-dir {cfg.out_dir} and --resume {cfg.resume} name two folders: a resumed run continues "
+                        f"in its own folder, {path.parent}. Leave out --out-dir, or start a new run there")
+    if not path.exists():
+        hint = (f"; {path.parent} holds only model.pth, which cannot be continued: {anew}"
+                if (path.parent / "model.pth").exists() else "; start a new run without --resume")
+        raise UserError(f"{path}: no resumable state (last.pth) to continue" + hint)
+    try:
+        state = load_checkpoint(path, resumable=True)
+    except UserError as e:
+        raise UserError(f"{e}. It cannot be continued: {anew}") from None
+    saved = saved_config(state["config"])
+    fixed = [k for k in sorted(typed) if not field_rule(k, "resumable") and getattr(cfg, k) != getattr(saved, k)]
+    if fixed:
+        raise UserError(f"{', '.join(option(k) for k in fixed)}: a resumed run keeps the settings it was trained with "
+                        f"(only {', '.join(option(f.name) for f in dataclasses.fields(Config) if f.metadata.get('resumable'))} "
+                        f"can change); start a new run to change them")
+    keep = {k: getattr(cfg, k) for k in typed if field_rule(k, "resumable") and k not in ("resume", "out_dir")}
+    keep["device"] = cfg.device  # where this command runs, not where the checkpoint was written
+    if (path.parent / "metrics.json").is_file() and keep.get("epochs", saved.epochs) <= state["epoch"]:
+        raise UserError(f"{path.parent} holds a finished run (metrics.json): nothing is left to do. Train it further "
+                        f"with --resume --epochs N (N above {state['epoch']}), pick another --out-dir, or replace it "
+                        f"with --overwrite")
+    if keep.get("epochs", saved.epochs) != saved.epochs and saved.schedule == "onecycle":
+        warn(f"--epochs {keep['epochs']} (was {saved.epochs}): the one-cycle schedule is stretched to the new length, "
+             f"so the learning rate jumps to where that schedule is at this epoch")
+    cfg = dataclasses.replace(saved, **keep, resume=str(path), out_dir=str(path.parent))
+    check_best_model(state, path, cfg.epochs)
+    log(f"resuming {path} at epoch {state['epoch'] + 1}, step {state['step']}")
+    return cfg, state
+
+
+def check_best_model(state: dict, path: Path, epochs: int) -> None:
+    """A resumed run needs the model.pth its state says was saved: if a crash or a user removed or
+    damaged it, the best model is chosen anew from the epochs still to run."""
+    if state["best"]["epoch"] < 1:
+        return
+    try:
+        load_checkpoint(path.parent / "model.pth")
+        return
+    except UserError:
+        problem = f"{path.parent / 'model.pth'} is missing or damaged"
+    if state["epoch"] >= epochs:
+        raise UserError(f"{problem}, and its run has no epoch left to choose a best model from: train on with "
+                        f"--resume --epochs {state['epoch'] + 1} or more, start anew with --overwrite (without "
+                        f"--resume), or pick another --out-dir")
+    warn(f"{problem}: the best model is chosen anew from the epochs still to run")
+    state["best"] = dict(NO_BEST)
+
+
+# What every checkpoint holds, and of which type; a resumable state (last.pth) holds more.
+CHECKPOINT_FIELDS = {"model": dict, "config": dict, "split": dict, "history": dict, "threshold": (int, float),
+                     "epoch": int, "step": int, "best": dict}
+RESUME_FIELDS = {"optimizer": dict, "epoch_losses": torch.Tensor, "world": int}
+
+
+def load_checkpoint(path: Path | str, resumable: bool = False) -> dict:
+    """A checkpoint of this script, loaded without running any code stored in it and checked whole
+    (types, settings, values; with `resumable`, what --resume needs too): the one place that
+    decides whether a checkpoint can be used. One sentence naming the file when it cannot."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about old pickle protocols before refusing
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    except Exception as e:  # torch raises many kinds for damaged or foreign files
+        raise UserError(f"{path}: {unloadable(path, e)}") from None
+    problem = checkpoint_problem(state, resumable)
+    if problem:
+        raise UserError(f"{path}: {problem}")
+    return state
+
+
+def unloadable(path: Path, e: Exception) -> str:
+    """Why torch.load refused a file, in a user's words."""
+    import pickle
+    with open(path, "rb") as f:
+        raw_pickle = f.read(1) == b"\x80"  # a bare pickle, not torch.save's zip: it may hold code
+    if raw_pickle or (isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e)):  # torch's only signal
+        return "refused, it holds Python objects that could run code when loaded; only checkpoints written by " \
+               "this script can be used"
+    if isinstance(e, pickle.UnpicklingError):
+        return "not a PyTorch checkpoint (another kind of file)"
+    detail = first_line(e)
+    return f"not a readable PyTorch checkpoint (truncated or another kind of file: {detail})"
+
+
+def checkpoint_problem(state, resumable: bool) -> str:
+    """What makes a loaded checkpoint unusable, or ''."""
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        return "not a checkpoint of this script's U-Net"
+    if state.get("version") != CHECKPOINT_VERSION:
+        return (f"checkpoint format version {state.get('version')}, but this script reads version "
+                f"{CHECKPOINT_VERSION}; use the script version that wrote it")
+    if resumable and state.get("optimizer") is None:
+        return "a best-model file, not a resumable state (that is last.pth, beside it)"
+    kinds = {**CHECKPOINT_FIELDS, **(RESUME_FIELDS if resumable else {})}
+    missing = [k for k in kinds if k not in state]
+    if missing:
+        return f"incomplete checkpoint, {', '.join(missing)} missing"
+    wrong = [k for k, kind in kinds.items() if not isinstance(state[k], kind) or isinstance(state[k], bool)]
+    if not wrong:
+        wrong += ["model"] * (not all(isinstance(v, torch.Tensor) for v in state["model"].values()))
+        wrong += [f"split.{k}" for k in ("train", "val", "test") if not isinstance(state["split"].get(k), list)]
+        wrong += [f"history.{k}" for k, v in state["history"].items() if not isinstance(v, list)]
+        wrong += ["best"] * (not isinstance(state["best"].get("epoch"), int) or
+                             not isinstance(state["best"].get("val_dice"), (int, float)))
+    if wrong:
+        return f"damaged checkpoint, {', '.join(wrong)} of the wrong type; use another checkpoint, or train anew"
+    try:
+        saved_config(state["config"])
+    except (UserError, TypeError) as e:
+        return f"damaged checkpoint, its settings are invalid: {e}"
+    if not 0 <= state["threshold"] <= 1:
+        return "damaged checkpoint, threshold not between 0 and 1"
+    if min(state["epoch"], state["step"]) < 0:
+        return "damaged checkpoint, epoch or step below 0"
+    if not all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()):
+        return "damaged checkpoint, weights that are not finite"
+    return ""
+
+
+def saved_config(config: dict) -> Config:
+    """A checkpoint's configuration as a Config (checked as any Config is); fields it predates get
+    BEFORE_FIELD_EXISTED's values."""
+    return Config(**{**BEFORE_FIELD_EXISTED, **{k: v for k, v in config.items() if k in Config.__dataclass_fields__}})
+
+
+# -----------------------------------------------------------------------------
+# Files: a program replaces or deletes only what its own record in a folder lists
+
+
+MANIFEST = ".outputs.json"  # in each output folder: which program wrote there, and which files
+LOCK = ".lock"  # held while a program writes into the folder; names the holder
+RUN_FILES = ("config.json", "split.json", "model.pth", "last.pth")
+TEST_FILES = ("metrics.json", "test_per_image.csv", "visualizations/test_samples.png",
+              "visualizations/worst_predictions.png", "visualizations/test_dice_histogram.png")
+
+
+def claim_run_folder(cfg: Config, machine: Machine):
+    """The output folder of a training run, owned while it runs (rank 0 writes; the others do not)."""
+    if machine.rank != 0:
+        return contextlib.nullcontext()
+    data = Path(cfg.data_dir or DEFAULT_DATA_DIR)
+    return claim_folder(Path(cfg.out_dir), "train", run_files(cfg), {data: (f"the data folder {data}", True)},
+                        replace=bool(cfg.resume or cfg.overwrite), earlier=earlier_run)
+
+
+def run_files(cfg: Config) -> list[str]:
+    return [*RUN_FILES, *TEST_FILES, "visualizations/loss_curves.png",
+            *(f"visualizations/epochs/epoch_{e:03d}.png" for e in range(1, cfg.epochs + 1))]
+
+
+def earlier_run(out: Path, found: list[Path]) -> str:
+    """What to do about an earlier run's outputs: each state a crash can leave has a way on."""
+    names = {p.name for p in found}
+    if "last.pth" in names and "metrics.json" in names:
+        return (f"{out} holds a finished run (metrics.json). Train it further with --resume --epochs N (N above its "
+                f"epochs), pick another --out-dir, or replace it with --overwrite")
+    if "last.pth" in names:
+        return (f"{out} already holds the outputs of an earlier run (last.pth). Continue it with --resume, pick "
+                f"another --out-dir, or replace it with --overwrite")
+    return (f"{out} holds outputs of an earlier run ({found[0].name}) but no last.pth, so --resume cannot continue "
+            f"it. Keep it and pick another --out-dir, or replace it with --overwrite")
+
+
+@contextlib.contextmanager
+def claim_folder(folder: Path, program: str, targets: list[str], reads: dict, replace: bool = False,
+                 earlier=None, inputs: tuple = ()):
+    """Own `folder` for one run of `program`, after refusing, before anything is written: an output
+    folder that is, holds or lies inside a folder read as input (`reads`: path -> (what it is, whether
+    it is read whole), however either is named), a link that would carry writes elsewhere, a target
+    that exists but is not in this program's record there or is an input file (`inputs`), and unless
+    `replace`, its own earlier outputs (`earlier(folder, found)` says what to do about them). Yields
+    the folder's Outputs, holding its lock. A run that fails in a folder it made leaves no trace."""
+    check_apart(folder, reads, program)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder; choose another output folder")
+    check_targets(folder, program, targets, replace, earlier, inputs)  # before the lock: a refusal leaves no trace
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    lock, failed = FileLock(folder / LOCK), True
+    try:
         try:
-            os.fsync(fd)
+            lock.acquire(timeout=0)
+        except Timeout:
+            owner = (folder / LOCK).read_text(errors="replace").strip() or "another process"
+            raise UserError(f"{folder} is in use by another run ({owner}); wait for it to end, or choose another "
+                            f"output folder") from None
+        try:
+            (folder / LOCK).write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            yield Outputs(folder, program, targets, check_targets(folder, program, targets, replace, earlier, inputs))
+            failed = False
         finally:
-            os.close(fd)
+            lock.release()
+    finally:
+        for path in made if failed else []:  # only this program's lock and record: remove them and the folder
+            with contextlib.suppress(OSError):
+                if {p.name for p in path.iterdir()} <= {LOCK, MANIFEST}:
+                    (path / MANIFEST).unlink(missing_ok=True)
+                    (path / LOCK).unlink(missing_ok=True)
+                    path.rmdir()
+
+
+def check_apart(folder: Path, reads: dict, program: str) -> None:
+    """No output folder may be, hold, or lie inside a folder read as input (`reads`: path -> (what it
+    is, whether it is read whole); the folder of an input file is not: the output may lie inside it)."""
+    out = folder.resolve()
+    for path, (what, whole) in reads.items():
+        read = Path(path).resolve()
+        if out == read or (read in out.parents and whole):
+            raise UserError(f"{folder} is or lies inside {what}: {program} never writes where it reads, with or "
+                            f"without --overwrite. Choose an output folder outside it")
+        if out in read.parents:
+            raise UserError(f"{folder} holds {what}: {program} never writes around its inputs, with or without "
+                            f"--overwrite. Choose an output folder outside it")
+
+
+def read_manifest(folder: Path, program: str) -> dict:
+    """The record of what `program` wrote into `folder` ({} when there is none)."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        files = record["files"]
+        assert record["program"] in ("train", "cross-validation", "predict", "compare") and isinstance(files, list)
+        assert all(isinstance(f, str) and not Path(f).is_absolute() and ".." not in Path(f).parts for f in files)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"{path} is not a record of this script's outputs: {folder} is not used, and nothing in it is "
+                        f"changed. Choose another output folder") from None
+    if record["program"] != program:
+        raise UserError(f"{folder} holds the outputs of {record['program']}, and {program} writes only into a folder "
+                        f"of its own: choose another output folder")
+    return record
+
+
+def check_targets(folder, program, targets, replace, earlier, inputs) -> dict:
+    """The folder's record, once every target is known to be new or this program's own."""
+    record = read_manifest(folder, program)
+    listed, found = set(record.get("files", [])), []
+    lock = folder / LOCK
+    if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+        raise UserError(f"{lock} is not a lock file of this script; choose another output folder")
+    for name in targets:
+        path = folder / name
+        for part in [folder / p for p in Path(name).parents][-2::-1]:  # the subfolders, outermost first
+            if part.is_symlink():
+                raise UserError(f"{part} is a link to {part.resolve()}; {program} writes only into real folders "
+                                f"inside {folder}. Choose another output folder")
+        if path.resolve() in inputs:
+            raise UserError(f"{path} is an input of this {program}; choose another output folder")
+        if path.exists() or path.is_symlink():
+            if name not in listed:
+                raise UserError(f"{path}: {program} did not write this file (it is not in {folder / MANIFEST}), so it "
+                                f"is never replaced or deleted, with or without --overwrite. Choose another output "
+                                f"folder")
+            found.append(path)
+    if found and not replace:
+        raise UserError(earlier(folder, found))
+    return record
+
+
+class Outputs:
+    """A folder a program owns while it runs: it writes its targets there, after recording them."""
+
+    def __init__(self, folder: Path, program: str, targets: list[str], record: dict):
+        self.folder, self.program, self.targets, self.record = folder, program, targets, record
+
+    def __truediv__(self, name: str) -> Path:
+        return self.folder / name
+
+    def begin(self, replace: bool = False, remove: tuple = (), **facts) -> None:
+        """Once every check has passed: delete the earlier run's files (all of them with `replace`,
+        else those in `remove`) and the temporaries of writes a kill cut short, then record this
+        run's targets (and `facts`) before any of them is written."""
+        listed = self.record.get("files", [])
+        remove_stale_temporaries(self.folder, listed)
+        for name in listed if replace else [n for n in remove if n in listed]:
+            (self.folder / name).unlink(missing_ok=True)
+        for name in sorted({str(Path(n).parent) for n in listed}, key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                (self.folder / name).rmdir()  # only if empty: a folder an earlier run made and emptied
+        kept = [] if replace else listed
+        self.record = {**self.record, **facts, "program": self.program,
+                       "files": sorted({*kept, *self.targets})}
+        save_json(self.folder / MANIFEST, self.record)
+
+
+def remove_stale_temporaries(folder: Path, names: list[str]) -> None:
+    """The temporary files of writes a crash (kill -9) cut short, beside the files they were for:
+    atomic_write names them .NAME.*.tmp."""
+    for name in names:
+        path = folder / name
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+
+# -----------------------------------------------------------------------------
+# Data: the folder, downloaded or generated once
+
+
+def resolve_data_dir(cfg: Config) -> Path:
+    """The data folder: --data-dir as given; --demo's synthetic slices, generated once; else the
+    Kaggle dataset in ./data, downloaded once. Every process of every machine resolves it for itself
+    under a lock, before any of them waits for another (a slow download then times nothing out)."""
+    if cfg.data_dir and not cfg.demo:
+        return Path(cfg.data_dir)
+    folder = Path(cfg.data_dir or DEFAULT_DATA_DIR)
+    # The lock lives in the temporary folder, so that the data folder's parent holds nothing else.
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    with FileLock(Path(tempfile.gettempdir()) / f"brain-tumor-segmentation-{key}.lock"):
+        if cfg.demo:
+            return generate_demo_data(folder, cfg.demo_images)
+        if folder.is_dir():  # downloaded by an earlier run: checked, never fetched again
+            check_kaggle_download(folder)
+            return folder
+        return download_dataset(folder)
+
+
+DEMO_MARKER = ".synthetic-demo"  # marks a folder --demo generated, and so may regenerate
+
+
+def generate_demo_data(folder: Path, n: int) -> Path:
+    """--demo's slices: the same for every training seed, so that demo runs compare image for image."""
+    marker = folder / DEMO_MARKER
+    if marker.is_file() and marker.read_text().strip() == str(n):
+        return folder
+    if folder.exists() and not marker.is_file():
+        raise UserError(f"{folder}: --demo writes synthetic data there, but the folder exists and was not made by "
+                        f"--demo; pass another --data-dir (it is never deleted or changed)")
+    log(f"generating {n} synthetic slices in {folder}")
+    shutil.rmtree(folder, ignore_errors=True)  # only ever a folder that --demo made itself
+    folder.mkdir(parents=True)
+    marker.write_text("incomplete\n")  # written first: an interrupted generation is still ours
+    make_synthetic_dataset(folder, n, seed=42)
+    marker.write_text(f"{n}\n")
+    return folder
+
+
+def make_synthetic_dataset(folder: Path | str, n: int, size: int = 128, seed: int = 0) -> Path:
+    """Write n MRI-like slices and masks: a skull ring, textured brain, ventricles, noise and
+    tumours of varied size, shape and contrast (about 15% of slices have none)."""
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+
+    def ellipse(cx, cy, ax, ay, angle):
+        c, s = math.cos(angle), math.sin(angle)
+        u, v = (xx - cx) * c + (yy - cy) * s, -(xx - cx) * s + (yy - cy) * c
+        return (u / ax) ** 2 + (v / ay) ** 2
+
+    def smooth_noise(scale, amplitude):
+        noise = cv2.GaussianBlur(rng.standard_normal((size, size)).astype(np.float32), (0, 0), scale)
+        return noise / (noise.std() + 1e-6) * amplitude
+
+    for i in range(n):
+        head = ellipse(0.5 + rng.normal(0, 0.02), 0.5 + rng.normal(0, 0.02), rng.uniform(0.36, 0.44),
+                       rng.uniform(0.41, 0.47), rng.uniform(-0.3, 0.3))
+        brain = head < 0.78
+        image = np.where(head < 1.0, 0.8, 0.0).astype(np.float32)  # skull and scalp
+        image[brain] = 0.0
+        image += brain * (0.38 + smooth_noise(size / 20, 0.06))
+        ventricles = ellipse(0.5, 0.5 + rng.normal(0, 0.02), rng.uniform(0.03, 0.07), rng.uniform(0.08, 0.14),
+                             rng.uniform(-0.2, 0.2)) < 1
+        image[ventricles] = 0.12
+        mask = np.zeros((size, size), bool)
+        if rng.random() > 0.15:
+            radius = rng.uniform(0.04, 0.14)
+            angle, dist = rng.uniform(0, 2 * math.pi), rng.uniform(0, 0.22)
+            cx, cy = 0.5 + dist * math.cos(angle), 0.5 + dist * math.sin(angle)
+            blob = ellipse(cx, cy, radius * rng.uniform(0.7, 1.3), radius * rng.uniform(0.7, 1.3),
+                           rng.uniform(0, math.pi)) + smooth_noise(size / 25, 0.25)
+            mask = (blob < 1) & brain
+            contrast = rng.uniform(0.18, 0.5)
+            ring = rng.random() < 0.3  # ring-enhancing tumours have a darker core
+            image[mask] = 0.38 + contrast
+            if ring:
+                image[mask & (blob < 0.45)] = 0.38 + contrast * 0.3
+            image += mask * smooth_noise(size / 40, 0.04)
+        image = cv2.GaussianBlur(image, (0, 0), 0.8) + rng.normal(0, 0.03, (size, size)).astype(np.float32)
+        image *= rng.uniform(0.8, 1.15)  # scanners differ in overall brightness
+        cv2.imwrite(str(folder / "images" / f"{i + 1}.png"), np.clip(image * 255, 0, 255).astype(np.uint8))
+        cv2.imwrite(str(folder / "masks" / f"{i + 1}.png"), mask.astype(np.uint8) * 255)
+    return folder
+
+
+def check_kaggle_download(root: Path) -> None:
+    """Refuse a partial or changed download: it must hold exactly the pairs 1..3064 (as patients.csv)."""
+    expected = {str(i) for i in range(1, KAGGLE_PAIRS + 1)}
+    images, masks = set(list_images(root / "images")), set(list_images(root / "masks"))
+    if images != expected or masks != expected:
+        missing = len(expected - (images & masks))
+        raise UserError(f"{root}: {len(images)} images and {len(masks)} masks, but {KAGGLE_DATASET} has "
+                        f"{KAGGLE_PAIRS} pairs named 1..{KAGGLE_PAIRS} ({missing} missing, "
+                        f"{len((images | masks) - expected)} unexpected): a partial or changed download, "
+                        f"not trained on. Delete {root} and run again to download it anew, or pass --data-dir")
+
+
+def download_dataset(dest: Path) -> Path:
+    """Download the Kaggle dataset into a temporary folder beside `dest`, check it, then move it into
+    place: kagglehub first (no account needed), then the kaggle client (needs credentials)."""
+    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+    causes = []
+    try:
+        for way, fetch in (("kagglehub", fetch_with_kagglehub), ("kaggle", fetch_with_kaggle)):
+            log(f"downloading {KAGGLE_DATASET} with {way} into {tmp} ...")
+            try:
+                fetch(tmp / way)
+            except (Exception, SystemExit) as e:
+                causes.append(f"{way}: {download_failure(e)}")
+                if isinstance(e, network_errors()):
+                    break  # the other way needs the network too
+                continue
+            roots = [p.parent for p in sorted((tmp / way).rglob("images"))
+                     if p.is_dir() and (p.parent / "masks").is_dir()]
+            if not roots:
+                raise UserError(f"the download of {KAGGLE_DATASET} has no images/ and masks/ folders; download it "
+                                f"by hand and pass --data-dir")
+            check_kaggle_download(roots[0])
+            os.replace(roots[0], dest)
+            log(f"dataset ready in {dest}")
+            return dest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # a failed download leaves no trace, not even the folder
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    raise UserError(f"the dataset is not at {dest} and could not be downloaded:\n  " + "\n  ".join(causes) +
+                    f"\nWays forward:\n"
+                    f"  1. with network, run again: kagglehub downloads {KAGGLE_DATASET} without an account\n"
+                    f"  2. Kaggle credentials (kaggle.json in ~/.kaggle/, or KAGGLE_USERNAME and KAGGLE_KEY) for the "
+                    f"kaggle client\n"
+                    f"  3. download it by hand from https://www.kaggle.com/datasets/{KAGGLE_DATASET} and pass "
+                    f"--data-dir DIR (a folder with images/ and masks/)\n"
+                    f"  4. --demo: train on generated synthetic data, offline")
+
+
+def fetch_with_kagglehub(folder: Path) -> None:
+    """Way 1: kagglehub, no account needed for this public dataset."""
+    import kagglehub
+    kagglehub.dataset_download(KAGGLE_DATASET, output_dir=str(folder))
+
+
+def fetch_with_kaggle(folder: Path) -> None:
+    """Way 2: the kaggle client, which needs credentials (NOTES: env vars, token, kaggle.json)."""
+    found = os.environ.get("KAGGLE_API_TOKEN") or (os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"))
+    folders = [os.environ.get("KAGGLE_CONFIG_DIR", ""), Path.home() / ".kaggle", Path.home() / ".config" / "kaggle"]
+    if not found and not any(f and (Path(f) / name).is_file() for f in folders for name in ("kaggle.json",
+                                                                                           "access_token")):
+        raise PermissionError("no Kaggle credentials (kaggle.json in ~/.kaggle, or KAGGLE_USERNAME and KAGGLE_KEY)")
+    # `import kaggle` authenticates at import and calls exit(1) on failure, printing help.
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            from kaggle.api.kaggle_api_extended import KaggleApi
+            api = KaggleApi()
+            api.authenticate()
+        except SystemExit:
+            raise PermissionError("the Kaggle credentials were not accepted") from None
+    api.dataset_download_files(KAGGLE_DATASET, path=str(folder), unzip=True, quiet=False)
+
+
+def network_errors() -> tuple:
+    errors = (ConnectionError, TimeoutError)
+    with contextlib.suppress(ImportError):  # both clients speak HTTP through requests
+        import requests
+        errors += (requests.ConnectionError, requests.Timeout)
+    return errors
+
+
+def download_failure(e: BaseException) -> str:
+    """Why a download client failed, in words a user can act on."""
+    if isinstance(e, ImportError):
+        return (f"the Python package {e.name or 'it needs'} is missing: install the project's requirements "
+                f"(pip install -r requirements.txt)")
+    if isinstance(e, PermissionError):  # no or refused credentials, or a folder that cannot be written
+        return str(e)
+    if isinstance(e, network_errors()):
+        return "no network: Kaggle could not be reached (name lookup or connection failed)"
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status in (401, 403):
+        return f"refused by Kaggle (HTTP {status}): the dataset asks for an account or for consent"
+    if status is not None:
+        return f"Kaggle answered HTTP {status}"
+    detail = first_line(e)
+    return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+
+
+# -----------------------------------------------------------------------------
+# Data: decode every pair once, keep the dataset as uint8 tensors
+
+
+def load_dataset(data_dir: Path | str, size: int, limit: int = 0, workers: int = 0) -> dict:
+    """Every readable pair decoded once: names, images (N,1,S,S) uint8 0..255, masks (N,1,S,S) uint8 0/1,
+    and each pair's content hash (of the files' bytes, so runs at other sizes share it). Unreadable
+    files and size mismatches are skipped with a warning naming the file; nothing is ever written."""
+    pairs = find_pairs(data_dir)[:limit or None]
+    workers = workers or min(8, os.cpu_count() or 1)
+    names, images, masks, hashes, problems = [], [], [], [], 0
+
+    def load(pair):
+        name, image_path, mask_path = pair
+        try:
+            return name, read_pair(image_path, mask_path, size), ""
+        except ValueError as e:
+            return name, None, f"{e}; pair {name} skipped"
+
+    with ThreadPoolExecutor(workers) as pool:  # OpenCV releases the GIL while decoding
+        for name, pair, problem in tqdm(pool.map(load, pairs), total=len(pairs), desc="decoding", unit="img",
+                                        leave=False, disable=process_rank() != 0):
+            if pair is None:
+                warn(problem)
+                problems += 1
+                continue
+            if pair[3]:
+                warn(pair[3])
+            names.append(name)
+            images.append(pair[0])
+            masks.append(pair[1])
+            hashes.append(pair[2])
+    if not names:
+        raise UserError(f"{data_dir}: none of the {len(pairs)} image/mask pairs could be read")
+    if problems:
+        warn(f"{problems} of {len(pairs)} pairs skipped (see the warnings above)")
+    mostly = [n for n, m in zip(names, masks) if m.mean() > 0.5]
+    if mostly:
+        warn(f"{len(mostly)} of {len(names)} masks are more than half tumour (for example {mostly[0]}): inverted "
+             f"masks (tumour dark on a bright background)? Tumour must be the bright or coloured part")
+    if not any(m.any() for m in masks):
+        warn(f"NO TUMOUR PIXEL in any of the {len(names)} masks of {data_dir}: the model can only learn to predict "
+             f"nothing, and its Dice will say nothing. Check the masks (tumour non-zero on black, gray or colour)")
+    return {"names": names, "hashes": dict(zip(names, hashes)),
+            "images": torch.from_numpy(np.stack(images)).unsqueeze(1),
+            "masks": torch.from_numpy(np.stack(masks)).unsqueeze(1)}
+
+
+def find_pairs(data_dir: Path | str) -> list[tuple[str, Path, Path]]:
+    """(name, image path, mask path) for every image in images/ with a mask of the same name in masks/.
+    A missing or empty folder stops the run; an unpaired file is skipped with a warning."""
+    data_dir = Path(data_dir)
+    images_dir, masks_dir = data_dir / "images", data_dir / "masks"
+    for folder in (data_dir, images_dir, masks_dir):
+        if not folder.is_dir():
+            raise UserError(f"{folder}: folder not found. The data folder must hold images/ and masks/ with one "
+                            f"mask per image, of the same name.")
+    images, masks = list_images(images_dir), list_images(masks_dir)
+    for folder, found in ((images_dir, images), (masks_dir, masks)):
+        if not found:
+            raise UserError(f"{folder}: no {folder.name} found (PNG, JPEG, TIFF or BMP)")
+    for name in sorted(set(images) - set(masks), key=name_order):
+        warn(f"{images[name]}: no mask named {name}.* in {masks_dir}; image skipped")
+    for name in sorted(set(masks) - set(images), key=name_order):
+        warn(f"{masks[name]}: no image named {name}.* in {images_dir}; mask skipped")
+    names = sorted(set(images) & set(masks), key=name_order)
+    if not names:
+        raise UserError(f"{data_dir}: no image in images/ has a mask of the same name in masks/")
+    return [(name, images[name], masks[name]) for name in names]
+
+
+def list_images(folder: Path) -> dict[str, Path]:
+    """Image files of a folder by name (without the extension); other files are ignored. A folder
+    that cannot be read stops the run with one sentence."""
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except OSError as e:
+        raise UserError(f"{folder}: cannot read this folder ({e.strerror or type(e).__name__}); check its "
+                        f"permissions") from None
+    files = {}
+    for path in entries:
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
+            continue
+        if not path.is_file():
+            warn(f"{path}: not an image file; skipped")
+        elif image_name(path.name) in files:
+            warn(f"{path}: another file has the same name {image_name(path.name)!r} "
+                 f"({files[image_name(path.name)].name}); skipped, keep one of them")
+        else:
+            files[image_name(path.name)] = path
+    return files
+
+
+def image_name(file_name: str) -> str:
+    """A file's name without its image extension: what pairs an image with its mask (and a groups
+    CSV row with both). Other dots belong to the name ('scan.v2' stays 'scan.v2')."""
+    path = Path(file_name)
+    return path.stem if path.suffix.lower() in IMAGE_EXTENSIONS else path.name
+
+
+def name_order(name: str):
+    """Numbers in numeric order, then other names; int() reads exactly what isdecimal() accepts."""
+    return (0, int(name), "") if name.isdecimal() else (1, 0, name)
+
+
+def read_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray, np.ndarray, str, str]:
+    """An image and its mask as the model sees them: uint8 image, uint8 0/1 mask, the pair's content
+    hash, and a warning or ''. Raises ValueError naming the file when the pair cannot be used."""
+    gray, image_hash = decode_file(image_path, gray_in_unit_range)
+    mask, mask_hash, note = mask_for(mask_path, gray.shape, size)
+    try:
+        image = preprocess_image(gray, size)
+    except MemoryError:
+        raise ValueError(f"{image_path}: too large to resize in the memory there is") from None
+    return image, mask, hashlib.sha256((image_hash + mask_hash).encode()).hexdigest()[:16], note
+
+
+def mask_for(mask_path: Path, shape: tuple, size: int) -> tuple[np.ndarray, str, str]:
+    """The mask of an image of `shape`, at the model's size: uint8 0/1, its file's hash, and a warning
+    when its tumour vanishes at that size. Training and predict --masks score through this one check."""
+    mask, digest = decode_file(mask_path, tumour_pixels)
+    if mask.shape != tuple(shape[:2]):
+        raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                         f"{shape[1]}x{shape[0]}")
+    resized = preprocess_mask(mask, size)
+    note = ""
+    if mask.any() and not resized.any():
+        note = (f"{mask_path}: its {int(mask.sum())} tumour pixels vanish at {size}x{size} (re-binarized at 50% "
+                f"after resizing); it counts as tumour-free")
+    return resized, digest, note
+
+
+def decode_file(path: Path | str, convert) -> tuple[np.ndarray, str]:
+    """`convert` of the pixels OpenCV decodes (any depth and channels), and the sha256 of the file's
+    bytes. Every way a read can fail (no permission, a folder, a corrupt or empty file, a header that
+    claims a size the decoder refuses, NaN or infinite pixels, pixels that memory cannot hold or
+    convert) raises ValueError naming the file, so callers skip it with one warning."""
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # imdecode also copes with non-ASCII paths
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    except (cv2.error, MemoryError) as e:
+        raise ValueError(f"{path}: the decoder refused it (too large, or a damaged header: {first_line(e)})") from None
+    if image is None or image.size == 0:
+        raise ValueError(f"{path}: not a readable image (corrupt, empty or unsupported format)")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise ValueError(f"{path}: holds NaN or infinite pixels, which no scaling can show")
+    try:
+        return convert(image), hashlib.sha256(data).hexdigest()
+    except MemoryError:
+        raise ValueError(f"{path}: too large to convert in the memory there is") from None
+
+
+def read_image(path: Path | str) -> np.ndarray:
+    """Any PNG/JPEG/TIFF/BMP (gray, RGB, RGBA, 8 or 16 bit, float) -> float32 gray in [0, 1], original
+    size. Raises ValueError naming the file when unreadable."""
+    return decode_file(path, gray_in_unit_range)[0]
+
+
+def read_mask(path: Path | str) -> np.ndarray:
+    """A mask file -> bool array at its original size (tumour_pixels says how)."""
+    return decode_file(path, tumour_pixels)[0]
+
+
+def gray_in_unit_range(image: np.ndarray) -> np.ndarray:
+    """8-bit images divided by 255 as the seed did; 16-bit and float images by their own maximum,
+    because their value range depends on the scanner."""
+    if image.ndim == 3:
+        code = {4: cv2.COLOR_BGRA2GRAY, 3: cv2.COLOR_BGR2GRAY}.get(image.shape[2])
+        image = cv2.cvtColor(image, code) if code is not None else image[:, :, 0]
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    image = image.astype(np.float32)
+    image -= min(float(image.min()), 0.0)
+    peak = float(image.max())
+    return image / peak if peak > 0 else image
+
+
+def tumour_pixels(mask: np.ndarray) -> np.ndarray:
+    """A pixel's value is its strongest colour channel (gray, or the largest of red, green and blue;
+    fully transparent pixels count as 0). The mask's levels are the non-zero values that cover at
+    least a tenth of the area of the most common one, so a lone stray value (JPEG noise, a slip of
+    the brush) is not a level. A pixel is tumour when its value is above half the lowest level:
+    0/255 and 0/1 masks, noisy or not, 16-bit ones, and masks with several labels (all tumour)."""
+    if mask.ndim == 3:
+        value = mask[:, :, :3].max(axis=2)
+        mask = np.where(mask[:, :, 3] > 0, value, 0) if mask.shape[2] == 4 else value
+    values, counts = np.unique(mask[mask > 0], return_counts=True)
+    if not len(values):
+        return np.zeros(mask.shape, bool)
+    return mask > values[counts >= 0.1 * counts.max()].min() / 2
+
+
+def preprocess_image(gray: np.ndarray, size: int) -> np.ndarray:
+    """Float gray [0,1] at any size -> uint8 (size, size). Shared by training and prediction."""
+    interpolation = cv2.INTER_AREA if gray.shape[0] > size else cv2.INTER_LINEAR
+    resized = cv2.resize(gray, (size, size), interpolation=interpolation)
+    return np.clip(resized * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def preprocess_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Bool mask at any size -> uint8 0/1 (size, size): area resize, re-binarized at 50%."""
+    resized = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return (resized >= 0.5).astype(np.uint8)
+
+
+# -----------------------------------------------------------------------------
+# The split: whole patients in each part, from split_seed alone
+
+
+def make_split(cfg: Config, data: dict) -> dict:
+    """Train/val/test by patient (or --split random: by image), each tumour type spread evenly; with
+    --folds K, fold --fold is the test part and the next fold validation. It depends on the data, the
+    groups and split_seed only, so runs with other training seeds test on the same images."""
+    names = data["names"]
+    groups, strata, source, unit = find_groups(cfg, names, data["images"])
+    if cfg.folds:
+        fold = group_folds(groups, strata, cfg.folds, cfg.split_seed)
+        test, val = cfg.fold % cfg.folds, (cfg.fold + 1) % cfg.folds
+        parts = {part: np.flatnonzero(members).tolist() for part, members in (
+            ("train", (fold != test) & (fold != val)), ("val", fold == val), ("test", fold == test))}
+        how = f"{source}; fold {test + 1} of {cfg.folds} is the test part"
+    else:
+        parts = split_by_group(groups, strata, (cfg.val_fraction, cfg.test_fraction), cfg.split_seed)
+        how = source
+    split = {"how": how, "unit": unit, "made_from": {k: getattr(cfg, k) for k in (
+             "split", "groups", "split_seed", "val_fraction", "test_fraction", "folds", "fold", "limit")}}
+    for part, members in parts.items():
+        split[part] = [names[i] for i in members]
+        split[f"{part}_patients"] = sorted({groups[i] for i in members})
+    split["fractions"] = {part: round(len(split[part]) / len(names), 4) for part in parts}
+    wanted = {"val": cfg.val_fraction, "test": cfg.test_fraction}
+    if not cfg.folds and any(abs(split["fractions"][p] - f) > 0.02 for p, f in wanted.items()):
+        warn(f"whole {unit} could not honour --val-fraction {cfg.val_fraction} and --test-fraction "
+             f"{cfg.test_fraction} within 0.02: the parts hold {split['fractions']} of the images")
+    split["groups"] = dict(zip(names, groups))
+    split["tumor_types"] = {n: s for n, s in zip(names, strata) if s}
+    split["files"] = {n: data["hashes"][n] for n in names}
+    return split
+
+
+def find_groups(cfg: Config, names: list[str], images: torch.Tensor) -> tuple[list[str], list[str], str, str]:
+    """The group (patient) and tumour type of each image, where they came from, and what a group is."""
+    if cfg.split == "random":
+        return list(names), [""] * len(names), "random split by image (--split random)", "images"
+    if cfg.groups:
+        table = read_groups_csv(cfg.groups)
+        missing = [n for n in names if n not in table]
+        if missing:
+            raise UserError(f"{cfg.groups}: no patient for {len(missing)} images, for example {missing[0]!r}")
+        return [table[n][0] for n in names], [table[n][1] for n in names], f"split by patient ({cfg.groups})", \
+            "patients"
+    table = read_groups_csv(PATIENTS_CSV) if PATIENTS_CSV.is_file() else {}
+    if table and all(n in table for n in names):
+        # Ids that differ only by a trailing letter (MR040240, MR040240B, ...) look like one patient scanned
+        # again (README, "Honest metrics"): one group, so that no re-scan crosses the split.
+        patients = [re.sub(r"(?<=\d)[A-Z]$", "", table[n][0]) for n in names]
+        if table_fits_images(images, names, patients):
+            return patients, [table[n][1] for n in names], "split by patient (patients.csv; re-scans kept " \
+                                                           "together)", "patients"
+    groups = group_by_similarity(images, names)
+    return groups, [""] * len(names), ("split by groups of similar neighbouring slices: APPROXIMATE, pass "
+                                       "--groups FILE.csv with the patient of each image for an exact one"), "groups"
+
+
+def read_groups_csv(path: Path | str) -> dict[str, tuple[str, str]]:
+    """image name -> (patient id, tumour type or '') from a CSV with image,patient_id[,tumor_type]."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets add a byte-order mark
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the groups file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: the groups file is not UTF-8 text; save it as CSV (UTF-8)") from None
+    except csv.Error as e:  # a field over the csv module's size limit, a NUL byte
+        raise UserError(f"{path}: not a readable CSV groups file ({e}); save it as plain CSV") from None
+    if not rows or not {"image", "patient_id"} <= set(rows[0]):
+        raise UserError(f"{path}: a groups file needs the columns image,patient_id (and optionally tumor_type)")
+    if any(not r["image"] or not r["patient_id"] for r in rows):
+        raise UserError(f"{path}: every row needs an image and a patient_id")
+    table = {}
+    for r in rows:
+        name, entry = image_name(r["image"]), (r["patient_id"], r.get("tumor_type") or "")
+        if table.setdefault(name, entry) != entry:
+            raise UserError(f"{path}: image {r['image']!r} is listed twice with different patients or types "
+                            f"({table[name]} and {entry}); keep one row per image")
+    return table
+
+
+def neighbour_correlations(images: torch.Tensor, names: list[str]) -> tuple[list[int], np.ndarray]:
+    """Images in name order, and the correlation of each one's 64x64 thumbnail with the previous one's."""
+    order = sorted(range(len(names)), key=lambda i: name_order(names[i]))
+    thumbs = F.interpolate(images[order].float(), size=(64, 64), mode="area").flatten(1)
+    thumbs = thumbs - thumbs.mean(1, keepdim=True)
+    thumbs = thumbs / thumbs.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    return order, (thumbs[1:] * thumbs[:-1]).sum(1).numpy()
+
+
+def table_fits_images(images: torch.Tensor, names: list[str], patients: list[str]) -> bool:
+    """Whether a patient table describes these pixels: in the Figshare data, neighbouring slices of
+    one patient correlate above 0.8 in 86% of cases, of two patients in 1%. Other data that merely
+    has numbered files (the demo's, a user's) shows no such difference."""
+    order, corr = neighbour_correlations(images, names)
+    same = np.array([patients[a] == patients[b] for a, b in zip(order[:-1], order[1:])])
+    if same.sum() < 2 or (~same).sum() < 1:
+        return bool(same.sum()) or len(names) < 3  # too few slices to tell: trust the names
+    return float((corr[same] > 0.8).mean() - (corr[~same] > 0.8).mean()) > 0.3
+
+
+def group_by_similarity(images: torch.Tensor, names: list[str], min_corr: float = 0.8) -> list[str]:
+    """Approximate patients: consecutive slices (by name) whose 64x64 thumbnails correlate above
+    `min_corr` are put in one group (neighbouring slices of one patient do so in most cases)."""
+    order, corr = neighbour_correlations(images, names)
+    groups = [""] * len(names)
+    for position, i in enumerate(order):
+        groups[i] = f"similar-{int((corr[:position] < min_corr).sum())}"
+    return groups
+
+
+def group_folds(groups: list[str], strata: list[str], n_folds: int, seed: int) -> np.ndarray:
+    """The fold (0..n_folds-1) of each image: whole groups, each stratum (tumour type) spread evenly
+    over the folds, by scikit-learn's StratifiedGroupKFold."""
+    from sklearn.model_selection import StratifiedGroupKFold
+    if len(set(groups)) < n_folds:
+        raise UserError(f"{len(set(groups))} patients/groups are too few for {n_folds} folds; add data or use "
+                        f"--split random")
+    if max(strata.count(s) for s in set(strata)) < n_folds:  # scikit-learn refuses: no type can be spread
+        strata = [""] * len(strata)
+    fold = np.zeros(len(groups), dtype=int)
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a type rarer than the folds: spread as evenly as it goes
+        for k, (_, members) in enumerate(splitter.split(np.zeros(len(groups)), strata, groups)):
+            fold[members] = k
+    return fold
+
+
+def split_by_group(groups: list[str], strata: list[str], fractions: tuple[float, float], seed: int) -> dict:
+    """Indices of train/val/test such that no group is in two parts and each stratum is split in the
+    same proportions: stratified group folds, the first ones test, the next ones validation. The fold
+    count is the first of 20, 50, 100 that expresses both fractions (val, test), at most one per group."""
+    val, test = fractions
+    k = next((k for k in (20, 50, 100) if all(abs(round(f * k) - f * k) < 0.01 for f in (val, test))), 100)
+    k = min(k, len(set(groups)))
+    n_test, n_val = max(1, round(test * k)), max(1, round(val * k))
+    if n_test + n_val >= k:
+        raise UserError(f"{len(set(groups))} patients/groups are too few for a train/val/test split; add data or "
+                        f"use --split random")
+    fold = group_folds(groups, strata, k, seed)
+    parts = {"train": fold >= n_test + n_val, "val": (fold >= n_test) & (fold < n_test + n_val), "test": fold < n_test}
+    return {part: np.flatnonzero(members).tolist() for part, members in parts.items()}
+
+
+def split_for(cfg: Config, data: dict, resume: dict | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The run's split (the checkpoint's on --resume) and each part's positions in the data."""
+    split = resume["split"] if resume else make_split(cfg, data)
+    idx = split_indices(split, data)
+    log(f"data: {len(data['names'])} pairs at {cfg.image_size}x{cfg.image_size}; {split['how']}")
+    log("split: " + ", ".join(f"{part} {len(idx[part])} images ({len(split[f'{part}_patients'])} {split['unit']})"
+                              for part in ("train", "val", "test")))
+    return split, idx
+
+
+def split_indices(split: dict, data: dict) -> dict[str, torch.Tensor]:
+    """Each part's positions in the data, once every image of the split is known to be there with
+    the same bytes as when the split was made (the data identify a run, not their file names)."""
+    position = {n: i for i, n in enumerate(data["names"])}
+    recorded = split.get("files", {})
+    changed = [n for part in ("train", "val", "test") for n in split[part]
+               if n not in position or recorded.get(n) != data["hashes"][n]]
+    if changed:
+        raise UserError(f"the data changed since this run's split was made: {len(changed)} of its images are missing "
+                        f"or have other contents (for example {changed[0]!r}); resume with the same data, or start "
+                        f"anew with --overwrite")
+    return {part: torch.tensor([position[n] for n in split[part]], dtype=torch.long) for part in ("train", "val", "test")}
+
+
+def split_fingerprint(split: dict, part: str = "test") -> str:
+    """Runs whose test images are the same files share this, whatever their folder or image size."""
+    files = split.get("files", {})
+    return hashlib.sha256("\n".join(sorted(f"{n}:{files.get(n, '')}" for n in split[part])).encode()).hexdigest()[:12]
+
+
+# -----------------------------------------------------------------------------
+# The model, its optimizer, and torch.compile where it works
+
+
+class UNet(nn.Module):
+    """U-Net: 4 encoder blocks 1->w->2w->4w->8w with max pooling, a 16w bottleneck (512 channels
+    at 16x16 for w=32 and a 256x256 input), 4 decoder blocks that upsample with 2x2 transposed
+    convolutions and concatenate the encoder features, and a 1x1 convolution to one logit."""
+
+    def __init__(self, in_channels: int = 1, width: int = 32):
+        super().__init__()
+        widths = [width * 2 ** i for i in range(4)]
+        self.encoders = nn.ModuleList(conv_block(c, w) for c, w in zip([in_channels, *widths[:-1]], widths))
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = conv_block(widths[-1], widths[-1] * 2)
+        self.upsamples = nn.ModuleList(nn.ConvTranspose2d(w * 2, w, 2, stride=2) for w in reversed(widths))
+        self.decoders = nn.ModuleList(conv_block(w * 2, w) for w in reversed(widths))
+        self.head = nn.Conv2d(widths[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for encoder in self.encoders:
+            x = encoder(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for upsample, decoder, skip in zip(self.upsamples, self.decoders, reversed(skips)):
+            x = decoder(torch.cat([upsample(x), skip], dim=1))
+        return self.head(x)
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True))
+
+
+NO_BEST = {"epoch": 0, "val_dice": -1.0}  # before the first epoch: any validation Dice is better
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", *(f"val_{m}" for m in ("dice", "iou")), "lr", "epoch_seconds",
+                "images_per_second")
+
+
+@dataclass
+class Run:
+    """What training carries from step to step; `epoch` and `step` say where it resumes."""
+    cfg: Config
+    machine: Machine
+    out: Outputs | None  # the output folder; None on the processes that do not write (torchrun)
+    names: list[str]
+    images: torch.Tensor  # uint8 (N,1,S,S) on the training device
+    masks: torch.Tensor
+    split: dict
+    idx: dict[str, torch.Tensor]  # positions of each part's images, on the training device
+    model: nn.Module  # the raw model: checkpoints and evaluation
+    train_model: nn.Module  # what the steps call: compiled and/or DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    writer: Writer
+    history: dict = field(default_factory=lambda: {k: [] for k in HISTORY_KEYS})
+    best: dict = field(default_factory=lambda: dict(NO_BEST))
+    epoch: int = 0
+    step: int = 0
+    epoch_steps: int = 0
+    seen: int = 0  # training images of this epoch in this process's session (for the images/s)
+    losses: torch.Tensor | None = None  # this epoch's per-step training losses (summed whole, in one order)
+    compile_seconds: float = 0.0
+
+
+def build_run(cfg: Config, machine: Machine, data: dict, split: dict, idx: dict, resume: dict | None) -> Run:
+    """The model (the checkpoint's weights on --resume), its optimizer, and the handle the training
+    steps call: compiled when that works here, wrapped for torchrun."""
+    check_batch_fits(cfg, len(idx["train"]) // machine.world)
+    torch.manual_seed(cfg.seed)
+    model = UNet(width=cfg.base_width).to(machine.device)
+    if machine.rank == 0:
+        print_model_summary(model, cfg, machine.device)
+    if machine.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg, machine.device)
+    scaler = torch.amp.GradScaler(machine.device.type, enabled=machine.dtype == torch.float16)
+    if resume:
+        try:
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            if resume.get("scaler"):
+                scaler.load_state_dict(resume["scaler"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{cfg.resume}: its saved weights or optimizer state do not fit this model "
+                            f"({type(e).__name__}); it cannot be continued: start anew with --overwrite (without "
+                            f"--resume), or pick another --out-dir") from None
+    images, masks = data["images"].to(machine.device), data["masks"].to(machine.device)
+    idx = {part: i.to(machine.device) for part, i in idx.items()}
+    first, t0, train_model = idx["train"][:cfg.batch_size], time.time(), model
+    if use_compile(cfg, machine, len(idx["train"])):
+        train_model = compiled_if_it_works(model, cfg, machine, to_input(images[first], machine), masks[first].float())
+    compile_seconds = time.time() - t0 if train_model is not model else 0.0
+    if machine.world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[machine.device.index] if machine.device.type == "cuda" else None)
+    run = Run(cfg, machine, None, data["names"], images, masks, split, idx, model, train_model, optimizer, scaler,
+              Writer(), compile_seconds=compile_seconds)
+    if resume:
+        run.history, run.best = resume["history"], resume["best"]
+        run.epoch, run.step, run.losses = resume["epoch"], resume["step"], resume["epoch_losses"].to(machine.device)
+    return run
+
+
+def print_model_summary(model: nn.Module, cfg: Config, device: torch.device) -> None:
+    from torchsummary import summary  # its device argument must match the model's (see NOTES)
+    model.eval()  # its forward pass must not update the batch-norm statistics
+    with contextlib.redirect_stdout(io.StringIO()) as text, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchsummary 1.5.1 reads tensors that require grad
+        summary(model, (1, cfg.image_size, cfg.image_size), device=device.type)
+    print(text.getvalue(), flush=True)
+    model.train()
+
+
+def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    # One kernel for all parameters: on a 2-core CPU 9 ms a step instead of 34 ms for the foreach version.
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+    return opt_class(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+
+
+def use_compile(cfg: Config, machine: Machine, train_images: int) -> bool:
+    """--compile auto: on CUDA (Triton needs compute capability 7.0); on a CPU in bf16 when the run
+    is long enough to repay a first compile of about a minute (bench/RESULTS.md)."""
+    if cfg.compile != "auto":
+        return cfg.compile == "on"
+    if machine.device.type == "cuda":
+        return torch.cuda.get_device_capability(machine.device) >= (7, 0)
+    pixels = cfg.epochs * train_images // machine.world * cfg.image_size ** 2
+    return machine.dtype == torch.bfloat16 and pixels >= CPU_COMPILE_FROM
+
+
+# Training pixels (epochs x training images x image size^2) from which a CPU run in bf16 compiles: there
+# a first compile took 25-60 s and then trained 10% faster, so from here on it saves several times its cost.
+CPU_COMPILE_FROM = 5e8
+
+
+def compiled_if_it_works(model: nn.Module, cfg: Config, machine: Machine, x: torch.Tensor, y: torch.Tensor):
+    """torch.compile(model) when it is wanted and works here: a forward and backward pass on a real
+    batch compile it now, before the loop, and the batch-norm statistics and gradients they touched
+    are put back. Where it fails (no compiler, an unsupported GPU), a warning, and the model itself.
+    Under torchrun every process tries, and all compile only if all succeeded."""
+    compiled = torch.compile(model, mode=cfg.compile_mode)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with machine.autocast():
+            logits = compiled(x)
+        compute_loss(logits, y, cfg).backward()
+        works = True
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        warn(f"the first compiled step failed ({type(e).__name__}: {first_line(e)}); training without "
+             f"torch.compile. Pass --compile off to skip the attempt.")
+        works = False
+    model.load_state_dict(saved)
+    model.zero_grad(set_to_none=True)
+    if machine.world > 1:
+        flag = torch.tensor([float(works)], device=machine.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        works = bool(flag.item())
+    log(f"torch.compile ({cfg.compile_mode}): " + ("compiled and warmed up" if works else "not used"))
+    return compiled if works else model
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def train_epoch(run: Run, stop: StopFlag) -> bool:
+    """The steps of epoch `run.epoch` from `run.step` on; returns whether a stop signal came. Nothing
+    in a step waits for the device, but the loss check (on a GPU every nan_check_every steps)."""
+    cfg, m, first = run.cfg, run.machine, run.step
+    order = epoch_order(run)
+    if run.losses is None or len(run.losses) != len(order):
+        run.losses = torch.zeros(len(order), device=m.device)
+    losses = run.losses
+    images_per_step = order.shape[1] * m.world
+    bar = tqdm(total=len(order) * images_per_step, initial=first * images_per_step, desc=f"epoch {run.epoch + 1}/"
+               f"{cfg.epochs}", unit="img", dynamic_ncols=True, leave=False, mininterval=1, disable=m.rank != 0)
+    run.model.train()
+    stopped = False
+    for step in range(first, len(order)):
+        global_step = run.epoch * len(order) + step
+        for group in run.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, global_step, cfg.epochs * len(order))
+        batch = order[step]
+        x, y = to_input(run.images[batch], m), run.masks[batch].float()
+        if cfg.augment:  # seeded by the step, so that a resumed run draws the same augmentations
+            seed = (cfg.seed * 7919 + global_step) * m.world + m.rank
+            x, y = augment_batch(x, y, torch.Generator(device=m.device).manual_seed(seed), cfg)
+        with m.autocast():
+            logits = run.train_model(x)
+        loss = compute_loss(logits, y, cfg)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        # A non-finite gradient turns the recorded loss NaN too (a grad scaler skips such steps itself).
+        grads = [] if run.scaler.is_enabled() else [p.grad for p in run.model.parameters() if p.grad is not None]
+        losses[step] = loss.detach() + (0 * nn.utils.get_total_norm(grads) if grads else 0)
+        # Reading the loss waits for the device: on a GPU only every nan_check_every steps and at the end of
+        # the epoch; on a CPU every step, so that bad numbers never reach the weights.
+        if m.device.type == "cpu" or step % cfg.nan_check_every == 0 or step == len(order) - 1:
+            check_finite(losses, first, step, run)
+            bar.set_postfix(loss=f"{float(losses[step]):.4f}", refresh=False)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.step = step + 1
+        bar.update(images_per_step)
+        if (m.world == 1 or step % 20 == 0 or step == len(order) - 1) and stop_requested(stop, m):
+            stopped = True
+            break
+    bar.close()
+    check_finite(losses, first, run.step - 1, run)
+    run.seen = (run.step - first) * images_per_step
+    return stopped
+
+
+def epoch_order(run: Run) -> torch.Tensor:
+    """This process's training images of the epoch, as (steps, batch) positions on the device: one
+    copy to the device per epoch, so that no step waits for one."""
+    cfg, m = run.cfg, run.machine
+    order = batch_order(len(run.idx["train"]), cfg.batch_size, cfg.seed, run.epoch, m.rank, m.world)
+    run.epoch_steps = len(order)
+    if run.step > len(order):
+        raise UserError(f"{cfg.resume}: the resumed state is at step {run.step} of an epoch of {len(order)} steps: "
+                        f"damaged, or saved with other data or batch size; start anew with --overwrite")
+    return run.idx["train"][order.to(m.device)]
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Shuffled indices of one epoch, as (steps, batch) for this process: deterministic in (seed,
+    epoch), so a resumed run sees the same batches. The ragged remainder is dropped (a different one
+    each epoch) to keep shapes fixed."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    per_rank = n // world
+    mine = perm[rank * per_rank:(rank + 1) * per_rank]
+    if len(mine) < batch_size:  # tiny datasets: one smaller batch
+        return mine.view(1, -1)
+    steps = len(mine) // batch_size
+    return mine[:steps * batch_size].view(steps, batch_size)
+
+
+def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
+    """Constant, or one-cycle: linear warm-up over `warmup_fraction` of the steps to lr, cosine down to lr/1e4."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    warmup = max(1, int(cfg.warmup_fraction * total_steps))
+    if step < warmup:
+        return cfg.lr / 25 + (cfg.lr - cfg.lr / 25) * step / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return cfg.lr / 1e4 + (cfg.lr - cfg.lr / 1e4) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def to_input(images_u8: torch.Tensor, machine: Machine) -> torch.Tensor:
+    x = images_u8.to(machine.device, non_blocking=True).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if machine.channels_last else x
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, cfg: Config):
+    """Random left-right flip, rotation, scaling and gamma per image, on the device (the ranges are
+    the aug_* fields). Left-right flips keep anatomy plausible; vertical ones would not. Written by
+    hand because torchvision's transforms draw one set of parameters per call, not per image."""
+    n = x.shape[0]
+
+    def uniform(low, high):
+        return torch.rand(n, device=x.device, generator=generator) * (high - low) + low
+
+    angle = uniform(-math.radians(cfg.aug_rotation), math.radians(cfg.aug_rotation))
+    scale = torch.exp(uniform(-cfg.aug_scale, cfg.aug_scale))
+    flip = torch.where(uniform(0, 1) < cfg.aug_flip, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos * flip, -sin, zero], 1), torch.stack([sin * flip, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    gamma = torch.exp(uniform(-cfg.aug_gamma, cfg.aug_gamma)).view(n, 1, 1, 1)
+    return x.clamp(0, 1).pow(gamma), y
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, per_image: bool = False):
+    """The seed's loss, 1 - (2*sum(p*t) + smooth) / (sum(p^2) + sum(t^2) + smooth), on sigmoid
+    probabilities; sums over the whole batch, or per image and then averaged."""
+    p, t = torch.sigmoid(logits.float()), target.float()
+    dims = (1, 2, 3) if per_image else (0, 1, 2, 3)
+    intersection = (p * t).sum(dims)
+    denominator = (p * p).sum(dims) + (t * t).sum(dims)
+    return (1 - (2 * intersection + smooth) / (denominator + smooth)).mean()
+
+
+# The training losses `--loss` chooses from: name -> function(logits, target, cfg), computed in float32.
+# Adding a loss is one entry here (its name becomes a valid --loss).
+LOSSES = {
+    "dice": lambda logits, target, cfg: dice_loss(logits, target, cfg.smooth),
+    "dice+bce": lambda logits, target, cfg: (dice_loss(logits, target, cfg.smooth, per_image=True)
+                                             + F.binary_cross_entropy_with_logits(logits.float(), target.float())),
+}
+
+
+def compute_loss(logits, target, cfg: Config) -> torch.Tensor:
+    return LOSSES[cfg.loss](logits, target, cfg)
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def check_finite(losses: torch.Tensor, first: int, last: int, run: Run) -> None:
+    """Stop, naming the first bad step, when a loss or gradient of steps first..last is NaN or inf
+    (in any process: under torchrun all stop together)."""
+    finite = torch.isfinite(losses[first:last + 1])
+    if run.machine.world > 1:
+        finite = finite.float()
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        finite = finite.bool()
+    bad = (~finite).nonzero()
+    if len(bad):
+        step = first + int(bad[0])
+        raise NonFiniteLoss(f"the loss or its gradient became {float(losses[step])} at epoch {run.epoch + 1}, step "
+                            f"{step + 1} (in this or another process); nothing was saved after that, so the "
+                            f"checkpoints in {run.cfg.out_dir} are from before it. Start anew with --overwrite and a "
+                            f"lower --lr, or --amp off")
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: training stops at the end of the current step, the final test between
+    its parts. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # only the main thread can install handlers
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        log(f"\n{signal.Signals(signum).name} received: stopping after this step (again to abort)")
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def stop_requested(stop: StopFlag, machine: Machine) -> bool:
+    """Whether any process got a stop signal: all stop at the same step."""
+    if machine.world == 1:
+        return stop.signal is not None
+    flag = torch.tensor([float(stop.signal is not None)], device=machine.device)
+    torch.distributed.all_reduce(flag)
+    return flag.item() > 0
+
+
+class Interrupted(UserError):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def interrupted(run: Run, stop: StopFlag, where: str = "") -> Interrupted:
+    """The stop's message: where the run stopped, and the command that continues it."""
+    launcher = f"torchrun --nproc_per_node={run.machine.world}" if run.machine.world > 1 else "python"
+    folds = f" --folds {run.cfg.folds} --fold {run.cfg.fold}" if run.cfg.folds else ""
+    folder = Path(run.cfg.out_dir).parent if run.cfg.folds else Path(run.cfg.out_dir)
+    at = where or f"stopped at epoch {run.epoch + 1}, step {run.step}"
+    return Interrupted(f"{at}; {Path(run.cfg.out_dir) / 'last.pth'} holds the run. Continue it with:\n  {launcher} "
+                       f"{Path(sys.argv[0]).name} --resume --out-dir {folder}{folds}",
+                       code=130 if stop.signal == signal.SIGINT else 143)
+
+
+# -----------------------------------------------------------------------------
+# The end of an epoch: validation, checkpoints and plots (written in the background)
+
+
+def begin_outputs(run: Run, out: Outputs | None, resume: dict | None) -> None:
+    """Rank 0, once everything was checked: --overwrite removes the earlier run's files only now; a
+    resumed run that trains on removes its earlier test; then config.json and split.json."""
+    if out is None:
+        return
+    out.begin(replace=run.cfg.overwrite and not resume, remove=TEST_FILES if resume else ())
+    run.out = out
+    save_json(out / "config.json", dataclasses.asdict(run.cfg))
+    save_json(out / "split.json", run.split)
+
+
+def end_epoch(run: Run, seconds: float) -> None:
+    """Validate, record the epoch, keep the best model.pth, write last.pth and the plots. On rank 0
+    the files are written by the background writer, so that the next epoch starts at once."""
+    cfg, m = run.cfg, run.machine
+    if m.world > 1:  # each process's batch-norm statistics saw its own last batches: take rank 0's
+        for buffer in run.model.buffers():
+            torch.distributed.broadcast(buffer, 0)
+    val, panel = evaluate(run.model, m, run.images, run.masks, run.idx["val"], cfg, cfg.threshold, cfg.panel_images)
+    images = run.seen
+    record = {"epoch": run.epoch + 1, "train_loss": float(run.losses.sum()) / run.epoch_steps, "val_loss": val["loss"],
+              **{f"val_{k}": val[k] for k in EPOCH_METRICS}, "lr": run.optimizer.param_groups[0]["lr"],
+              "epoch_seconds": seconds, "images_per_second": images / seconds}
+    for key in HISTORY_KEYS:
+        run.history.setdefault(key, []).append(record[key])
+    improved = val["dice"] > run.best["val_dice"]
+    if improved:
+        run.best = {"epoch": run.epoch + 1, "val_loss": val["loss"], **{f"val_{k}": val[k] for k in EPOCH_METRICS}}
+    log(f"epoch {run.epoch + 1:3d}/{cfg.epochs}  train loss {record['train_loss']:.4f} | val loss {val['loss']:.4f} "
+        + " ".join(f"{k} {val[k]:.4f}" for k in EPOCH_METRICS) + f" | {seconds:.1f} s, {images / seconds:.1f} img/s"
+        + ("  * best, saved" if improved else ""))
+    run.epoch, run.step, run.losses = run.epoch + 1, 0, None
+    if run.out is None:
+        return
+    if improved:
+        run.writer.submit(save_checkpoint, run.out / "model.pth", checkpoint_state(run, "best"))
+    save_last(run)
+    if len(panel["images"]):
+        run.writer.submit(save_panel, run.out / f"visualizations/epochs/epoch_{run.epoch:03d}.png",
+                          (panel["images"], panel["masks"], panel["probs"] > cfg.threshold),
+                          f"epoch {run.epoch}: val Dice {val['dice']:.3f}")
+    run.writer.submit(plot_curves, run.out / "visualizations/loss_curves.png", {k: list(v) for k, v in
+                                                                                 run.history.items()})
+
+
+def save_last(run: Run) -> None:
+    """last.pth: the state --resume continues from (rank 0 only)."""
+    if run.out is not None:
+        run.writer.submit(save_checkpoint, run.out / "last.pth", checkpoint_state(run, "last"))
+
+
+def checkpoint_state(run: Run, kind: str) -> dict:
+    """Everything needed to use ("best") or resume ("last") a model, copied now (training goes on
+    while the writer saves it), as tensors and plain Python types only, so that
+    torch.load(weights_only=True) can read it."""
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": kind,
+             "model": copied(run.model.state_dict()), "config": dataclasses.asdict(run.cfg), "split": run.split,
+             "history": copied(run.history), "epoch": run.epoch, "step": run.step, "best": dict(run.best),
+             # the threshold in use: config's, until --tune-threshold replaces it after training
+             "threshold": run.cfg.threshold,
+             "precision": str(run.machine.dtype or torch.float32).removeprefix("torch.")}
+    if kind == "last":
+        state.update(optimizer=copied(run.optimizer.state_dict()),
+                     epoch_losses=copied(run.losses) if run.losses is not None else torch.zeros(0),
+                     world=run.machine.world,
+                     scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None)
+    return state
+
+
+def copied(obj):
+    """A copy of nested dicts and lists whose tensors are copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: copied(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(copied(v) for v in obj)
+    return obj
+
+
+class Writer:
+    """Writes checkpoints and draws plots in one background thread, in the order they were given,
+    while training goes on. `drain()` waits for all of them; leaving the `with` block does too, so a
+    stop signal or an error still writes the last good state. A failed write stops the run at the
+    next call, as if it had failed there. Each file is written whole (atomic_write), so a kill at
+    any moment leaves the previous version readable."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="writer")
+        self.jobs = []
+
+    def submit(self, fn, *args) -> None:
+        self.check()
+        self.jobs.append(self.pool.submit(fn, *args))
+
+    def check(self, wait: bool = False) -> None:
+        done = [job for job in self.jobs if wait or job.done()]
+        self.jobs = [job for job in self.jobs if job not in done]
+        for job in done:
+            job.result()  # raises the job's error here
+
+    def drain(self) -> None:
+        self.check(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.pool.shutdown(wait=True)
+        if kind is None:
+            self.drain()
+
+
+# The overlap metrics, as (numerator, denominator) of an image's true positive, false positive and
+# false negative pixel counts. Each is scored per image in the test (metrics.json, the per-image CSV,
+# the by-type table) and in predict --masks; those in EPOCH_METRICS also after every epoch on
+# validation (the log, the history, the curves). Adding a metric is one entry here.
+METRICS = {
+    "dice": lambda tp, fp, fn: (2 * tp, 2 * tp + fp + fn),
+    "iou": lambda tp, fp, fn: (tp, tp + fp + fn),
+    "precision": lambda tp, fp, fn: (tp, tp + fp),
+    "recall": lambda tp, fp, fn: (tp, tp + fn),
+}
+EPOCH_METRICS = ("dice", "iou")  # "dice" must stay: the best epoch is the one with the best validation Dice
+
+
+@torch.no_grad()
+def evaluate(model, machine: Machine, images, masks, indices, cfg: Config, threshold: float, keep: int = 0):
+    """Loss and the EPOCH_METRICS of one split part, each the mean over its images (summed over the
+    processes under torchrun); and the first `keep` images of rank 0 with their probabilities."""
+    mine = indices[machine.rank::machine.world]
+    targets = masks[mine]
+    sums = dict.fromkeys(("loss", *EPOCH_METRICS), 0.0)
+    kept = []
+    for start, logits in logits_in_batches(model, images[mine], cfg.eval_batch_size, machine):
+        y = targets[start:start + len(logits)]
+        sums["loss"] += float(compute_loss(logits, y, cfg)) * len(y)
+        probs = torch.sigmoid(logits.float())
+        scores = scores_from_counts(confusion_counts(probs > threshold, y).cpu())
+        for name in EPOCH_METRICS:
+            sums[name] += scores[name].sum()
+        kept.append(probs[:max(0, keep - start)])
+    totals = torch.tensor([*sums.values(), len(mine)], dtype=torch.float64, device=machine.device)
+    if machine.world > 1:
+        torch.distributed.all_reduce(totals)
+    n = max(float(totals[-1]), 1.0)
+    panel = {"images": images[mine[:keep]].cpu().numpy()[:, 0], "masks": targets[:keep].cpu().numpy()[:, 0],
+             "probs": torch.cat(kept).cpu().numpy()[:, 0] if kept else np.zeros((0, 1, 1))}
+    return {name: float(total) / n for name, total in zip(sums, totals)}, panel
+
+
+@torch.no_grad()
+def logits_in_batches(model, images_u8: torch.Tensor, batch_size: int, machine: Machine):
+    """Eval-mode logits of uint8 images, one batch at a time: yields (first index, logits). The model
+    is back in the mode it was in when the loop ends."""
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(images_u8), batch_size):
+            x = to_input(images_u8[start:start + batch_size], machine)
+            with machine.autocast():
+                yield start, model(x)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"the GPU ran out of memory evaluating {batch_size} images at a time: try --eval-batch-size "
+                        f"{max(1, batch_size // 2)}") from None
+    finally:
+        model.train(was_training)
+
+
+def predict_probabilities(model, images_u8: torch.Tensor, batch_size: int, machine: Machine, flip: bool = False):
+    """Sigmoid probabilities (N,1,S,S) float32 of uint8 images, in batches; with `flip`, the mean of
+    each image's and its left-right mirror's (test-time augmentation)."""
+    probs = torch.cat([torch.sigmoid(logits.float()) for _, logits in
+                       logits_in_batches(model, images_u8, batch_size, machine)])
+    if flip:
+        mirrored = predict_probabilities(model, images_u8.flip(-1), batch_size, machine)
+        probs = (probs + mirrored.flip(-1)) / 2
+    return probs
+
+
+def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per image (N, 3): true positives, false positives, false negatives of binary masks."""
+    pred, target = pred.flatten(1).bool(), target.flatten(1).bool()
+    return torch.stack([(pred & target).sum(1), (pred & ~target).sum(1), (~pred & target).sum(1)], 1).double()
+
+
+def scores_from_counts(counts) -> dict[str, np.ndarray]:
+    """Per-image scores of every metric in METRICS from (N, 3) counts. An empty ground truth with an
+    empty prediction scores 1 on every metric; any other zero denominator scores 0 (a prediction on a
+    tumour-free slice, or a missed tumour, is a full miss). No image is skipped."""
+    c = np.asarray(counts, dtype=np.float64).reshape(-1, 3)
+    tp, fp, fn = c[:, 0], c[:, 1], c[:, 2]
+    both_empty = (tp + fp + fn) == 0
+
+    def ratio(num, den):
+        return np.where(both_empty, 1.0, np.divide(num, den, out=np.zeros_like(num), where=den > 0))
+
+    return {name: ratio(*fraction(tp, fp, fn)) for name, fraction in METRICS.items()}
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def save_panel(path: Path, pictures: tuple, title: str, labels: list[str] | None = None) -> None:
+    """One row per image: Original | Ground truth | Prediction (uint8 images, 0/1 masks), a label on
+    each row, drawn with OpenCV in milliseconds (an epoch can take a second on a GPU)."""
+    scale = max(1, 256 // pictures[0].shape[-1])
+    rows = []
+    for i, (img, gt, pred) in enumerate(zip(*pictures)):
+        tiles = [cv2.resize(t.astype(np.uint8), None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+                 for t in (img, gt * 255, pred * 255)]
+        if labels:
+            cv2.putText(tiles[0], labels[i], (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 255, 1, cv2.LINE_AA)
+        gap = np.full((tiles[0].shape[0], 4), 96, np.uint8)  # gray lines keep the black tiles apart
+        rows += [np.hstack([tiles[0], gap, tiles[1], gap, tiles[2]]), np.full((4, 3 * tiles[0].shape[1] + 8), 96,
+                                                                              np.uint8)]
+    picture = np.vstack(rows[:-1])
+    header = np.zeros((28, picture.shape[1]), np.uint8)
+    cv2.putText(header, title + "   (original | ground truth | prediction)", (6, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                255, 1, cv2.LINE_AA)
+    save_png(path, np.vstack([header, picture]))
+
+
+def plot_curves(path: Path, history: dict) -> None:
+    fig = figure(11, 4)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(history["epoch"], history["train_loss"], "o-", label="training loss")
+    ax1.plot(history["epoch"], history["val_loss"], "o-", label="validation loss")
+    ax1.set(xlabel="epoch", ylabel="loss", title="Loss")
+    for name in EPOCH_METRICS:
+        ax2.plot(history["epoch"], history[f"val_{name}"], "o-", label=f"validation {name}")
+    ax2.set(xlabel="epoch", ylabel="score", title="Validation " + ", ".join(EPOCH_METRICS), ylim=(0, 1))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(path, fig)
+
+
+def figure(width: float, height: float):
+    """A matplotlib figure that needs no screen and no pyplot state, so the writer thread can draw it."""
+    os.environ["MPLBACKEND"] = "Agg"  # a bad value in the user's environment would fail the import
+    from matplotlib.figure import Figure
+    return Figure(figsize=(width, height))
+
+
+# -----------------------------------------------------------------------------
+# The end of the run: the threshold, the test, metrics.json
+
+
+def finish_run(run: Run, stop: StopFlag, t_start: float) -> dict:
+    """The best epoch's model: the threshold chosen on validation, then one evaluation on the test
+    part. A stop signal here leaves a state that --resume finishes; metrics.json, written last, marks
+    the run finished."""
+    cfg, out = run.cfg, run.out
+    run.writer.drain()
+    state = load_checkpoint(out / "model.pth")
+    model = model_from_checkpoint(state, out / "model.pth", run.machine.device)
+    threshold = cfg.threshold
+    if cfg.tune_threshold:
+        threshold = tune_threshold(model, run.machine, run.images, run.masks, run.idx["val"], cfg)
+        save_checkpoint(out / "model.pth", {**state, "threshold": threshold})
+        log(f"threshold chosen on validation: {threshold:.2f}")
+    if stop.signal is not None:
+        raise interrupted(run, stop, "stopped after training, before the test")
+    metrics = evaluate_test(model, run, threshold)
+    metrics.update(best_epoch=state["best"]["epoch"], best_val_dice=state["best"]["val_dice"],
+                   total_seconds=time.time() - t_start, history=run.history, precision=state["precision"],
+                   images_per_second=steady_speed(run.history), compile_seconds=run.compile_seconds,
+                   script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12])
+    if RUN_WARNINGS:
+        metrics["warning"] = "; ".join(dict.fromkeys(RUN_WARNINGS))
+    run.writer.drain()
+    if stop.signal is not None:
+        raise interrupted(run, stop, "stopped after training, in the test")
+    save_json(out / "metrics.json", metrics)
+    t, unit = metrics["test"], run.split["unit"]
+    interval = f"95% CI {t['dice_ci95'][0]:.4f}-{t['dice_ci95'][1]:.4f}" if t["dice_ci95"] else "no interval"
+    log(f"test ({t['images']} images, {t['patients']} {unit}): Dice {t['dice']:.4f} [{interval}], "
+        + ", ".join(f"{name} {t[name]:.4f}" for name in METRICS if name != "dice")
+        + (f", HD95 {t['hd95']:.1f} px" if t["hd95"] is not None else ", HD95 undefined (no image where both masks "
+                                                                       "have tumour)"))
+    log(f"outputs in {out.folder}/: model.pth, last.pth, metrics.json, test_per_image.csv, split.json, config.json, "
+        f"visualizations/  ({time.time() - t_start:.1f} s in all)")
+    return metrics
+
+
+def model_from_checkpoint(state: dict, path, device) -> nn.Module:
+    model = UNet(width=state["config"]["base_width"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError):
+        raise UserError(f"{path}: its weights do not fit this U-Net (saved with other channel widths or another "
+                        f"architecture)") from None
+    return model.to(device).eval()
+
+
+def tune_threshold(model, machine: Machine, images, masks, val_idx, cfg: Config) -> float:
+    """The threshold of the grid threshold_min..threshold_max with the best validation Dice."""
+    probs = predict_probabilities(model, images[val_idx], cfg.eval_batch_size, machine, flip=cfg.tta)
+    candidates = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + cfg.threshold_step / 2,
+                                    cfg.threshold_step), 4)
+    dice = [scores_from_counts(confusion_counts(probs > t, masks[val_idx]).cpu())["dice"].mean() for t in candidates]
+    return float(candidates[int(np.argmax(dice))])
+
+
+def evaluate_test(model, run: Run, threshold: float) -> dict:
+    """Per-image and pooled scores of every metric and HD95 on the test part, a 95% bootstrap
+    interval over patients, the same by tumour type, a per-image CSV, and the test plots."""
+    cfg, idx = run.cfg, run.idx["test"]
+    probs = predict_probabilities(model, run.images[idx], cfg.eval_batch_size, run.machine, flip=cfg.tta)
+    pred_np, target_np = (probs > threshold).cpu().numpy()[:, 0], run.masks[idx].bool().cpu().numpy()[:, 0]
+    counts = confusion_counts(torch.from_numpy(pred_np), torch.from_numpy(target_np)).numpy()
+    scores = {**scores_from_counts(counts), "hd95": np.array([hd95(p, t) for p, t in zip(pred_np, target_np)])}
+    names = [run.names[i] for i in idx.tolist()]
+    groups = [run.split["groups"].get(n, n) for n in names]
+    types = np.array([run.split.get("tumor_types", {}).get(n, "") for n in names])
+    summary = {**summarize(scores, counts), "patients": len(set(groups)),
+               "dice_ci95": bootstrap_interval(scores["dice"], groups, seed=cfg.split_seed)}
+    if summary["dice_ci95"] is None:
+        warn(f"the test part holds {len(set(groups))} {run.split['unit']}: too few for a 95% interval over them "
+             f"(at least 5), so none is given")
+    by_type = {t: summarize({k: v[types == t] for k, v in scores.items()}, counts[types == t])
+               for t in sorted(set(types)) if t}
+    save_csv(run.out / "test_per_image.csv", [
+        {"image": n, "patient": g, "tumor_type": t, "gt_pixels": int(c[0] + c[2]), "pred_pixels": int(c[0] + c[1]),
+         **{k: round(float(scores[k][i]), 5) for k in (*METRICS, "hd95")}}
+        for i, (n, g, t, c) in enumerate(zip(names, groups, types, counts))])
+    run.writer.submit(plot_test_results, run.out / "visualizations", (run.images[idx].cpu().numpy()[:, 0], target_np,
+                      pred_np), scores["dice"], names, cfg)
+    if not target_np.any():
+        warn(f"THE TEST SET HOLDS NO TUMOUR PIXEL: its {len(names)} images hold no tumour pixel at all, so the Dice "
+             f"only says whether anything was predicted, not how well tumours are outlined")
+    return {"test": summary, "by_tumor_type": by_type, "threshold": threshold, "tta": cfg.tta,
+            "split": run.split["how"], "test_split": split_fingerprint(run.split), "data": data_fingerprint(run.split),
+            "empty_masks": "an empty ground truth with an empty prediction scores 1 on every metric; otherwise a "
+                           "zero denominator scores 0; HD95 is averaged over images where both masks are non-empty, "
+                           "and is null when there is no such image",
+            "hd95_unit": f"pixels at {cfg.image_size}x{cfg.image_size}"}
+
+
+def data_fingerprint(split: dict) -> str:
+    """All the images a run's split was made from, by content."""
+    return hashlib.sha256("\n".join(f"{n}:{h}" for n, h in sorted(split.get("files", {}).items())).encode()
+                          ).hexdigest()[:12]
+
+
+def summarize(scores: dict[str, np.ndarray], counts: np.ndarray) -> dict:
+    """Means over images of every metric; HD95 over the images where it is defined (None if none)."""
+    hd = scores["hd95"][np.isfinite(scores["hd95"])]
+    c = counts.sum(0)
+    return {"images": int(len(counts)), **{k: float(scores[k].mean()) for k in METRICS},
+            "hd95": float(hd.mean()) if len(hd) else None, "hd95_images": int(len(hd)),
+            "pooled_dice": float(2 * c[0] / max(2 * c[0] + c[1] + c[2], 1))}
+
+
+def steady_speed(history: dict) -> float | None:
+    """Training images/s once warm: the median over the epochs after the first (cuDNN autotuning,
+    caches), or the first alone."""
+    speeds = history.get("images_per_second", [])
+    return float(np.median(speeds[1:] if len(speeds) > 1 else speeds)) if speeds else None
+
+
+def hd95(pred: np.ndarray, target: np.ndarray) -> float:
+    """95th-percentile symmetric Hausdorff distance in pixels between two binary masks (as MONAI:
+    the larger of the two directed 95th percentiles). NaN when both are empty, inf when one is."""
+    pred, target = pred.astype(bool), target.astype(bool)
+    if not pred.any() and not target.any():
+        return float("nan")
+    if not pred.any() or not target.any():
+        return float("inf")
+
+    def border(m):  # pixels outside the image count as background, so edge pixels are border
+        eroded = cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        return m & ~eroded.astype(bool)
+
+    def distances_to(m):  # distance of each pixel to the nearest border pixel of m
+        return cv2.distanceTransform((~border(m)).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+
+    return float(max(np.percentile(distances_to(target)[border(pred)], 95),
+                     np.percentile(distances_to(pred)[border(target)], 95)))
+
+
+def bootstrap_interval(values: np.ndarray, groups: list[str], n: int = 2000, seed: int = 0) -> list[float] | None:
+    """95% interval of the mean over images, resampling whole groups (patients) with replacement;
+    None for fewer than 5 groups, where such an interval would claim more than the data hold."""
+    keys, g = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    if len(keys) < 5:
+        return None
+    sums = np.bincount(g, weights=values, minlength=len(keys))
+    counts = np.bincount(g, minlength=len(keys)).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(keys), size=(n, len(keys)))
+    means = sums[draws].sum(1) / counts[draws].sum(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def plot_test_results(vis: Path, pictures: tuple, dice: np.ndarray, names: list[str], cfg: Config) -> None:
+    """Random test images, the worst ones, and the Dice histogram."""
+    count = min(cfg.test_samples, len(names))
+    sample = np.random.default_rng(cfg.seed).choice(len(names), size=count, replace=False)
+    for path, which, title in ((vis / "test_samples.png", sample, f"{count} random test images"),
+                               (vis / "worst_predictions.png", np.argsort(dice, kind="stable")[:count],
+                                f"the {count} test images with the lowest Dice")):
+        if count:
+            save_panel(path, tuple(p[which] for p in pictures), title, [f"{names[i]}: Dice {dice[i]:.3f}" for i in which])
+    fig = figure(6, 4)
+    ax = fig.subplots()
+    ax.hist(dice, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
+    ax.axvline(float(dice.mean()), color="tab:red", label=f"mean {dice.mean():.3f}")
+    ax.set(xlabel="Dice per test image", ylabel="images", title="Test Dice per image")
+    ax.legend()
+    save_figure(vis / "test_dice_histogram.png", fig)
+
+
+
+# -----------------------------------------------------------------------------
+# Cross-validation: one run per fold, one folder for all of them
+
+
+def cross_validate(cfg: Config, typed: frozenset = frozenset()) -> dict:
+    """K models, fold k testing on the k-th fold of patients, into OUT_DIR/fold_k (--fold N: that
+    fold alone, into the same place), then their summary once every fold is finished. OUT_DIR
+    records K and the settings: a fold of other settings is refused, so the summary averages one
+    setting. With --resume, finished folds are kept and the others continue or begin."""
+    root = Path(cfg.out_dir)
+    cfg = join_cross_validation(cfg, typed)
+    for k in range(cfg.folds) if cfg.fold < 0 else [cfg.fold]:
+        fold_dir = root / f"fold_{k + 1}"
+        if cfg.resume and (fold_dir / "metrics.json").is_file():
+            log(f"fold {k + 1}: finished already, kept")
+            continue
+        resume = str(fold_dir / "last.pth") if cfg.resume and (fold_dir / "last.pth").is_file() else ""
+        log(f"=== fold {k + 1} of {cfg.folds} ===")
+        train(dataclasses.replace(cfg, fold=k, out_dir=str(fold_dir), resume=resume),
+              typed - {"resume"} if not resume else typed)
+    return summarize_cross_validation(root, cfg.folds) if process_rank() == 0 else {}
+
+
+def join_cross_validation(cfg: Config, typed: frozenset) -> Config:
+    """Claim OUT_DIR as a K-fold cross-validation: new, or one of the same K and settings (on --resume
+    its own settings, with the typed fields that may change on a resume)."""
+    root = Path(cfg.out_dir)
+    learned = {f.name for f in dataclasses.fields(Config) if f.metadata.get("learns", True)} - {"fold"}
+    record = read_manifest(root, "cross-validation") if root.is_dir() else {}
+    if record and cfg.resume:
+        keep = {k: getattr(cfg, k) for k in typed if field_rule(k, "resumable")}
+        cfg = dataclasses.replace(saved_config(record["config"]), **{**keep, "out_dir": str(root)})
+    wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k in learned}
+    if record and record.get("folds") != cfg.folds:
+        raise UserError(f"{root} holds a {record.get('folds')}-fold cross-validation, not {cfg.folds} folds: pass "
+                        f"--folds {record.get('folds')}, or choose another --out-dir")
+    differ = {k for k, v in wanted.items() if record and record["config"].get(k) != v}
+    if differ and not (cfg.overwrite and cfg.fold < 0):
+        raise UserError(f"{root} holds a cross-validation with other settings ({', '.join(option(k) for k in sorted(differ))}):"
+                        f" its folds must share them. Continue it with --resume, replace all its folds with "
+                        f"--overwrite, or choose another --out-dir")
+    if process_rank() == 0:
+        with claim_folder(root, "cross-validation", ["cv_summary.json"], {}, replace=True) as out:
+            out.begin(folds=cfg.folds, config=dataclasses.asdict(cfg))
+    return cfg
+
+
+def summarize_cross_validation(root: Path, folds: int) -> dict:
+    """cv_summary.json, once all K folds are finished: the mean and spread of their test Dice."""
+    results = [root / f"fold_{k + 1}" / "metrics.json" for k in range(folds)]
+    done = [json.loads(p.read_text()) for p in results if p.is_file()]
+    if len(done) < folds:
+        log(f"cross-validation: {len(done)} of {folds} folds finished; the summary waits for the rest")
+        return {}
+    dice = np.array([r["test"]["dice"] for r in done])
+    summary = {"folds": folds, "test_dice_per_fold": dice.tolist(), "test_dice_mean": float(dice.mean()),
+               "test_dice_std": float(dice.std(ddof=1)), "test_iou_mean": float(np.mean([r["test"]["iou"] for r in done])),
+               "test_images": int(sum(r["test"]["images"] for r in done))}
+    caveats = sorted({r["warning"] for r in done if r.get("warning")})
+    if caveats:
+        summary["warning"] = "; ".join(caveats)
+    with claim_folder(root, "cross-validation", ["cv_summary.json"], {}, replace=True):
+        save_json(root / "cv_summary.json", summary)
+    log(f"cross-validation over {folds} folds of patients: test Dice {summary['test_dice_mean']:.4f} +- "
+        f"{summary['test_dice_std']:.4f} (mean +- sd over folds); {root / 'cv_summary.json'}")
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# Writing files whole
 
 
 def atomic_write(path: Path | str, write) -> None:
-    """Write through `write(file)` to a temporary file, fsync, then rename over `path`.
-
-    A crash at any moment leaves either the old file or the new one, never a mix."""
+    """Write through `write(file)` to a temporary file beside `path` (.NAME.*.tmp), fsync, then rename
+    it over `path`: a crash at any moment leaves either the old file or the new one, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -207,22 +2170,28 @@ def atomic_write(path: Path | str, write) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_folder(path.parent)
 
 
-def strict_json(obj):
-    """NaN and infinity, which strict JSON readers reject, become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
-    return obj
+def fsync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_json(path, obj) -> None:
-    text = json.dumps(strict_json(obj), indent=2, allow_nan=False)
+    """Strict JSON: NaN and infinity, which strict readers reject, become null."""
+    def strict(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        return [strict(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    text = json.dumps(strict(obj), indent=2, allow_nan=False)
     atomic_write(path, lambda f: f.write((text + "\n").encode()))
 
 
@@ -249,2321 +2218,167 @@ def save_figure(path, fig) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Data: find the pairs, decode each file once, keep the dataset as uint8 tensors
-
-
-def decode_file(path: Path | str, convert) -> np.ndarray:
-    """`convert` of the file's pixels as OpenCV decodes them (any depth and channels). Every way a
-    read can fail (no permission, a folder, a corrupt or empty file, a header claiming a size the
-    decoder refuses, pixels that memory cannot hold or convert) raises ValueError naming the file,
-    so callers skip it with one warning."""
-    path = Path(path)
-    try:
-        data = np.fromfile(path, dtype=np.uint8)  # imdecode also copes with non-ASCII paths
-        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
-    except (cv2.error, MemoryError) as e:
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[-1][:120]
-        raise ValueError(f"{path}: the decoder refused it (too large, or a damaged header: {detail})") from None
-    if image is None or image.size == 0:
-        raise ValueError(f"{path}: not a readable image (corrupt, empty or unsupported format)")
-    try:
-        return convert(image)
-    except MemoryError:
-        raise ValueError(f"{path}: too large to convert in the memory there is") from None
-
-
-def gray_in_unit_range(image: np.ndarray) -> np.ndarray:
-    if image.ndim == 3:
-        channels = image.shape[2]
-        if channels == 4:
-            image = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)
-        elif channels == 3:
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-        else:
-            image = image[:, :, 0]
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    image = image.astype(np.float32)
-    image -= min(float(image.min()), 0.0)
-    peak = float(image.max())
-    return image / peak if peak > 0 else image
-
-
-def read_image(path: Path | str) -> np.ndarray:
-    """Any PNG/JPEG/TIFF/BMP (gray, RGB, RGBA, 8 or 16 bit) -> float32 gray in [0, 1], original size.
-
-    8-bit images are divided by 255 as the seed did; 16-bit and float images by their own
-    maximum, because their value range depends on the scanner. Raises ValueError when unreadable."""
-    return decode_file(path, gray_in_unit_range)
-
-
-def tumour_pixels(mask: np.ndarray) -> np.ndarray:
-    if mask.ndim == 3:
-        value = mask[:, :, :3].max(axis=2)
-        if mask.shape[2] == 4:
-            value = np.where(mask[:, :, 3] > 0, value, 0)
-        mask = value
-    values, counts = np.unique(mask[mask > 0], return_counts=True)
-    if not len(values):
-        return np.zeros(mask.shape, bool)
-    lowest_level = values[counts >= 0.1 * counts.max()].min()
-    return mask > lowest_level / 2
-
-
-def read_mask(path: Path | str) -> np.ndarray:
-    """A mask file -> bool array at its original size.
-
-    A pixel's value is its strongest colour channel (gray, or the largest of red, green and blue;
-    fully transparent pixels count as 0). The mask's levels are the non-zero values that cover at
-    least a tenth of the area of the most common one: a lone stray value (JPEG noise, a slip of the
-    brush) is not a level. A pixel is tumour when its value is above half the lowest level: 0/255
-    and 0/1 masks, noisy or not, 16-bit ones, and masks with several labels (every label is tumour)."""
-    return decode_file(path, tumour_pixels)
-
-
-def preprocess_image(gray: np.ndarray, size: int) -> np.ndarray:
-    """Float gray [0,1] at any size -> uint8 (size, size). Shared by training and prediction."""
-    interpolation = cv2.INTER_AREA if gray.shape[0] > size else cv2.INTER_LINEAR
-    resized = cv2.resize(gray, (size, size), interpolation=interpolation)
-    return np.clip(resized * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
-def preprocess_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Bool mask at any size -> uint8 0/1 (size, size): area resize, re-binarized at 50%."""
-    resized = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
-    return (resized >= 0.5).astype(np.uint8)
-
-
-def _sort_key(name: str):
-    return (0, int(name), "") if name.isdigit() else (1, 0, name)
-
-
-def folder_entries(folder: Path) -> list[Path]:
-    """What a folder holds; a folder that cannot be read stops the run with one sentence."""
-    try:
-        return list(Path(folder).iterdir())
-    except OSError as e:
-        raise UserError(f"{folder}: cannot read this folder ({e.strerror or type(e).__name__}); check its "
-                        f"permissions") from None
-
-
-def list_images(folder: Path) -> dict[str, Path]:
-    """Image files of a folder by stem; other files are ignored."""
-    files = {}
-    for path in sorted(folder_entries(folder)):
-        if path.is_dir() and path.suffix.lower() in IMAGE_EXTENSIONS:
-            warn(f"{path}: a folder, not an image; skipped")
-        elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
-            if path.stem in files:
-                warn(f"{path}: another file has the same name {path.stem!r} ({files[path.stem].name}); "
-                     f"skipped, keep one of them")
-                continue
-            files[path.stem] = path
-    return files
-
-
-def find_pairs(data_dir: Path | str) -> list[tuple[str, Path, Path]]:
-    """(name, image path, mask path) for every image in images/ with a mask of the same name in masks/.
-
-    A missing or empty folder stops the run; an image without a mask, or a mask without an
-    image, is skipped with a warning."""
-    data_dir = Path(data_dir)
-    images_dir, masks_dir = data_dir / "images", data_dir / "masks"
-    for folder in (data_dir, images_dir, masks_dir):
-        if not folder.is_dir():
-            raise UserError(f"{folder}: folder not found. The data folder must hold images/ and masks/ "
-                            f"with one mask per image, of the same name.")
-    images, masks = list_images(images_dir), list_images(masks_dir)
-    if not images:
-        raise UserError(f"{images_dir}: no images found (PNG, JPEG, TIFF or BMP)")
-    if not masks:
-        raise UserError(f"{masks_dir}: no masks found (PNG, JPEG, TIFF or BMP)")
-    for name in sorted(set(images) - set(masks), key=_sort_key):
-        warn(f"{images[name]}: no mask named {name}.* in {masks_dir}; image skipped")
-    for name in sorted(set(masks) - set(images), key=_sort_key):
-        warn(f"{masks[name]}: no image named {name}.* in {images_dir}; mask skipped")
-    names = sorted(set(images) & set(masks), key=_sort_key)
-    if not names:
-        raise UserError(f"{data_dir}: no image in images/ has a mask of the same name in masks/")
-    return [(name, images[name], masks[name]) for name in names]
-
-
-def vanished_tumour(mask_path, mask: np.ndarray, resized: np.ndarray) -> str:
-    """A warning when a mask with tumour pixels has none left at the training size, else ''."""
-    if mask.any() and not resized.any():
-        return (f"{mask_path}: its {int(mask.sum())} tumour pixels vanish at {resized.shape[0]}x{resized.shape[1]} "
-                f"(re-binarized at 50% after resizing); it counts as tumour-free")
-    return ""
-
-
-def _load_pair(pair, size):
-    """(name, (image, mask) or None when skipped, a warning or '')."""
-    name, image_path, mask_path = pair
-    try:
-        image = read_image(image_path)
-        mask = read_mask(mask_path)
-    except ValueError as e:
-        return name, None, f"{e}; pair {name} skipped"
-    if image.shape != mask.shape:
-        return name, None, (f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                            f"{image.shape[1]}x{image.shape[0]}; pair {name} skipped")
-    try:
-        resized = preprocess_mask(mask, size)
-        return name, (preprocess_image(image, size), resized), vanished_tumour(mask_path, mask, resized)
-    except MemoryError:
-        return name, None, f"{image_path}: too large to resize in the memory there is; pair {name} skipped"
-
-
-def load_dataset(data_dir: Path | str, size: int, limit: int = 0, workers: int = 0) -> dict:
-    """Decode every pair once into uint8 tensors: images (N,1,S,S) 0..255, masks (N,1,S,S) 0/1.
-
-    Unreadable files and size mismatches are skipped with a warning naming the file; nothing
-    in the data folder is ever written."""
-    pairs = find_pairs(data_dir)
-    if limit:
-        pairs = pairs[:limit]
-    workers = workers or min(8, os.cpu_count() or 1)
-    images, masks, names = [], [], []
-    with ThreadPoolExecutor(workers) as pool:  # OpenCV releases the GIL while decoding
-        results = pool.map(lambda p: _load_pair(p, size), pairs)
-        for name, arrays, problem in tqdm(results, total=len(pairs), desc="decoding", unit="img",
-                                          leave=False, disable=not is_main_process()):
-            if problem:
-                warn(problem)
-            if arrays is None:
-                continue
-            names.append(name)
-            images.append(arrays[0])
-            masks.append(arrays[1])
-    if not names:
-        raise UserError(f"{data_dir}: none of the {len(pairs)} image/mask pairs could be read")
-    if len(names) < len(pairs):
-        warn(f"{len(pairs) - len(names)} of {len(pairs)} pairs skipped (see the warnings above)")
-    mostly = [n for n, m in zip(names, masks) if m.mean() > 0.5]
-    if mostly:
-        warn(f"{len(mostly)} of {len(names)} masks are more than half tumour (for example {mostly[0]}): inverted "
-             f"masks (tumour dark on a bright background)? Tumour must be the bright or coloured part")
-    if not any(m.any() for m in masks):
-        warn(f"NO TUMOUR PIXEL in any of the {len(names)} masks of {data_dir}: the model can only learn to "
-             f"predict nothing, and its Dice will say nothing. Check the masks (tumour non-zero on black, "
-             f"gray or colour)")
-    return {"names": names,
-            "images": torch.from_numpy(np.stack(images)).unsqueeze(1),
-            "masks": torch.from_numpy(np.stack(masks)).unsqueeze(1)}
-
-
-def make_synthetic_dataset(folder: Path | str, n: int, size: int = 128, seed: int = 0) -> Path:
-    """Write n MRI-like slices and masks: a skull ring, textured brain, ventricles, noise and
-    tumours of varied size, shape and contrast (about 15% of slices have none)."""
-    folder = Path(folder)
-    rng = np.random.default_rng(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    (folder / "masks").mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-
-    def ellipse(cx, cy, ax, ay, angle):
-        c, s = math.cos(angle), math.sin(angle)
-        u, v = (xx - cx) * c + (yy - cy) * s, -(xx - cx) * s + (yy - cy) * c
-        return (u / ax) ** 2 + (v / ay) ** 2
-
-    def smooth_noise(scale, amplitude):
-        noise = rng.standard_normal((size, size)).astype(np.float32)
-        noise = cv2.GaussianBlur(noise, (0, 0), scale)
-        return noise / (noise.std() + 1e-6) * amplitude
-
-    for i in range(n):
-        head = ellipse(0.5 + rng.normal(0, 0.02), 0.5 + rng.normal(0, 0.02), rng.uniform(0.36, 0.44),
-                       rng.uniform(0.41, 0.47), rng.uniform(-0.3, 0.3))
-        brain = head < 0.78
-        image = np.where(head < 1.0, 0.8, 0.0).astype(np.float32)  # skull and scalp
-        image[brain] = 0.0
-        image += brain * (0.38 + smooth_noise(size / 20, 0.06))
-        ventricles = ellipse(0.5, 0.5 + rng.normal(0, 0.02), rng.uniform(0.03, 0.07), rng.uniform(0.08, 0.14),
-                             rng.uniform(-0.2, 0.2)) < 1
-        image[ventricles] = 0.12
-        mask = np.zeros((size, size), bool)
-        if rng.random() > 0.15:
-            radius = rng.uniform(0.04, 0.14)
-            angle, dist = rng.uniform(0, 2 * math.pi), rng.uniform(0, 0.22)
-            cx, cy = 0.5 + dist * math.cos(angle), 0.5 + dist * math.sin(angle)
-            blob = ellipse(cx, cy, radius * rng.uniform(0.7, 1.3), radius * rng.uniform(0.7, 1.3),
-                           rng.uniform(0, math.pi)) + smooth_noise(size / 25, 0.25)
-            mask = (blob < 1) & brain
-            contrast = rng.uniform(0.18, 0.5)
-            ring = rng.random() < 0.3  # ring-enhancing tumours have a darker core
-            core = blob < 0.45
-            image[mask] = 0.38 + contrast
-            if ring:
-                image[mask & core] = 0.38 + contrast * 0.3
-            image += mask * smooth_noise(size / 40, 0.04)
-        image = cv2.GaussianBlur(image, (0, 0), 0.8) + rng.normal(0, 0.03, (size, size)).astype(np.float32)
-        image *= rng.uniform(0.8, 1.15)  # scanners differ in overall brightness
-        cv2.imwrite(str(folder / "images" / f"{i + 1}.png"), np.clip(image * 255, 0, 255).astype(np.uint8))
-        cv2.imwrite(str(folder / "masks" / f"{i + 1}.png"), mask.astype(np.uint8) * 255)
-    return folder
-
-
-# -----------------------------------------------------------------------------
-# Data: getting the Kaggle dataset (kagglehub, else the kaggle client)
-
-
-def kaggle_credentials_found() -> bool:
-    """Whether the `kaggle` client would find credentials (see NOTES: env vars, token, kaggle.json)."""
-    if os.environ.get("KAGGLE_API_TOKEN") or (os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")):
-        return True
-    folders = [os.environ.get("KAGGLE_CONFIG_DIR", ""), Path.home() / ".kaggle", Path.home() / ".config" / "kaggle"]
-    return any(folder and (Path(folder) / name).is_file() for folder in folders
-               for name in ("kaggle.json", "access_token"))
-
-
-def download_failure(e: BaseException) -> str:
-    """Why a download client failed, in words a user can act on."""
-    network = (ConnectionError, TimeoutError)
-    with contextlib.suppress(ImportError):  # both clients speak HTTP through requests
-        import requests
-        network += (requests.ConnectionError, requests.Timeout)
-    if isinstance(e, ImportError):
-        return (f"the Python package {e.name or 'it needs'} is missing: install the project's requirements "
-                f"(pip install -r requirements.txt)")
-    if isinstance(e, PermissionError):  # no or refused credentials, or a folder that cannot be written
-        return str(e)
-    if isinstance(e, network):
-        return "no network: Kaggle could not be reached (name lookup or connection failed)"
-    status = getattr(getattr(e, "response", None), "status_code", None)
-    if status in (401, 403):
-        return f"refused by Kaggle (HTTP {status}): the dataset asks for an account or for consent"
-    if status is not None:
-        return f"Kaggle answered HTTP {status}"
-    detail = (str(e).strip().splitlines() or [""])[0][:200]
-    return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
-
-
-def fetch_with_kagglehub(folder: Path) -> None:
-    """Way 1: kagglehub, no account needed for this public dataset."""
-    import kagglehub
-    kagglehub.dataset_download(KAGGLE_DATASET, output_dir=str(folder))
-
-
-def fetch_with_kaggle(folder: Path) -> None:
-    """Way 2: the kaggle client, which needs credentials."""
-    if not kaggle_credentials_found():
-        raise PermissionError("no Kaggle credentials (kaggle.json in ~/.kaggle, or KAGGLE_USERNAME and KAGGLE_KEY)")
-    # `import kaggle` authenticates at import and calls exit(1) on failure, printing help.
-    with contextlib.redirect_stdout(io.StringIO()):
-        try:
-            from kaggle.api.kaggle_api_extended import KaggleApi
-            api = KaggleApi()
-            api.authenticate()
-        except SystemExit:
-            raise PermissionError("the Kaggle credentials were not accepted") from None
-    api.dataset_download_files(KAGGLE_DATASET, path=str(folder), unzip=True, quiet=False)
-
-
-def check_kaggle_download(root: Path) -> None:
-    """Refuse a partial or changed download: it must hold exactly the pairs 1..3064 (as patients.csv)."""
-    expected = {str(i) for i in range(1, KAGGLE_PAIRS + 1)}
-    images, masks = set(list_images(root / "images")), set(list_images(root / "masks"))
-    if images != expected or masks != expected:
-        missing = len(expected - (images & masks))
-        raise UserError(f"{root}: {len(images)} images and {len(masks)} masks, but {KAGGLE_DATASET} has "
-                        f"{KAGGLE_PAIRS} pairs named 1..{KAGGLE_PAIRS} ({missing} missing, "
-                        f"{len((images | masks) - expected)} unexpected): a partial or changed download, "
-                        f"not trained on. Delete {root} and run again to download it anew, or pass --data-dir")
-
-
-def download_dataset(dest: Path) -> Path:
-    """Download the Kaggle dataset into a temporary folder beside `dest`, check it, then move it into place.
-    kagglehub first (no account needed), then the kaggle client (needs credentials)."""
-    parent_created = not dest.parent.exists()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
-    causes = []
-    try:
-        for way, fetch in (("kagglehub", fetch_with_kagglehub), ("kaggle", fetch_with_kaggle)):
-            log(f"downloading {KAGGLE_DATASET} with {way} into {tmp} ...")
-            try:
-                fetch(tmp / way)
-            except (Exception, SystemExit) as e:
-                causes.append(f"{way}: {download_failure(e)}")
-                if "no network" in causes[-1]:
-                    break  # the other way needs the network too
-                continue
-            roots = [p.parent for p in sorted((tmp / way).rglob("images"))
-                     if p.is_dir() and (p.parent / "masks").is_dir()]
-            if not roots:
-                raise UserError(f"the download of {KAGGLE_DATASET} has no images/ and masks/ folders; "
-                                f"download it by hand and pass --data-dir")
-            check_kaggle_download(roots[0])
-            os.replace(roots[0], dest)
-            log(f"dataset ready in {dest}")
-            return dest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if parent_created and not dest.exists():
-            with contextlib.suppress(OSError):
-                dest.parent.rmdir()  # only if empty: a failed download leaves no trace
-    raise UserError(f"the dataset is not at {dest} and could not be downloaded:\n  " + "\n  ".join(causes) +
-                    f"\nWays forward:\n"
-                    f"  1. with network, run again: kagglehub downloads {KAGGLE_DATASET} without an account\n"
-                    f"  2. Kaggle credentials (kaggle.json in ~/.kaggle/, or KAGGLE_USERNAME and KAGGLE_KEY) "
-                    f"for the kaggle client\n"
-                    f"  3. download it by hand from https://www.kaggle.com/datasets/{KAGGLE_DATASET} and pass "
-                    f"--data-dir DIR (a folder with images/ and masks/)\n"
-                    f"  4. --demo: train on generated synthetic data, offline")
-
-
-def resolve_data_dir(cfg: Config) -> Path:
-    if cfg.demo:
-        folder = Path(cfg.data_dir)
-        marker = folder / DEMO_MARKER
-        wanted = f"{cfg.demo_images} {cfg.seed}"
-        if marker.is_file() and marker.read_text().strip() == wanted:
-            return folder
-        if folder.exists() and not marker.is_file():
-            raise UserError(f"{folder}: --demo writes synthetic data there, but the folder exists and was not made "
-                            f"by --demo; pass another --data-dir (it is never deleted or changed)")
-        log(f"generating {cfg.demo_images} synthetic slices in {folder}")
-        shutil.rmtree(folder, ignore_errors=True)  # only ever a folder that --demo made itself
-        folder.mkdir(parents=True)
-        marker.write_text("incomplete\n")  # written first: an interrupted generation is still ours
-        make_synthetic_dataset(folder, cfg.demo_images, seed=cfg.seed)
-        marker.write_text(wanted + "\n")
-        return folder
-    if cfg.data_dir:
-        return Path(cfg.data_dir)
-    if Path(DEFAULT_DATA_DIR).is_dir():  # downloaded by an earlier run: checked, never fetched again
-        check_kaggle_download(Path(DEFAULT_DATA_DIR))
-        return Path(DEFAULT_DATA_DIR)
-    return download_dataset(Path(DEFAULT_DATA_DIR))
-
-
-# -----------------------------------------------------------------------------
-# Patient-level splits
-
-
-def read_groups_csv(path: Path | str) -> dict[str, tuple[str, str]]:
-    """image name -> (patient id, tumour type or '') from a CSV with image,patient_id[,tumor_type]."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets add a byte-order mark
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the groups file ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: the groups file is not UTF-8 text; save it as CSV (UTF-8)") from None
-    except csv.Error as e:  # a field over the csv module's size limit, a NUL byte
-        raise UserError(f"{path}: not a readable CSV groups file ({e}); save it as plain CSV") from None
-    if not rows or not {"image", "patient_id"} <= set(rows[0]):
-        raise UserError(f"{path}: a groups file needs the columns image,patient_id (and optionally tumor_type)")
-    if any(not r["image"] or not r["patient_id"] for r in rows):
-        raise UserError(f"{path}: every row needs an image and a patient_id")
-    table = {}
-    for r in rows:
-        name, entry = Path(r["image"]).stem, (r["patient_id"], r.get("tumor_type") or "")
-        if table.setdefault(name, entry) != entry:
-            raise UserError(f"{path}: image {r['image']!r} is listed twice with different patients or types "
-                            f"({table[name]} and {entry}); keep one row per image")
-    return table
-
-
-def neighbour_correlations(images: torch.Tensor, names: list[str]) -> tuple[list[int], np.ndarray]:
-    """Images in name order, and the correlation of each one's 64x64 thumbnail with the previous one's."""
-    order = sorted(range(len(names)), key=lambda i: _sort_key(names[i]))
-    thumbs = F.interpolate(images[order].float(), size=(64, 64), mode="area").flatten(1)
-    thumbs = thumbs - thumbs.mean(1, keepdim=True)
-    thumbs = thumbs / thumbs.norm(dim=1, keepdim=True).clamp_min(1e-6)
-    return order, (thumbs[1:] * thumbs[:-1]).sum(1).numpy()
-
-
-def group_by_similarity(images: torch.Tensor, names: list[str], min_corr: float = 0.8) -> list[str]:
-    """Approximate patients: consecutive slices (by name) whose 64x64 thumbnails correlate
-    above `min_corr` are put in one group. Neighbouring slices of one patient do so in most
-    cases, of different patients rarely (see patients.csv's README)."""
-    order, corr = neighbour_correlations(images, names)
-    groups = [""] * len(names)
-    for position, i in enumerate(order):
-        groups[i] = f"similar-{int((corr[:position] < min_corr).sum())}"
-    return groups
-
-
-def table_fits_images(images: torch.Tensor, names: list[str], patients: list[str]) -> bool:
-    """Whether a patient table describes these pixels: in the Figshare data, neighbouring slices
-    of one patient correlate above 0.8 in 86% of cases, of two patients in 1%. Other data that
-    merely has numbered files (the demo's, a user's) shows no such difference."""
-    order, corr = neighbour_correlations(images, names)
-    same = np.array([patients[a] == patients[b] for a, b in zip(order[:-1], order[1:])])
-    if same.sum() < 2 or (~same).sum() < 1:
-        return bool(same.sum()) or len(names) < 3  # too few slices to tell: trust the names
-    return float((corr[same] > 0.8).mean() - (corr[~same] > 0.8).mean()) > 0.3
-
-
-def find_groups(cfg: Config, names: list[str], images: torch.Tensor) -> tuple[list[str], list[str], str]:
-    """Patient id and tumour type of each image, and a sentence saying where they came from."""
-    if cfg.split == "random":
-        return list(names), [""] * len(names), "random split by image (--split random)"
-    table, source = {}, ""
-    if cfg.groups:
-        table, source = read_groups_csv(cfg.groups), cfg.groups
-    elif PATIENTS_CSV.is_file():
-        table, source = read_groups_csv(PATIENTS_CSV), "patients.csv of the Figshare dataset"
-    if cfg.groups:
-        missing = [n for n in names if n not in table]
-        if missing:
-            raise UserError(f"{cfg.groups}: no patient for {len(missing)} images, for example {missing[0]!r}")
-    if table and all(n in table for n in names):
-        patients = [table[n][0] for n in names]
-        if cfg.groups or table_fits_images(images, names, patients):
-            return patients, [table[n][1] for n in names], f"split by patient ({source})"
-    groups = group_by_similarity(images, names)
-    return groups, [""] * len(names), ("split by groups of similar neighbouring slices: APPROXIMATE, "
-                                       "pass --groups FILE.csv with the patient of each image for an exact one")
-
-
-def group_folds(groups: list[str], strata: list[str], n_folds: int, seed: int) -> np.ndarray:
-    """The fold (0..n_folds-1) of each image: whole groups (patients), each stratum (tumour type)
-    spread evenly over the folds, by scikit-learn's StratifiedGroupKFold."""
-    from sklearn.model_selection import StratifiedGroupKFold
-    if len(set(groups)) < n_folds:
-        raise UserError(f"{len(set(groups))} patients/groups are too few for {n_folds} folds; add data or "
-                        f"use --split random")
-    fold = np.zeros(len(groups), dtype=int)
-    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a tumour type rarer than the folds: spread as evenly as it goes
-        for k, (_, members) in enumerate(splitter.split(np.zeros(len(groups)), strata, groups)):
-            fold[members] = k
-    return fold
-
-
-def split_by_group(groups: list[str], strata: list[str], fractions: tuple[float, float], seed: int) -> dict:
-    """Indices of train/val/test such that no group is in two parts and each stratum is split in
-    the same proportions: 20 stratified group folds (fewer when there are fewer groups), the first
-    ones test, the next ones validation, the rest training. `fractions` are (val, test)."""
-    k = min(20, len(set(groups)))
-    n_test, n_val = max(1, round(fractions[1] * k)), max(1, round(fractions[0] * k))
-    if n_test + n_val >= k:
-        raise UserError(f"{len(set(groups))} patients/groups are too few for a train/val/test split; "
-                        f"add data or use --split random")
-    fold = group_folds(groups, strata, k, seed)
-    return {"train": np.flatnonzero(fold >= n_test + n_val).tolist(),
-            "val": np.flatnonzero((fold >= n_test) & (fold < n_test + n_val)).tolist(),
-            "test": np.flatnonzero(fold < n_test).tolist()}
-
-
-def make_split(cfg: Config, data: dict) -> dict:
-    """Train/val/test by group. With --folds K: fold --fold is the test part, the next fold
-    validation, the other K-2 train."""
-    groups, strata, how = find_groups(cfg, data["names"], data["images"])
-    if cfg.folds > 1:
-        fold = group_folds(groups, strata, cfg.folds, cfg.seed)
-        test, val = cfg.fold % cfg.folds, (cfg.fold + 1) % cfg.folds
-        parts = {"train": np.flatnonzero((fold != test) & (fold != val)).tolist(),
-                 "val": np.flatnonzero(fold == val).tolist(), "test": np.flatnonzero(fold == test).tolist()}
-        how += f"; fold {test + 1} of {cfg.folds} is the test part"
-    else:
-        parts = split_by_group(groups, strata, (cfg.val_fraction, cfg.test_fraction), cfg.seed)
-    names = data["names"]
-    split = {"how": how, "seed": cfg.seed}
-    for part, idx in parts.items():
-        split[part] = [names[i] for i in idx]
-        split[f"{part}_patients"] = sorted({groups[i] for i in idx})
-    split["groups"] = dict(zip(names, groups))
-    split["tumor_types"] = {n: s for n, s in zip(names, strata) if s}
-    return split
-
-
-def group_unit(split: dict) -> str:
-    """What the split's groups are: patients, or groups of similar slices standing in for them."""
-    return "patients" if "by patient" in split["how"] else "groups"
-
-
-def split_indices(split: dict, names: list[str]) -> dict[str, torch.Tensor]:
-    position = {n: i for i, n in enumerate(names)}
-    out = {}
-    for part in ("train", "val", "test"):
-        missing = [n for n in split[part] if n not in position]
-        if missing:
-            raise UserError(f"the split names {len(missing)} images that are not in the data folder "
-                            f"(for example {missing[0]!r}): resume with the same --data-dir")
-        out[part] = torch.tensor([position[n] for n in split[part]], dtype=torch.long)
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Model
-
-
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True))
-
-
-class UNet(nn.Module):
-    """U-Net: 4 encoder blocks 1->w->2w->4w->8w with max pooling, a 16w bottleneck (512 channels
-    at 16x16 for w=32 and a 256x256 input), 4 decoder blocks that upsample with 2x2 transposed
-    convolutions and concatenate the encoder features, and a 1x1 convolution to one logit."""
-
-    def __init__(self, in_channels: int = 1, width: int = 32):
-        super().__init__()
-        widths = [width * 2 ** i for i in range(4)]
-        self.encoders = nn.ModuleList()
-        channels = in_channels
-        for w in widths:
-            self.encoders.append(conv_block(channels, w))
-            channels = w
-        self.pool = nn.MaxPool2d(2)
-        self.bottleneck = conv_block(widths[-1], widths[-1] * 2)
-        self.upsamples = nn.ModuleList(nn.ConvTranspose2d(w * 2, w, 2, stride=2) for w in reversed(widths))
-        self.decoders = nn.ModuleList(conv_block(w * 2, w) for w in reversed(widths))
-        self.head = nn.Conv2d(widths[0], 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for encoder in self.encoders:
-            x = encoder(x)
-            skips.append(x)
-            x = self.pool(x)
-        x = self.bottleneck(x)
-        for upsample, decoder, skip in zip(self.upsamples, self.decoders, reversed(skips)):
-            x = decoder(torch.cat([upsample(x), skip], dim=1))
-        return self.head(x)
-
-
-# -----------------------------------------------------------------------------
-# Losses and metrics (always float32)
-
-
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, per_image: bool = False):
-    """The seed's loss, 1 - (2*sum(p*t) + smooth) / (sum(p^2) + sum(t^2) + smooth), on sigmoid
-    probabilities; sums over the whole batch, or per image and then averaged."""
-    p, t = torch.sigmoid(logits.float()), target.float()
-    dims = (1, 2, 3) if per_image else (0, 1, 2, 3)
-    intersection = (p * t).sum(dims)
-    denominator = (p * p).sum(dims) + (t * t).sum(dims)
-    return (1 - (2 * intersection + smooth) / (denominator + smooth)).mean()
-
-
-# The training losses `--loss` chooses from: name -> function(logits, target, cfg). Adding a loss is
-# one entry here (its name becomes a valid --loss).
-LOSSES = {
-    "dice": lambda logits, target, cfg: dice_loss(logits, target, cfg.smooth),
-    "dice+bce": lambda logits, target, cfg: (dice_loss(logits, target, cfg.smooth, per_image=True)
-                                             + F.binary_cross_entropy_with_logits(logits.float(), target.float())),
-}
-
-
-def compute_loss(logits, target, cfg: Config) -> torch.Tensor:
-    return LOSSES[cfg.loss](logits, target, cfg)
-
-
-def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per image (N, 3): true positives, false positives, false negatives of binary masks."""
-    pred, target = pred.flatten(1).bool(), target.flatten(1).bool()
-    tp = (pred & target).sum(1)
-    fp = (pred & ~target).sum(1)
-    fn = (~pred & target).sum(1)
-    return torch.stack([tp, fp, fn], 1).double()
-
-
-# The overlap metrics, as (numerator, denominator) of an image's true positive, false positive and
-# false negative pixel counts. Each one is scored per image in the test (metrics.json, the per-image
-# CSV, the by-type table) and in predict --masks; those in EPOCH_METRICS also after every epoch on
-# validation (the log, the history, the curves). Adding a metric is one entry here.
-METRICS = {
-    "dice": lambda tp, fp, fn: (2 * tp, 2 * tp + fp + fn),
-    "iou": lambda tp, fp, fn: (tp, tp + fp + fn),
-    "precision": lambda tp, fp, fn: (tp, tp + fp),
-    "recall": lambda tp, fp, fn: (tp, tp + fn),
-}
-EPOCH_METRICS = ("dice", "iou")  # "dice" must stay: the best epoch is the one with the best validation Dice
-
-
-def scores_from_counts(counts: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
-    """Per-image scores of every metric in METRICS from (N, 3) counts.
-
-    Convention for empty masks: an empty ground truth with an empty prediction scores 1 on
-    every metric, and any metric whose denominator is otherwise 0 scores 0 (so a prediction on
-    a tumour-free slice, or a missed tumour, counts as a full miss). No image is skipped."""
-    c = np.asarray(counts, dtype=np.float64).reshape(-1, 3)
-    tp, fp, fn = c[:, 0], c[:, 1], c[:, 2]
-    both_empty = (tp + fp + fn) == 0
-
-    def ratio(num, den):
-        return np.where(both_empty, 1.0, np.divide(num, den, out=np.zeros_like(num), where=den > 0))
-
-    return {name: ratio(*fraction(tp, fp, fn)) for name, fraction in METRICS.items()}
-
-
-def hd95(pred: np.ndarray, target: np.ndarray) -> float:
-    """95th-percentile symmetric Hausdorff distance in pixels between two binary masks (as MONAI:
-    the larger of the two directed 95th percentiles). NaN when both are empty, inf when one is."""
-    pred, target = pred.astype(bool), target.astype(bool)
-    if not pred.any() and not target.any():
-        return float("nan")
-    if not pred.any() or not target.any():
-        return float("inf")
-
-    def border(m):  # pixels outside the image count as background, so edge pixels are border
-        eroded = cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
-        return m & ~eroded.astype(bool)
-
-    def distances_to(m):  # distance of each pixel to the nearest border pixel of m
-        return cv2.distanceTransform((~border(m)).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-
-    d_pt = distances_to(target)[border(pred)]
-    d_tp = distances_to(pred)[border(target)]
-    return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
-
-
-def bootstrap_interval(values: np.ndarray, groups: list[str], n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of the mean over images, resampling whole groups (patients) with replacement."""
-    keys = sorted(set(groups))
-    index = {k: i for i, k in enumerate(keys)}
-    g = np.array([index[x] for x in groups])
-    sums = np.bincount(g, weights=values, minlength=len(keys))
-    counts = np.bincount(g, minlength=len(keys)).astype(np.float64)
-    draws = np.random.default_rng(seed).integers(0, len(keys), size=(n, len(keys)))
-    means = sums[draws].sum(1) / counts[draws].sum(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-# -----------------------------------------------------------------------------
-# Checking the settings
+# Settings from the command line, checked against the fields' own rules
+
+
+def option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_rule(name: str, rule: str, kind=None):
+    return (kind or Config).__dataclass_fields__[name].metadata.get(rule)
+
+
+def check_fields(obj) -> None:
+    """Each field of a settings dataclass against its annotation and the rules beside it, with one
+    sentence naming the field. The type comes from the annotation, not from the default, so that a
+    default edited at the top to the wrong type ("20", 16.0, "False") is refused; an int is a valid
+    float."""
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, kind, rules, flag = getattr(obj, f.name), hints[f.name], f.metadata, option(f.name)
+        choices = get_args(kind) if get_origin(kind) is Literal else rules["choices"]() if "choices" in rules else None
+        if kind is float and type(value) is int:
+            value = float(value)
+            setattr(obj, f.name, value)
+        expected = str if choices else list if get_origin(kind) is list else kind
+        if type(value) is not expected or (expected is list and not all(type(v) is str for v in value)):
+            raise UserError(f"{flag} {value!r}: must be {'a list of text' if expected is list else expected.__name__},"
+                            f" not {type(value).__name__} (edited at the top of {Path(__file__).name}?)")
+        if choices is not None and value not in choices:
+            raise UserError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+        if kind is float and not math.isfinite(value):
+            raise UserError(f"{flag} {value}: must be a finite number")
+        bound = [(rules.get("share") and not 0 <= value <= 1, "between 0 and 1"),
+                 ("above" in rules and value <= rules["above"], f"above {rules.get('above')}"),
+                 ("low" in rules and value < rules["low"], f"at least {rules.get('low')}"),
+                 ("high" in rules and value > rules["high"], f"at most {rules.get('high')}")]
+        for broken, what in bound:
+            if broken:
+                raise UserError(f"{flag} {value}: must be {what}")
 
 
 def check_batch_fits(cfg: Config, n_train: int) -> None:
     """Batch norm needs two values per channel: at 16x16 the bottleneck is 1x1, so a batch of one fails."""
     if n_train < 1:
         raise UserError("no training image for each process: add data, or run fewer processes")
-    values = min(cfg.batch_size, max(n_train, 1)) * (cfg.image_size // 16) ** 2
-    if values < 2:
+    if min(cfg.batch_size, n_train) * (cfg.image_size // 16) ** 2 < 2:
         raise UserError(f"--image-size {cfg.image_size} with batches of {min(cfg.batch_size, n_train)} image: the "
-                        f"bottleneck is 1x1 and batch norm needs 2 values; use --batch-size 2 or more (and at least "
-                        f"2 training images), or --image-size 32")
-
-
-def check_config(cfg: Config) -> None:
-    """Every field of the right type and in range before anything is read, written or deleted."""
-    for f in dataclasses.fields(cfg):
-        value, kind = getattr(cfg, f.name), type(f.default)
-        if not (type(value) is kind or (kind is float and type(value) is int)):
-            raise UserError(f"--{f.name.replace('_', '-')} {value!r}: must be {kind.__name__}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--{f.name.replace('_', '-')} {value}: must be a finite number")
-    if not 0 <= cfg.seed < 2 ** 31:
-        raise UserError(f"--seed {cfg.seed}: must be from 0 to 2147483647")
-    if cfg.image_size > 4096:
-        raise UserError(f"--image-size {cfg.image_size}: at most 4096 (the dataset's slices are 512x512)")
-    for name, high in (("aug_rotation", 180), ("aug_scale", 1), ("aug_gamma", 2)):
-        if getattr(cfg, name) > high:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: at most {high}")
-    if cfg.image_size < 16 or cfg.image_size % 16:
-        raise UserError(f"--image-size {cfg.image_size}: must be a multiple of 16 (the U-Net halves it 4 times)")
-    if not 0 < cfg.val_fraction < 1 or not 0 < cfg.test_fraction < 1 or cfg.val_fraction + cfg.test_fraction >= 1:
-        raise UserError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
-    choices = dict(split=("patient", "random"), recipe=("improved", "seed"), optimizer=("adam", "adamw"),
-                   schedule=("constant", "onecycle"), loss=tuple(LOSSES),
-                   amp=("auto", "bf16", "fp16", "off"), compile=("auto", "on", "off"),
-                   compile_mode=("default", "reduce-overhead", "max-autotune"))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    if cfg.folds != 0 and cfg.folds < 3:
-        raise UserError(f"--folds {cfg.folds}: must be 0 (one split) or at least 3 (test, validation and training folds)")
-    if not -1 <= cfg.fold < max(cfg.folds, 1) or (cfg.fold >= 0 and not cfg.folds):
-        raise UserError(f"--fold {cfg.fold}: must be -1 (all folds) or a fold number from 0 to --folds minus 1, "
-                        f"with --folds")
-    for name, low in (("epochs", 1), ("batch_size", 1), ("base_width", 1), ("eval_batch_size", 1),
-                      ("demo_images", 10), ("panel_images", 0), ("test_samples", 0), ("workers", 0), ("limit", 0),
-                      ("nan_check_every", 1), ("lr", 1e-12), ("weight_decay", 0), ("smooth", 0),
-                      ("aug_rotation", 0), ("aug_scale", 0), ("aug_gamma", 0), ("threshold_step", 1e-6)):
-        if getattr(cfg, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be "
-                            + ("above 0" if 0 < low < 1e-3 else f"at least {low}"))
-    for name in ("threshold", "threshold_min", "threshold_max", "aug_flip", "warmup_fraction"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be between 0 and 1")
-    if cfg.threshold_min > cfg.threshold_max:
-        raise UserError("--threshold-min must not be above --threshold-max")
-    check_batch_fits(cfg, cfg.batch_size)
-
-
-# -----------------------------------------------------------------------------
-# Training steps
-
-
-def to_input(images_u8: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = images_u8.to(device, non_blocking=True).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, cfg: Config):
-    """Random left-right flip, rotation, scaling and gamma per image, on the device (the ranges are
-    the aug_* fields). Left-right flips keep anatomy plausible; vertical ones would not. Written by
-    hand because torchvision's transforms draw one set of parameters per call, not per image of a batch."""
-    n = x.shape[0]
-
-    def uniform(low, high):
-        return torch.rand(n, device=x.device, generator=generator) * (high - low) + low
-
-    angle = uniform(-math.radians(cfg.aug_rotation), math.radians(cfg.aug_rotation))
-    scale = torch.exp(uniform(-cfg.aug_scale, cfg.aug_scale))
-    flip = torch.where(uniform(0, 1) < cfg.aug_flip, -1.0, 1.0)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    zero = torch.zeros_like(cos)
-    theta = torch.stack([torch.stack([cos * flip, -sin, zero], 1), torch.stack([sin * flip, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
-    gamma = torch.exp(uniform(-cfg.aug_gamma, cfg.aug_gamma)).view(n, 1, 1, 1)
-    return x.clamp(0, 1).pow(gamma), y
-
-
-def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
-    """Constant, or one-cycle: linear warm-up over `warmup_fraction` of the steps to lr, cosine down to lr/1e4."""
-    if cfg.schedule == "constant":
-        return cfg.lr
-    warmup = max(1, int(cfg.warmup_fraction * total_steps))
-    if step < warmup:
-        return cfg.lr / 25 + (cfg.lr - cfg.lr / 25) * step / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return cfg.lr / 1e4 + (cfg.lr - cfg.lr / 1e4) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """Shuffled indices of one epoch, as (steps, batch) for this process: deterministic in
-    (seed, epoch), so a resumed run sees the same batches. The ragged remainder is dropped
-    (a different one each epoch) to keep shapes fixed."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    per_rank = n // world
-    mine = perm[rank * per_rank:(rank + 1) * per_rank]
-    steps = max(1, len(mine) // batch_size)
-    if len(mine) < batch_size:  # tiny datasets: one smaller batch
-        return mine.view(1, -1)
-    return mine[:steps * batch_size].view(steps, batch_size)
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM; training stops at the end of the current step. A second Ctrl-C
-    interrupts at once."""
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # only the main thread can install handlers
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-        log(f"\n{signal.Signals(signum).name} received: stopping after this step (again to abort)")
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-def stop_requested(stop: StopFlag, world: int, device: torch.device) -> bool:
-    """Whether any process got a stop signal: all stop at the same step."""
-    if world == 1:
-        return stop.signal is not None
-    import torch.distributed as dist
-    flag = torch.tensor([1.0 if stop.signal is not None else 0.0], device=device)
-    dist.all_reduce(flag)
-    return flag.item() > 0
-
-
-class Interrupted(UserError):
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
-class NonFiniteLoss(UserError):
-    pass
-
-
-def check_finite(step_losses: torch.Tensor, first: int, last: int, epoch: int, out: Path, world: int = 1) -> None:
-    """Stop, naming the first bad step, when a loss or gradient of steps first..last is NaN or inf
-    (in any process: under torchrun all stop together)."""
-    finite = torch.isfinite(step_losses[first:last + 1])
-    if world > 1:
-        finite = finite.float()
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        finite = finite.bool()
-    bad = (~finite).nonzero()
-    if len(bad):
-        step = first + int(bad[0])
-        raise NonFiniteLoss(f"the loss or its gradient became {float(step_losses[step])} at epoch {epoch + 1}, "
-                            f"step {step + 1} (in this or another process); nothing was saved after that, so the "
-                            f"checkpoints in {out} are from before it. Start anew with --overwrite and a lower --lr, "
-                            f"or --amp off")
-
-
-def forward_backward(model, optimizer, scaler, x, y, cfg: Config, dtype) -> torch.Tensor:
-    """Loss and gradients of one batch; the caller then steps the optimizer. Returns the loss
-    without a device sync, turned NaN when a gradient is not finite."""
-    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = model(x)
-    loss = compute_loss(logits, y, cfg)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if scaler.is_enabled():  # a grad scaler skips steps with non-finite gradients by itself
-        return loss.detach()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return loss.detach() + 0 * nn.utils.get_total_norm(grads)
-
-
-def first_compiled_step(compiled_model, eager_model, model, optimizer, scaler, x, y, cfg: Config, dtype):
-    """forward_backward through the compiled model, which compiles now. If that fails (no compiler,
-    an unsupported GPU), warn, undo what the failed step changed and redo it without compiling.
-    Returns the loss and the model to train with from then on."""
-    # The backward pass compiles after the forward ran and moved the batch-norm statistics.
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        return forward_backward(compiled_model, optimizer, scaler, x, y, cfg, dtype), compiled_model
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as e:
-        first_line = (str(e).strip().splitlines() or [""])[0][:200]
-        warn(f"the first compiled step failed ({type(e).__name__}: {first_line}); redoing it and "
-             f"training without torch.compile. Pass --compile off to skip the attempt.")
-        model.load_state_dict(before)
-        return forward_backward(eager_model, optimizer, scaler, x, y, cfg, dtype), eager_model
-
-
-# -----------------------------------------------------------------------------
-# The machine: device, precision, compile, optimizer
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # libraries that say just "cuda" (torchsummary) mean this one
-    return device
-
-
-def setup_device(cfg: Config) -> tuple[torch.device, int, int]:
-    """Device, rank and world size; under torchrun also joins the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = pick_device(cfg.device)
-    if world > 1:
-        import torch.distributed as dist
-        if device.type == "cuda":
-            device = pick_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, rank, world
-
-
-@dataclass
-class Machine:
-    """Where and how the model runs; shared by training, evaluation and prediction."""
-    device: torch.device
-    dtype: torch.dtype | None = None  # autocast precision; None: float32
-    channels_last: bool = False
-    rank: int = 0
-    world: int = 1
-
-
-def cpu_has_native_bf16() -> bool:
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def bf16_is_faster_on_cpu(cfg: Config, steps: int = 2) -> tuple[bool, float, float]:
-    """Time a few training steps of this run's U-Net (a copy, random data, batch 2) in float32 and
-    under bf16 autocast, taking turns; returns (bf16 at least 5% faster, s/step float32, s/step bf16)."""
-    model = UNet(width=cfg.base_width)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    x = torch.rand(2, 1, cfg.image_size, cfg.image_size)
-    y = (x > 0.5).float()
-    best = {None: math.inf, torch.bfloat16: math.inf}
-    for i in range(steps + 1):
-        for dtype in best:
-            t0 = time.perf_counter()
-            forward_backward(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), x, y, cfg, dtype)
-            if i:  # the first turn warms up
-                best[dtype] = min(best[dtype], time.perf_counter() - t0)
-    return best[torch.bfloat16] < 0.95 * best[None], best[None], best[torch.bfloat16]
-
-
-def amp_dtype(cfg: Config, device: torch.device):
-    """The autocast precision; None means float32. On a CPU, auto measures (bf16_is_faster_on_cpu)."""
-    if cfg.amp == "auto" and device.type == "cpu":
-        if not cpu_has_native_bf16():
-            return None
-        faster, fp32, bf16 = bf16_is_faster_on_cpu(cfg)
-        log(f"--amp auto on a CPU with native bf16 ({torch.backends.cpu.get_cpu_capability()}): a training step "
-            f"took {fp32:.3f} s in float32, {bf16:.3f} s in bf16; using {'bf16' if faster else 'float32'}")
-        return torch.bfloat16 if faster else None
-    if cfg.amp == "off":
-        return None
-    # bf16 only where it is native (compute capability 8+); older GPUs would emulate it slowly.
-    if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.get_device_capability(device)[0] >= 8):
-        return torch.bfloat16
-    return torch.float16
-
-
-def set_up_machine(cfg: Config) -> Machine:
-    """The device (joining the process group under torchrun) and layout; logs the configuration.
-    The precision comes later (choose_precision)."""
-    device, rank, world = setup_device(cfg)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned kernels differ run to run
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-    log("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
-    log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-                               f" ({torch.get_num_threads()} threads)") + (f", {world} processes" if world > 1 else ""))
-    return Machine(device, None, cfg.channels_last and device.type == "cuda", rank, world)
-
-
-def choose_precision(cfg: Config, machine: Machine, resume: dict | None) -> None:
-    """Set machine.dtype: the resumed run's own, else amp_dtype's choice (on a CPU with --amp auto a
-    measurement, taken once the data is known to be there)."""
-    if resume and resume.get("precision") in ("bfloat16", "float16", "float32"):
-        machine.dtype = None if resume["precision"] == "float32" else getattr(torch, resume["precision"])
-        return
-    machine.dtype = amp_dtype(cfg, machine.device)
-    if machine.world > 1 and machine.device.type == "cpu" and cfg.amp == "auto":  # measurements may differ
-        choice = torch.tensor([machine.dtype is not None], dtype=torch.float32)
-        torch.distributed.broadcast(choice, 0)
-        machine.dtype = torch.bfloat16 if choice.item() else None
-
-
-def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    # One kernel for all parameters: on a 2-core CPU 9 ms a step instead of 34 ms for the foreach version.
-    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
-    return opt_class(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-
-
-def use_compile(cfg: Config, device: torch.device) -> bool:
-    # Triton, which torch.compile uses on GPUs, needs compute capability 7.0 or newer.
-    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"
-                                   and torch.cuda.get_device_capability(device) >= (7, 0))
-
-
-def print_model_summary(model: nn.Module, cfg: Config, device: torch.device) -> None:
-    from torchsummary import summary  # its device argument must match the model's (see NOTES)
-    model.eval()  # its forward pass must not update the batch-norm statistics
-    with contextlib.redirect_stdout(io.StringIO()) as text, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchsummary 1.5.1 reads tensors that require grad
-        summary(model, (1, cfg.image_size, cfg.image_size), device=device.type)
-    print(text.getvalue(), flush=True)
-    model.train()
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints and the output folder
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
-def checkpoint_state(model, optimizer, scaler, cfg, split, history, epoch, step, extra) -> dict:
-    """Everything needed to use or resume a model, as tensors and plain Python types only,
-    so that torch.load(weights_only=True) can read it."""
-    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-            "model": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()},
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-            "config": dataclasses.asdict(cfg), "split": split, "history": history,
-            "epoch": epoch, "step": step,
-            # the threshold in use: config's, until --tune-threshold replaces it after training
-            "threshold": cfg.threshold, **extra}
-
-
-def saved_config(config: dict) -> Config:
-    """A checkpoint's configuration as a Config; fields it predates get BEFORE_FIELD_EXISTED's values."""
-    return Config(**{**BEFORE_FIELD_EXISTED, **{k: v for k, v in config.items() if k in Config.__dataclass_fields__}})
-
-
-# What every checkpoint holds, and of which type (checked before any of it is used).
-CHECKPOINT_TYPES = {"model": dict, "config": dict, "split": dict, "history": dict, "threshold": (int, float),
-                    "epoch": int, "step": int}
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: Path | str) -> dict:
-    """Load and check a checkpoint without running any code stored in it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about old pickle protocols before refusing
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as e:
-        raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
-    except pickle.UnpicklingError as e:
-        with open(path, "rb") as f:
-            raw_pickle = f.read(1) == b"\x80"  # a bare pickle, not torch.save's zip: may hold code
-        if "Unsupported global" in str(e) or raw_pickle:
-            raise UserError(f"{path}: refused, it holds Python objects that could run code when loaded; "
-                            f"only checkpoints written by this script can be used") from None
-        raise UserError(f"{path}: not a PyTorch checkpoint (another kind of file)") from None
-    except Exception as e:  # torch raises many kinds for damaged files: all mean the same to a user
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        detail = detail if len(detail) <= 120 else detail[:120].rsplit(" ", 1)[0] + " ..."
-        raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or another kind of "
-                        f"file: {detail})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a checkpoint of this script's U-Net")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path}: checkpoint format version {state.get('version')}, but this script reads "
-                        f"version {CHECKPOINT_VERSION}; use the script version that wrote it")
-    missing = [k for k in CHECKPOINT_TYPES if k not in state]
-    if missing:
-        raise UserError(f"{path}: incomplete checkpoint, {', '.join(missing)} missing")
-    config = state["config"] if isinstance(state["config"], dict) else {}
-    wrong = [k for k, kind in CHECKPOINT_TYPES.items() if not isinstance(state[k], kind) or isinstance(state[k], bool)]
-    wrong += [f"config.{k}" for k in ("image_size", "base_width") if type(config.get(k)) is not int or config[k] < 1]
-    if not wrong and not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
-        wrong.append("model")
-    if wrong:
-        raise UserError(f"{path}: damaged checkpoint, {', '.join(wrong)} of the wrong type; use another "
-                        f"checkpoint, or train anew (--overwrite)")
-    try:
-        check_config(saved_config(config))
-        problem = ("threshold not between 0 and 1" if not 0 <= state["threshold"] <= 1 else
-                   "epoch or step below 0" if min(state["epoch"], state["step"]) < 0 else
-                   "weights that are not finite" if not all(torch.isfinite(v).all() for v in state["model"].values()
-                                                           if v.is_floating_point()) else "")
-    except (UserError, TypeError) as e:
-        problem = f"its settings are invalid: {e}"
-    if problem:
-        raise UserError(f"{path}: damaged checkpoint, {problem}; use another checkpoint, or train anew (--overwrite)")
-    return state
-
-
-def model_from_checkpoint(state: dict, path, device) -> nn.Module:
-    model = UNet(width=state["config"]["base_width"])
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError, TypeError):
-        raise UserError(f"{path}: its weights do not fit this U-Net (saved with other channel widths "
-                        f"or another architecture)") from None
-    return model.to(device).eval()
-
-
-RUN_OUTPUTS = ("model.pth", "last.pth", "metrics.json", "test_per_image.csv", "split.json", "config.json")
-# What --resume may change; the rest of a resumed run's settings come from its checkpoint.
-RESUMABLE_FIELDS = ("device", "workers", "eval_batch_size", "compile", "compile_mode", "data_dir", "panel_images",
-                    "test_samples", "epochs")
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Temporary files of writes a crash (kill -9) cut short: never read, safe to delete once the
-    folder is ours."""
-    for path in folder.rglob(".*.tmp"):
-        with contextlib.suppress(OSError):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def lock_file(path: Path):
-    """An open file holding an exclusive lock on `path`, or UserError naming the owner. The lock is
-    taken on the file that `path` names once it is held (a finished run may delete it meanwhile)."""
-    while True:
-        handle = open(path, "a+")
-        try:
-            import fcntl
-        except ImportError:
-            return handle
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            handle.close()
-            raise UserError(f"{path.parent} is in use by another run ({owner}); wait for it to end, or choose "
-                            f"another output folder") from None
-        with contextlib.suppress(OSError):
-            if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
-                return handle
-        handle.close()  # locked a file that was deleted meanwhile: take the new one
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path):
-    """Own `folder` while writing into it: a second run into the same folder is refused. The
-    operating system drops the lock when its process ends, by kill -9 too, so a crashed run leaves
-    nothing stuck. (No such lock on Windows, which lacks fcntl.)"""
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = lock_file(folder / ".lock")
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
-        remove_stale_temporaries(folder)
-        yield
-    finally:
-        if created and [p.name for p in folder.iterdir()] == [".lock"]:  # a run that wrote nothing leaves nothing
-            with contextlib.suppress(OSError):
-                (folder / ".lock").unlink()
-                folder.rmdir()
-        handle.close()
-
-
-def check_out_dir(cfg: Config) -> Path:
-    """A new run never silently replaces an earlier run's model: it stops, before anything is read or
-    deleted, unless --resume or --overwrite is given. Every state a crash can leave has a way on."""
-    out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out-dir {out} is a file, not a folder; choose another --out-dir")
-    data = Path(cfg.data_dir).resolve() if cfg.data_dir and not cfg.demo else None
-    if data and (out.resolve() == data or data in out.resolve().parents):
-        raise UserError(f"--out-dir {out} is inside the data folder {cfg.data_dir}: a run never writes into its data "
-                        f"(and its runs.csv would land there too). Choose an --out-dir outside it")
-    has_model, has_last = (out / "model.pth").exists(), (out / "last.pth").exists()
-    if cfg.resume or cfg.overwrite or not (has_model or has_last):
-        return out
-    if has_last and (out / "metrics.json").exists():
-        raise UserError(f"{out} holds a finished run (metrics.json). Train it further with --resume --epochs N (N "
-                        f"above its epochs), pick another --out-dir, or replace it with --overwrite")
-    if has_last:
-        raise UserError(f"{out} already holds the outputs of an earlier run (last.pth). Continue it with "
-                        f"--resume, pick another --out-dir, or replace it with --overwrite")
-    raise UserError(f"{out} holds the model.pth of an earlier run but no last.pth (it stopped before its first "
-                    f"resumable state was written), so --resume cannot continue it. Keep it and pick another "
-                    f"--out-dir, or replace it with --overwrite")
-
-
-def check_writable(out: Path) -> None:
-    """Every folder a run writes into takes a file, before --overwrite deletes anything."""
-    for folder in (out, out / "visualizations", out / "visualizations" / "epochs"):
-        if folder.is_dir():
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-", suffix=".tmp"):
-                pass
-
-
-def clear_previous_outputs(out: Path) -> None:
-    """--overwrite: delete the earlier run's outputs, once everything that can be checked was."""
-    for name in RUN_OUTPUTS:
-        with contextlib.suppress(FileNotFoundError):
-            (out / name).unlink()
-    shutil.rmtree(out / "visualizations", ignore_errors=True)
-
-
-def resume_config(cfg: Config, explicit: frozenset, state: dict, path: Path) -> Config:
-    """The checkpoint's configuration, with the few fields --resume may change that the user typed."""
-    saved = saved_config(state["config"])
-    ignored = sorted(explicit - set(RESUMABLE_FIELDS) - {"resume", "out_dir", "overwrite", "folds", "fold"})
-    if ignored:
-        warn(f"resuming with the checkpoint's settings: {', '.join('--' + k.replace('_', '-') for k in ignored)} "
-             f"ignored (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_FIELDS)} can change)")
-    keep = {k: getattr(cfg, k) for k in explicit if k in RESUMABLE_FIELDS}
-    if "epochs" in keep and keep["epochs"] != saved.epochs and saved.schedule == "onecycle":
-        warn(f"--epochs {keep['epochs']} (was {saved.epochs}): the one-cycle schedule is stretched to the new length, "
-             f"so the learning rate jumps to where that schedule is at this epoch")
-    # The run continues in the folder of the checkpoint it resumes.
-    return dataclasses.replace(saved, **keep, resume=str(path), out_dir=str(path.parent))
-
-
-# -----------------------------------------------------------------------------
-# Evaluation
-
-
-@torch.no_grad()
-def logits_in_batches(model, images_u8: torch.Tensor, batch_size: int, machine: Machine):
-    """Eval-mode logits of uint8 images, one batch at a time: yields (first index, logits)."""
-    model.eval()
-    for start in range(0, len(images_u8), batch_size):
-        x = to_input(images_u8[start:start + batch_size], machine.device, machine.channels_last)
-        with torch.autocast(machine.device.type, dtype=machine.dtype or torch.float32, enabled=machine.dtype is not None):
-            yield start, model(x)
-
-
-def predict_probabilities(model, images_u8: torch.Tensor, batch_size: int, machine: Machine, flip: bool = False):
-    """Sigmoid probabilities (N,1,S,S) float32 for uint8 images, in eval mode, in large batches;
-    with `flip`, the mean of the image's and its left-right mirror's (test-time augmentation)."""
-    probs = torch.cat([torch.sigmoid(logits.float()) for _, logits in
-                       logits_in_batches(model, images_u8, batch_size, machine)])
-    if flip:
-        mirrored = predict_probabilities(model, images_u8.flip(-1), batch_size, machine)
-        probs = (probs + mirrored.flip(-1)) / 2
-    return probs
-
-
-def evaluate(model, machine: Machine, images, masks, indices, cfg: Config, threshold: float) -> dict:
-    """Loss and the EPOCH_METRICS of one split part, each the mean over its images (summed over
-    the processes under torchrun)."""
-    mine = indices[machine.rank::machine.world].to(machine.device)
-    targets = masks[mine]
-    sums = dict.fromkeys(("loss", *EPOCH_METRICS), 0.0)
-    for start, logits in logits_in_batches(model, images[mine], cfg.eval_batch_size, machine):
-        y = targets[start:start + len(logits)]
-        sums["loss"] += float(compute_loss(logits, y, cfg)) * len(y)
-        scores = scores_from_counts(confusion_counts(torch.sigmoid(logits.float()) > threshold, y).cpu())
-        for name in EPOCH_METRICS:
-            sums[name] += scores[name].sum()
-    totals = torch.tensor([*sums.values(), len(mine)], dtype=torch.float64, device=machine.device)
-    if machine.world > 1:
-        import torch.distributed as dist
-        dist.all_reduce(totals)
-    n = max(float(totals[-1]), 1.0)
-    return {name: float(total) / n for name, total in zip(sums, totals)}
-
-
-def tune_threshold(model, machine: Machine, images, masks, val_idx, cfg: Config) -> float:
-    """The threshold of the grid threshold_min..threshold_max with the best validation Dice."""
-    probs = predict_probabilities(model, images[val_idx.to(machine.device)], cfg.eval_batch_size, machine,
-                                  flip=cfg.tta)
-    target = masks[val_idx.to(machine.device)]
-    candidates = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + cfg.threshold_step / 2, cfg.threshold_step), 4)
-    dice = [scores_from_counts(confusion_counts(probs > t, target).cpu())["dice"].mean() for t in candidates]
-    return float(candidates[int(np.argmax(dice))])
-
-
-def summarize(scores: dict[str, np.ndarray], counts: np.ndarray) -> dict:
-    """Means over images of every metric; HD95 over the images where it is defined (None if none)."""
-    hd = scores["hd95"][np.isfinite(scores["hd95"])]
-    c = counts.sum(0)
-    return {"images": int(len(counts)),
-            **{k: float(scores[k].mean()) for k in METRICS},
-            "hd95": float(hd.mean()) if len(hd) else None,
-            "hd95_images": int(len(hd)),
-            "pooled_dice": float(2 * c[0] / max(2 * c[0] + c[1] + c[2], 1))}
-
-
-# -----------------------------------------------------------------------------
-# Plots
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # no screen needed: servers and CI
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_curves(path: Path, history: dict) -> None:
-    plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(history["epoch"], history["train_loss"], "o-", label="training loss")
-    ax1.plot(history["epoch"], history["val_loss"], "o-", label="validation loss")
-    ax1.set(xlabel="epoch", ylabel="loss", title="Loss")
-    ax1.legend()
-    for name in EPOCH_METRICS:
-        ax2.plot(history["epoch"], history[f"val_{name}"], "o-", label=f"validation {name}")
-    ax2.set(xlabel="epoch", ylabel="score", title="Validation " + ", ".join(EPOCH_METRICS), ylim=(0, 1))
-    ax2.legend()
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    save_figure(path, fig)
-    plt.close(fig)
-
-
-def save_epoch_panel(path, model, machine: Machine, images_u8, masks_u8, cfg, title) -> None:
-    """One row per validation image: Original | Ground truth | Prediction, written with OpenCV
-    because it costs milliseconds, which matters once an epoch takes seconds on a GPU."""
-    probs = predict_probabilities(model, images_u8, cfg.eval_batch_size, machine)
-    model.train()
-    scale = max(1, 256 // cfg.image_size)
-    rows = []
-    for img, gt, p in zip(images_u8.cpu().numpy()[:, 0], masks_u8.cpu().numpy()[:, 0], probs.cpu().numpy()[:, 0]):
-        tiles = [cv2.resize(t, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-                 for t in (img, gt * 255, (p > cfg.threshold).astype(np.uint8) * 255)]
-        gap = np.full((tiles[0].shape[0], 4), 96, np.uint8)  # gray lines keep the black tiles apart
-        rows.append(np.hstack([tiles[0], gap, tiles[1], gap, tiles[2]]))
-        rows.append(np.full((4, rows[-1].shape[1]), 96, np.uint8))
-    panel = np.vstack(rows[:-1])
-    header = np.zeros((28, panel.shape[1]), np.uint8)
-    cv2.putText(header, title + "   (original | ground truth | prediction)", (6, 19), cv2.FONT_HERSHEY_SIMPLEX,
-                0.5, 255, 1, cv2.LINE_AA)
-    save_png(path, np.vstack([header, panel]))
-
-
-def plot_samples(path, images, targets, preds, dice, names, which, title) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(which), 3, figsize=(8, 2.7 * len(which)), squeeze=False)
-    for row, i in zip(axes, which):
-        for ax, picture, label in zip(row, (images[i], targets[i], preds[i]), ("Original", "Ground truth", "Prediction")):
-            ax.imshow(picture, cmap="gray", vmin=0, vmax=255 if picture.dtype == np.uint8 and picture.max() > 1 else 1)
-            ax.set_title(f"{label}: {names[i]}" if label == "Original" else
-                         f"{label}, Dice {dice[i]:.3f}" if label == "Prediction" else label, fontsize=9)
-            ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title
-    save_figure(path, fig)
-    plt.close(fig)
-
-
-def plot_dice_histogram(path, dice: np.ndarray, mean: float) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(dice, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
-    ax.axvline(mean, color="tab:red", label=f"mean {mean:.3f}")
-    ax.set(xlabel="Dice per test image", ylabel="images", title="Test Dice per image")
-    ax.legend()
-    save_figure(path, fig)
-    plt.close(fig)
-
-
-def plot_test_results(vis: Path, images_np, target_np, pred_np, dice: np.ndarray, names: list[str], cfg: Config):
-    """Random test images, the worst ones, and the Dice histogram."""
-    rng = np.random.default_rng(cfg.seed)
-    sample = rng.choice(len(names), size=min(cfg.test_samples, len(names)), replace=False)
-    worst = np.argsort(dice, kind="stable")[:min(cfg.test_samples, len(names))]
-    if len(sample):
-        plot_samples(vis / "test_samples.png", images_np, target_np, pred_np, dice, names, sample,
-                     f"{len(sample)} random test images")
-        plot_samples(vis / "worst_predictions.png", images_np, target_np, pred_np, dice, names, worst,
-                     f"the {len(worst)} test images with the lowest Dice")
-    plot_dice_histogram(vis / "test_dice_histogram.png", dice, float(dice.mean()))
-
-
-# -----------------------------------------------------------------------------
-# The runs table: one row per finished run, for comparing runs
-
-
-# Settings that do not change what a run learns: left out of "what differs".
-NOT_COMPARED = ("out_dir", "resume", "overwrite", "workers", "eval_batch_size", "panel_images", "test_samples",
-                "device", "fold")
-
-
-def changed_fields(config: dict, reference: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in NOT_COMPARED and k in reference and reference[k] != v}
-
-
-def script_version() -> str:
-    """The git commit of the script's checkout, when it is one, and the file's own sha256."""
-    here = Path(__file__).resolve()
-    digest = hashlib.sha256(here.read_bytes()).hexdigest()[:12]
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here.parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        if commit:
-            return f"git {commit}, sha256 {digest}"
-    return f"sha256 {digest}"
-
-
-def split_fingerprint(test_names: list[str]) -> str:
-    """Runs tested on the same images share this; their Dice then compares image for image."""
-    return hashlib.sha256("\n".join(sorted(test_names)).encode()).hexdigest()[:12]
-
-
-def append_run_row(table: Path, row: dict) -> None:
-    """Add one row to a runs table, rewriting it whole (atomically) under a lock that concurrent
-    runs wait for, so that none of their rows is lost and the file is never half-written."""
-    try:
-        table.parent.mkdir(parents=True, exist_ok=True)
-        with open(table.parent / f".{table.name}.lock", "a") as lock:
-            with contextlib.suppress(ImportError):
-                import fcntl
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            rows = []
-            if table.is_file():
-                with open(table, newline="", encoding="utf-8") as f:
-                    reader = csv.DictReader(f)
-                    rows = list(reader)
-                if not {"when", "run", "test_dice"} <= set(reader.fieldnames or []):
-                    warn(f"{table} is not a runs table of this script: left as it is, and this run is not "
-                         f"recorded in it")
-                    return
-            save_csv(table, rows + [row])
-    except (OSError, UnicodeDecodeError, csv.Error) as e:  # the run itself is done: say so, do not fail it
-        warn(f"this run could not be added to {table} ({getattr(e, 'strerror', None) or e}); its results are in "
-             f"its own folder")
-
-
-def run_row_start(cfg: Config, out: Path) -> dict:
-    """The first columns of a runs.csv row: when, which folder, what differs from the defaults."""
-    changed = changed_fields(dataclasses.asdict(cfg), dataclasses.asdict(Config()))
-    return {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "run": str(out),
-            "changed": "; ".join(f"{k}={v}" for k, v in changed.items())}
-
-
-def record_run(run: Run, metrics: dict) -> None:
-    """One row in runs.csv beside the run's folder: what differs from the defaults, and the results."""
-    t, history = metrics["test"], run.history
-    row = {**run_row_start(run.cfg, run.out),
-           "best_epoch": metrics["best_epoch"], "best_val_dice": round(metrics["best_val_dice"], 5),
-           "test_dice": round(t["dice"], 5), "test_dice_ci95_low": round(t["dice_ci95"][0], 5),
-           "test_dice_ci95_high": round(t["dice_ci95"][1], 5),
-           "dice_by_tumor_type": "; ".join(f"{k}={v['dice']:.4f}" for k, v in metrics["by_tumor_type"].items()),
-           "test_split": metrics["test_split"],
-           "images_per_second": round(float(np.mean(history["images_per_second"])), 2) if history["epoch"] else "",
-           "seconds": round(metrics["total_seconds"], 1),
-           "device": torch.cuda.get_device_name(run.machine.device) if run.machine.device.type == "cuda" else "cpu",
-           "script": script_version()}
-    append_run_row(run.out.resolve().parent / "runs.csv", row)
-
-
-# -----------------------------------------------------------------------------
-# The run: checks, set-up, one epoch at a time, validation and checkpoints, the test
-
-
-NO_BEST = {"epoch": 0, "val_dice": -1.0}  # before the first epoch: any validation Dice is better
-HISTORY_KEYS = ("epoch", "train_loss", "val_loss", *(f"val_{m}" for m in EPOCH_METRICS), "lr", "epoch_seconds",
-                "images_per_second")
-
-
-@dataclass
-class Run:
-    """Everything a training run carries from step to step: set up once by `set_up_run`, then
-    advanced by `train_one_epoch` and `end_epoch`. `epoch` and `step` say where training resumes."""
-    cfg: Config
-    out: Path
-    machine: Machine
-    names: list[str]
-    images: torch.Tensor  # uint8 (N,1,S,S) on the training device
-    masks: torch.Tensor
-    split: dict
-    idx: dict[str, torch.Tensor]
-    model: nn.Module  # the raw model: checkpoints and evaluation
-    train_model: nn.Module  # what the training steps call: compiled and/or DistributedDataParallel
-    eager_model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    compile_unproven: bool
-    history: dict = field(default_factory=lambda: {k: [] for k in HISTORY_KEYS})
-    best: dict = field(default_factory=lambda: dict(NO_BEST))
-    epoch: int = 0
-    step: int = 0
-    loss_sum: float = 0.0  # the training loss summed over the steps of this epoch done so far
-
-    @property
-    def main(self) -> bool:
-        return self.machine.rank == 0
-
-
-def evaluate_test(model, run: Run, threshold: float) -> dict:
-    """Per-image and pooled scores of every metric and HD95 on the test part, a 95% bootstrap
-    interval over patients, a per-image CSV and the test plots."""
-    cfg, test_idx = run.cfg, run.idx["test"]
-    idx = test_idx.to(run.machine.device)
-    probs = predict_probabilities(model, run.images[idx], cfg.eval_batch_size, run.machine, flip=cfg.tta)
-    pred = (probs > threshold)
-    target = run.masks[idx].bool()
-    counts = confusion_counts(pred, target).cpu().numpy()
-    scores = scores_from_counts(counts)
-    pred_np, target_np = pred.cpu().numpy()[:, 0], target.cpu().numpy()[:, 0]
-    scores["hd95"] = np.array([hd95(p, t) for p, t in zip(pred_np, target_np)])
-    test_names = [run.names[i] for i in test_idx.tolist()]
-    groups = [run.split["groups"].get(n, n) for n in test_names]
-    types = np.array([run.split.get("tumor_types", {}).get(n, "") for n in test_names])
-    summary = summarize(scores, counts)
-    summary["patients"] = len(set(groups))
-    summary["dice_ci95"] = list(bootstrap_interval(scores["dice"], groups, seed=cfg.seed))
-    by_type = {t: summarize({k: v[types == t] for k, v in scores.items()}, counts[types == t])
-               for t in sorted(set(types)) if t}
-    rows = [{"image": n, "patient": g, "tumor_type": t, "gt_pixels": int(c[0] + c[2]), "pred_pixels": int(c[0] + c[1]),
-             **{k: round(float(scores[k][i]), 5) for k in (*METRICS, "hd95")}}
-            for i, (n, g, t, c) in enumerate(zip(test_names, groups, types, counts))]
-    save_csv(run.out / "test_per_image.csv", rows)
-    plot_test_results(run.out / "visualizations", run.images[idx].cpu().numpy()[:, 0], target_np, pred_np,
-                      scores["dice"], test_names, cfg)
-    metrics = {"test": summary, "by_tumor_type": by_type, "threshold": threshold, "tta": cfg.tta,
-               "split": run.split["how"],
-               "empty_masks": "an empty ground truth with an empty prediction scores 1 on every metric; "
-                              "otherwise a zero denominator scores 0; HD95 is averaged over images where both "
-                              "masks are non-empty, and is null when there is no such image",
-               "hd95_unit": f"pixels at {cfg.image_size}x{cfg.image_size}"}
-    if not target_np.any():
-        metrics["warning"] = (f"the {len(test_names)} test images hold no tumour pixel at all: the Dice only says "
-                              f"whether anything was predicted, not how well tumours are outlined")
-        warn("THE TEST SET HOLDS NO TUMOUR PIXEL: " + metrics["warning"])
-    return metrics
-
-
-def check_best_model(state: dict, path: Path, epochs: int) -> None:
-    """A resumed run needs the model.pth its state says was saved: if a crash or a user removed or
-    damaged it, the best model is chosen anew from the epochs still to run."""
-    best_path = path.parent / "model.pth"
-    if state["best"]["epoch"] < 1:
-        return
-    try:
-        load_checkpoint(best_path)
-        return
-    except UserError:
-        problem = f"{best_path} is missing or damaged"
-    if state["epoch"] >= epochs:
-        raise UserError(f"{problem}, and its run has no epoch left to choose a best model from: train on with "
-                        f"--resume --epochs {state['epoch'] + 1} or more, start anew with --overwrite (without "
-                        f"--resume), or pick another --out-dir")
-    warn(f"{problem}: the best model is chosen anew from the epochs still to run")
-    state["best"] = dict(NO_BEST)
-
-
-def resumed_state(cfg: Config, explicit: frozenset) -> tuple[Config, dict | None]:
-    """With --resume: the checkpoint to continue and its configuration; else (cfg, None). Each
-    state a crash can leave is either continued or answered with the way forward."""
-    if not cfg.resume:
-        return cfg, None
-    path = Path(cfg.out_dir) / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
-    if path.is_dir():
-        path = path / "last.pth"
-    anew = f"start anew there with --overwrite (without --resume), or pick another --out-dir"
-    if not path.exists():
-        hint = (f"; {path.parent} holds only model.pth, which cannot be continued: {anew}"
-                if (path.parent / "model.pth").exists() else "; start a new run without --resume")
-        raise UserError(f"{path}: no resumable state (last.pth) to continue" + hint)
-    try:
-        state = load_checkpoint(path)
-    except UserError as e:
-        if "format version" in str(e):
-            raise
-        raise UserError(f"{e}. It cannot be continued: {anew}") from None
-    if state.get("optimizer") is None or "epoch_loss_sum" not in state:
-        last = path.parent / "last.pth"
-        raise UserError(f"{path}: a best-model file, not a resumable state; " + (
-            f"resume from {last}" if last.is_file() else f"{path.parent} has no last.pth: {anew}"))
-    resumable = {"optimizer": dict, "epoch_loss_sum": (int, float), "best": dict, "world": int}
-    wrong = [k for k, kind in resumable.items() if not isinstance(state.get(k, 1), kind)]
-    wrong += [k for k in ("train", "val", "test") if not isinstance(state["split"].get(k), list)]
-    wrong += [k for k, v in state["history"].items() if not isinstance(v, list)]
-    if not wrong and not (isinstance(state["best"].get("epoch"), int) and
-                          isinstance(state["best"].get("val_dice"), (int, float))):
-        wrong.append("best")
-    if wrong:
-        raise UserError(f"{path}: damaged checkpoint ({', '.join(wrong)}); it cannot be continued: {anew}")
-    cfg = resume_config(cfg, explicit, state, path)
-    check_best_model(state, path, cfg.epochs)
-    log(f"resuming {path} at epoch {state['epoch'] + 1}, step {state['step']}")
-    return cfg, state
-
-
-def load_data_and_split(cfg: Config, machine: Machine, resume: dict | None) -> tuple[dict, dict, dict]:
-    """The dataset decoded once, and its split (the checkpoint's when resuming)."""
-    if machine.rank == 0:  # one process downloads or generates; the others wait, then read
-        data_dir = resolve_data_dir(cfg)
-    if machine.world > 1:
-        torch.distributed.barrier()
-    if machine.rank != 0:
-        data_dir = resolve_data_dir(cfg)
-    t0 = time.time()
-    data = load_dataset(data_dir, cfg.image_size, cfg.limit, cfg.workers)
-    split = resume["split"] if resume else make_split(cfg, data)
-    idx = split_indices(split, data["names"])
-    log(f"data: {len(data['names'])} pairs from {data_dir} at {cfg.image_size}x{cfg.image_size}, decoded in "
-        f"{time.time() - t0:.1f} s; {split['how']}")
-    unit = group_unit(split)
-    log(f"split: train {len(idx['train'])} images ({len(split['train_patients'])} {unit}), val "
-        f"{len(idx['val'])} ({len(split['val_patients'])}), test {len(idx['test'])} ({len(split['test_patients'])})")
-    check_batch_fits(cfg, len(idx["train"]) // machine.world)
-    return data, split, idx
-
-
-def set_up_run(cfg: Config, machine: Machine, resume: dict | None) -> Run:
-    """Data and split, the earlier outputs replaced (--overwrite: only now, once everything
-    above was checked), the model, optimizer and precision, and the resumed state."""
-    out = Path(cfg.out_dir)
-    data, split, idx = load_data_and_split(cfg, machine, resume)
-    if machine.rank == 0:
-        check_writable(out)
-        if cfg.overwrite and not cfg.resume:
-            clear_previous_outputs(out)
-        save_json(out / "config.json", dataclasses.asdict(cfg))
-        save_json(out / "split.json", split)
-    choose_precision(cfg, machine, resume)
-    torch.manual_seed(cfg.seed)
-    model = UNet(width=cfg.base_width).to(machine.device)
-    if machine.rank == 0:
-        print_model_summary(model, cfg, machine.device)
-    if machine.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg, machine.device)
-    scaler = torch.amp.GradScaler(machine.device.type, enabled=machine.dtype == torch.float16)
-    eager_model = model
-    if machine.world > 1:
-        device_ids = [machine.device.index] if machine.device.type == "cuda" else None
-        eager_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    compiled = use_compile(cfg, machine.device)
-    log(f"precision: {machine.dtype or torch.float32}, channels-last: {machine.channels_last}, "
-        f"compiled: {cfg.compile_mode if compiled else False}")
-    run = Run(cfg, out, machine, data["names"], data["images"].to(machine.device), data["masks"].to(machine.device),
-              split, idx, model, torch.compile(eager_model, mode=cfg.compile_mode) if compiled else eager_model,
-              eager_model, optimizer, scaler,
-              # A missing compiler or an unsupported GPU shows at the first compiled step, which is then
-              # redone without compiling. Under DDP a retry by one rank alone would hang the others.
-              compile_unproven=compiled and machine.world == 1)
-    if resume:
-        try:
-            model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-            if resume.get("scaler"):
-                scaler.load_state_dict(resume["scaler"])
-        except (RuntimeError, KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{cfg.resume}: its saved weights or optimizer state do not fit this model "
-                            f"({type(e).__name__}); it cannot be continued: start anew with --overwrite "
-                            f"(without --resume), or pick another --out-dir") from None
-        run.history, run.best = resume["history"], resume["best"]
-        run.epoch, run.step, run.loss_sum = resume["epoch"], resume["step"], resume["epoch_loss_sum"]
-    return run
-
-
-def training_step(run: Run, batch: torch.Tensor, global_step: int, total_steps: int) -> torch.Tensor:
-    """One optimizer step on a batch of training indices; returns its loss, still on the device."""
-    cfg, m = run.cfg, run.machine
-    for group in run.optimizer.param_groups:
-        group["lr"] = learning_rate(cfg, global_step, total_steps)
-    x = to_input(run.images[batch], m.device, m.channels_last)
-    y = run.masks[batch].float()
-    if cfg.augment:
-        g = torch.Generator(device=m.device).manual_seed((cfg.seed * 7919 + global_step) * m.world + m.rank)
-        x, y = augment_batch(x, y, g, cfg)
-    if run.compile_unproven:
-        run.compile_unproven = False
-        loss, run.train_model = first_compiled_step(run.train_model, run.eager_model, run.model, run.optimizer,
-                                                    run.scaler, x, y, cfg, m.dtype)
-        return loss
-    return forward_backward(run.train_model, run.optimizer, run.scaler, x, y, cfg, m.dtype)
-
-
-def train_one_epoch(run: Run, stop: StopFlag) -> tuple[torch.Tensor, int, bool]:
-    """The steps of epoch `run.epoch` from `run.step` on. Returns the per-step losses, the images
-    seen, and whether a stop signal came (run.step is then where it stopped)."""
-    cfg, m = run.cfg, run.machine
-    n_train = len(run.idx["train"])
-    order = batch_order(n_train, cfg.batch_size, cfg.seed, run.epoch, m.rank, m.world)
-    total_steps = cfg.epochs * len(order)
-    train_idx = run.idx["train"].to(m.device)
-    if run.step > len(order):
-        raise UserError(f"{run.cfg.resume}: the resumed state is at step {run.step} of an epoch of {len(order)} "
-                        f"steps: damaged, or saved with other data or batch size; start anew with --overwrite")
-    step_losses = torch.zeros(len(order), device=m.device)
-    run.model.train()
-    first, seen = run.step, 0
-    bar = tqdm(total=len(order) * order.shape[1] * m.world, initial=first * order.shape[1] * m.world,
-               desc=f"epoch {run.epoch + 1}/{cfg.epochs}", unit="img", dynamic_ncols=True, leave=False,
-               mininterval=1, disable=not run.main)
-    stopped = False
-    for step in range(first, len(order)):
-        step_losses[step] = training_step(run, train_idx[order[step].to(m.device)], run.epoch * len(order) + step,
-                                          total_steps)
-        last = step == len(order) - 1
-        # Reading the loss waits for the device: on a GPU only every nan_check_every steps (on a CPU
-        # every step, so that bad numbers never reach the weights).
-        if m.device.type == "cpu" or step % cfg.nan_check_every == 0 or last:
-            check_finite(step_losses, first, step, run.epoch, run.out, m.world)
-            bar.set_postfix(loss=f"{float(step_losses[step]):.4f}", refresh=False)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        seen += order.shape[1] * m.world
-        bar.update(order.shape[1] * m.world)
-        run.step = step + 1
-        if (m.world == 1 or step % 20 == 0 or last) and stop_requested(stop, m.world, m.device):
-            stopped = True
-            break
-    bar.close()
-    check_finite(step_losses, first, run.step - 1, run.epoch, run.out, m.world)
-    run.loss_sum += float(step_losses[first:run.step].sum())
-    return step_losses, seen, stopped
-
-
-def save_last(run: Run) -> None:
-    """last.pth: the state --resume continues from (rank 0 only)."""
-    if run.main:
-        save_checkpoint(run.out / "last.pth", checkpoint_state(
-            run.model, run.optimizer, run.scaler, run.cfg, run.split, run.history, run.epoch, run.step,
-            {"epoch_loss_sum": run.loss_sum, "best": run.best, "world": run.machine.world,
-             "precision": str(run.machine.dtype or torch.float32).removeprefix("torch.")}))
-
-
-def end_epoch(run: Run, steps: int, seen: int, seconds: float) -> None:
-    """Validate, record the history, keep the best model.pth, write last.pth and the plots."""
-    cfg = run.cfg
-    if run.machine.world > 1:  # each process's batch-norm statistics saw its own last batches: take rank 0's
-        for buffer in run.model.buffers():
-            torch.distributed.broadcast(buffer, 0)
-    val = evaluate(run.model, run.machine, run.images, run.masks, run.idx["val"], cfg, cfg.threshold)
-    record = {"epoch": run.epoch + 1, "train_loss": run.loss_sum / steps, "val_loss": val["loss"],
-              **{f"val_{m}": val[m] for m in EPOCH_METRICS}, "lr": run.optimizer.param_groups[0]["lr"],
-              "epoch_seconds": seconds, "images_per_second": seen / seconds}
-    for key in HISTORY_KEYS:
-        run.history.setdefault(key, []).append(record[key])
-    improved = val["dice"] > run.best["val_dice"]
-    if improved:
-        run.best = {"epoch": run.epoch + 1, "val_loss": val["loss"], **{f"val_{m}": val[m] for m in EPOCH_METRICS}}
-    log(f"epoch {run.epoch + 1:3d}/{cfg.epochs}  train loss {record['train_loss']:.4f} | val loss {val['loss']:.4f} "
-        + " ".join(f"{m} {val[m]:.4f}" for m in EPOCH_METRICS) + f" | {seconds:.1f} s, {seen / seconds:.1f} img/s"
-        + ("  * best, saved" if improved else ""))
-    run.epoch, run.step, run.loss_sum = run.epoch + 1, 0, 0.0
-    if not run.main:
-        return
-    if improved:
-        save_checkpoint(run.out / "model.pth", checkpoint_state(
-            run.model, None, None, cfg, run.split, run.history, run.epoch, 0, {"best": run.best}))
-    save_last(run)
-    panel = run.idx["val"][torch.randperm(len(run.idx["val"]), generator=torch.Generator().manual_seed(cfg.seed))
-                           [:cfg.panel_images]].to(run.machine.device)
-    if len(panel):
-        save_epoch_panel(run.out / "visualizations" / "epochs" / f"epoch_{run.epoch:03d}.png", run.model,
-                         run.machine, run.images[panel], run.masks[panel], cfg,
-                         f"epoch {run.epoch}: val Dice {val['dice']:.3f}")
-    plot_curves(run.out / "visualizations" / "loss_curves.png", run.history)
-
-
-def finish_run(run: Run, t_start: float) -> dict:
-    """The best epoch's weights: the threshold chosen on validation, then one evaluation on the test part."""
-    cfg, out = run.cfg, run.out
-    state = load_checkpoint(out / "model.pth")
-    best_model = model_from_checkpoint(state, out / "model.pth", run.machine.device)
-    threshold = cfg.threshold
-    if cfg.tune_threshold:
-        threshold = tune_threshold(best_model, run.machine, run.images, run.masks, run.idx["val"], cfg)
-        state["threshold"] = threshold
-        save_checkpoint(out / "model.pth", state)
-        log(f"threshold chosen on validation: {threshold:.2f}")
-    metrics = evaluate_test(best_model, run, threshold)
-    # From model.pth itself: after a crash between its write and last.pth's, `best` would be older.
-    metrics.update(best_epoch=state["best"]["epoch"], best_val_dice=state["best"]["val_dice"],
-                   total_seconds=time.time() - t_start, history=run.history,
-                   test_split=split_fingerprint(run.split["test"]))
-    save_json(out / "metrics.json", metrics)
-    record_run(run, metrics)
-    t = metrics["test"]
-    unit = group_unit(run.split)
-    log(f"test ({t['images']} images, {t['patients']} {unit}): Dice {t['dice']:.4f} [95% CI {t['dice_ci95'][0]:.4f}-"
-        f"{t['dice_ci95'][1]:.4f}], " + ", ".join(f"{name} {t[name]:.4f}" for name in METRICS if name != "dice")
-        + (f", HD95 {t['hd95']:.1f} px" if t["hd95"] is not None else ", HD95 undefined (no image where both "
-                                                                         "masks have tumour)"))
-    log(f"outputs in {out}/: model.pth, last.pth, metrics.json, test_per_image.csv, split.json, config.json, "
-        f"visualizations/  ({time.time() - t_start:.1f} s in all)")
-    return metrics
-
-
-def interrupted(run: Run, stop: StopFlag) -> Interrupted:
-    launcher = f"torchrun --nproc_per_node={run.machine.world}" if run.machine.world > 1 else "python"
-    in_cross_validation = run.cfg.folds and run.out.name == f"fold_{run.cfg.fold + 1}"
-    folder = run.out.parent if in_cross_validation else run.out
-    return Interrupted(f"stopped at epoch {run.epoch + 1}, step {run.step}; {run.out / 'last.pth'} holds the run. "
-                       f"Continue it with:\n  {launcher} {Path(sys.argv[0]).name} --resume --out-dir {folder}"
-                       + (f" --folds {run.cfg.folds}" if in_cross_validation else ""),
-                       code=130 if stop.signal == signal.SIGINT else 143)
-
-
-def train(cfg: Config, explicit: frozenset = frozenset()) -> dict:
-    """The whole pipeline: data, split, training with validation, test evaluation, plots.
-    `explicit` names the fields typed on the command line. Returns the test metrics."""
-    t_start = time.time()
-    cfg, resume = resumed_state(cfg, explicit)
-    check_config(cfg)
-    out = check_out_dir(cfg)
-    machine = set_up_machine(cfg)
-    if resume and resume["step"] and resume.get("world", 1) != machine.world:
-        raise UserError(f"{cfg.resume} stopped in the middle of an epoch with {resume.get('world', 1)} "
-                        f"processes; resume it with that many (the batches of an epoch depend on it)")
-    with folder_lock(out) if machine.rank == 0 else contextlib.nullcontext():
-        run = set_up_run(cfg, machine, resume)
-        with StopFlag() as stop:
-            while run.epoch < cfg.epochs:
-                t_epoch = time.time()
-                step_losses, seen, stop_asked = train_one_epoch(run, stop)
-                if run.step < len(step_losses):  # stopped within the epoch
-                    save_last(run)
-                else:
-                    end_epoch(run, len(step_losses), seen, time.time() - t_epoch)  # writes last.pth too
-                if stop_asked and run.epoch < cfg.epochs:
-                    sys.stdout.flush()
-                    raise interrupted(run, stop)
-        metrics = finish_run(run, t_start) if run.main else {}  # the test evaluation runs on rank 0 alone
-        if machine.world > 1:  # leave together: a process that exits early can abort the others' shutdown
-            torch.distributed.barrier()
-        return metrics
-
-
-def cross_validate(cfg: Config, explicit: frozenset = frozenset()) -> dict:
-    """One model per fold in OUT_DIR/fold_N, then the mean and spread of the test Dice. With
-    --resume, finished folds are kept, an interrupted one continues, and folds not yet begun
-    take the settings of the first fold. Each fold's own run replaces its earlier outputs
-    (--overwrite) only once it has checked everything."""
-    out, results = Path(cfg.out_dir), []
-    for k in range(cfg.folds):
-        fold_cfg = dataclasses.replace(cfg, fold=k, out_dir=str(out / f"fold_{k + 1}"))
-        fold_out = Path(fold_cfg.out_dir)
-        if cfg.resume and (fold_out / "metrics.json").is_file():
-            log(f"fold {k + 1}: done already, kept")
-            results.append(json.loads((fold_out / "metrics.json").read_text()))
+                        f"bottleneck is 1x1 and batch norm needs 2 values; use --batch-size 2 or more (and at least 2 "
+                        f"training images), or --image-size 32")
+
+
+def build_parser(kind, description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line of a settings dataclass: one option per field, with the field's help, type
+    and choices, and nothing filled in, so that the caller knows which fields were typed."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    hints = get_type_hints(kind)
+    for f in dataclasses.fields(kind):
+        rules, hint = f.metadata, hints[f.name]
+        if rules.get("positional"):
+            parser.add_argument(f.name, nargs="+", metavar=rules.get("metavar", f.name.upper()), help=rules["help"])
             continue
-        if cfg.resume and (fold_out / "last.pth").is_file():
-            fold_cfg = dataclasses.replace(fold_cfg, resume=str(fold_out / "last.pth"))
-        elif cfg.resume:
-            first = out / "fold_1" / "last.pth"
-            if first.is_file():
-                saved = resume_config(cfg, explicit, load_checkpoint(first), first)
-                fold_cfg = dataclasses.replace(saved, fold=k, out_dir=str(fold_out))
-            fold_cfg = dataclasses.replace(fold_cfg, resume="")
-        log(f"=== fold {k + 1} of {cfg.folds} ===")
-        results.append(train(fold_cfg, explicit))
-    if not is_main_process():
-        return {}
-    dice = np.array([r["test"]["dice"] for r in results])
-    summary = {"folds": cfg.folds, "test_dice_per_fold": dice.tolist(), "test_dice_mean": float(dice.mean()),
-               "test_dice_std": float(dice.std(ddof=1)),
-               "test_iou_mean": float(np.mean([r["test"]["iou"] for r in results])),
-               "test_images": int(sum(r["test"]["images"] for r in results))}
-    caveats = sorted({r["warning"] for r in results if r.get("warning")})
-    if caveats:
-        summary["warning"] = "; ".join(caveats)
-        warn(f"cross-validation: {summary['warning']}")
-    save_json(out / "cv_summary.json", summary)
-    spread = summary["test_dice_std"]
-    append_run_row(out.resolve().parent / "runs.csv", {
-        **run_row_start(cfg, out),
-        "test_dice": round(summary["test_dice_mean"], 5), "test_dice_sd_over_folds": round(spread, 5),
-        "folds": cfg.folds, "script": script_version()})
-    log(f"cross-validation over {cfg.folds} folds of patients: test Dice {summary['test_dice_mean']:.4f} "
-        f"+- {summary['test_dice_std']:.4f} (mean +- sd over folds); {out / 'cv_summary.json'}")
-    return summary
-
-
-# -----------------------------------------------------------------------------
-# Comparing runs: `compare`
-
-
-def load_finished_run(folder: Path) -> dict:
-    """A run folder, or a cross-validation folder (its folds as mean and spread), for `compare`."""
-    folder = Path(folder)
-    folds = sorted(folder.glob("fold_*/metrics.json"))
-    if (folder / "metrics.json").is_file():
-        parts = [folder]
-    elif folds:
-        parts = [f.parent for f in folds]
-    else:
-        raise UserError(f"{folder}: not a finished run (no metrics.json, nor fold_*/metrics.json of a "
-                        f"cross-validation)")
-    try:
-        metrics = [json.loads((p / "metrics.json").read_text()) for p in parts]
-        config = json.loads((parts[0] / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{folder}: its metrics.json or config.json cannot be read ({e})") from None
-    dice = np.array([m["test"]["dice"] for m in metrics])
-    if len(parts) == 1:
-        low, high = metrics[0]["test"]["dice_ci95"]
-    else:  # over folds: the mean and its spread (one standard deviation either side)
-        low, high = dice.mean() - dice.std(ddof=1), dice.mean() + dice.std(ddof=1)
-    epochs = min(len(m.get("history", {}).get("epoch", [])) for m in metrics)
-    curves = {k: np.mean([m["history"][k][:epochs] for m in metrics], axis=0) if epochs else np.array([])
-              for k in ("val_dice", "val_loss", "train_loss")}
-    return {"folder": folder, "config": config, "folds": len(parts) if folds and len(parts) > 1 else 0,
-            "dice": float(dice.mean()), "low": float(low), "high": float(high), "curves": curves,
-            "best_val_dice": float(np.mean([m["best_val_dice"] for m in metrics])),
-            "split": ",".join(m.get("test_split", "?") for m in metrics)}
-
-
-def run_labels(runs: list[dict]) -> list[str]:
-    """Each run named by the settings in which the runs differ (the folder when none differ)."""
-    keys = sorted({k for r in runs for o in runs for k in changed_fields(r["config"], o["config"])})
-    labels = [", ".join(f"{k}={r['config'].get(k)}" for k in keys) or r["folder"].name for r in runs]
-    return [f"{label} ({r['folder'].name})" if labels.count(label) > 1 else label for label, r in zip(labels, runs)]
-
-
-def plot_comparison(path: Path, runs: list[dict], labels: list[str]) -> None:
-    plt = _pyplot()
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
-    for i, (r, label) in enumerate(zip(runs, labels)):
-        epochs = np.arange(1, len(r["curves"]["val_dice"]) + 1)
-        line, = ax1.plot(epochs, r["curves"]["val_dice"], "o-", label=label)
-        ax2.plot(epochs, r["curves"]["val_loss"], "o-", color=line.get_color(), label=f"{label}: validation")
-        ax2.plot(epochs, r["curves"]["train_loss"], "--", color=line.get_color(), alpha=0.6)
-        ax3.errorbar([r["dice"]], [i], xerr=[[r["dice"] - r["low"]], [r["high"] - r["dice"]]], fmt="o", capsize=5,
-                     color=line.get_color())
-    ax1.set(xlabel="epoch", ylabel="Dice", title="Validation Dice")
-    ax2.set(xlabel="epoch", ylabel="loss", title="Validation loss (training loss dashed)")
-    ax3.set_yticks(np.arange(len(runs)), labels)
-    ax3.set(ylim=(len(runs) - 0.5, -0.5), xlabel="test Dice",
-            title="Test Dice: 95% interval over patients\n(cross-validation: mean +- sd over folds)")
-    for ax in (ax1, ax2, ax3):
-        ax.grid(alpha=0.3)
-    ax1.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(path, fig)
-    plt.close(fig)
-
-
-def compare_runs(folders: list[str], out: str) -> list[dict]:
-    """Overlay the curves and test Dice of finished runs, labelled by what differs between them; say
-    when intervals overlap and when runs were tested on different images."""
-    runs = [load_finished_run(Path(f)) for f in folders]
-    labels = run_labels(runs)
-    width = max(len(label) for label in labels)
-    log(f"{'run':{width}s}  best val Dice  test Dice  interval")
-    for r, label in zip(runs, labels):
-        spread = "mean +- sd over folds" if r["folds"] else "95% over patients"
-        log(f"{label:{width}s}  {r['best_val_dice']:13.4f}  {r['dice']:9.4f}  {r['low']:.4f}-{r['high']:.4f} ({spread})")
-    for i in range(len(runs)):
-        for j in range(i + 1, len(runs)):
-            a, b = runs[i], runs[j]
-            if a["low"] <= b["high"] and b["low"] <= a["high"]:
-                log(f"{labels[i]} vs {labels[j]}: the intervals overlap, so this test set cannot tell them apart")
-            if a["split"] != b["split"]:
-                log(f"{labels[i]} vs {labels[j]}: tested on different splits (other test images), so their Dice "
-                    f"is not comparable image for image")
-    plot_comparison(Path(out), runs, labels)
-    log(f"figure: {out}")
-    return runs
-
-
-def subcommand_parser(name: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"{Path(sys.argv[0]).name} {name}", description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-
-def compare_main(argv: list[str]) -> None:
-    parser = subcommand_parser("compare", "Did my change help? Overlay the validation curves and the test Dice of "
-                                          "finished runs (run folders, or cross-validation folders), labelled by the "
-                                          "settings that differ.")
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of finished runs (a glob works)")
-    parser.add_argument("--out", default="comparison.png", help="the figure to write")
-    args = parser.parse_args(argv)
-    folders = []
-    for pattern in args.runs:  # the shell expands globs; quoted ones (and Windows shells) are expanded here
-        if any(c in pattern for c in "*?["):
-            folders += [str(p) for p in sorted(Path().glob(pattern)) if p.is_dir() and not p.name.startswith(".")]
-        else:
-            folders.append(pattern)
-    if len(folders) < 2:
-        parser.error("give at least two run folders")
-    compare_runs(folders, args.out)
-
-
-
-# -----------------------------------------------------------------------------
-# Prediction: segment new scans with a trained model.pth
-
-
-def collect_inputs(inputs: list[str]) -> list[Path]:
-    """Image files named directly or found in the named folders (not recursive), one per name."""
-    files = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files += sorted(list_images(path).values(), key=lambda p: _sort_key(p.stem))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"{path}: no such file or folder")
-    unique: dict[str, Path] = {}
-    for f in files:
-        if f.stem in unique:
-            warn(f"{f}: same name as {unique[f.stem]}, and outputs are named after the file; skipped")
-        else:
-            unique[f.stem] = f
-    if not unique:
-        raise UserError(f"no images (PNG, JPEG, TIFF or BMP) in {', '.join(inputs)}")
-    return list(unique.values())
-
-
-def make_overlay(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The scan in gray with the tumour tinted red and outlined in yellow (BGR, uint8)."""
-    scan = cv2.cvtColor(np.clip(gray * 255 + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
-    tinted = scan.copy()
-    tinted[mask] = (0, 0, 255)
-    overlay = cv2.addWeighted(tinted, 0.35, scan, 0.65, 0)
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(overlay, contours, -1, (0, 255, 255), max(1, round(min(mask.shape) / 256)))
-    return overlay
-
-
-PREDICT_MARKER = ".written-by-predict"  # marks a folder predict made, whose outputs --overwrite may replace
-
-
-def check_predict_out(out: Path, inputs: list[str], files: list[Path], masks_dir: str, truth: dict, overwrite: bool):
-    """predict never writes into a folder it reads from, never replaces a file it did not write, and
-    replaces its own earlier outputs only with --overwrite. Checked before anything is written."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
-    read_folders = {Path(i).resolve(): f"the input folder {i}" for i in inputs if Path(i).is_dir()}
-    if masks_dir:
-        read_folders[Path(masks_dir).resolve()] = f"the --masks folder {masks_dir}"
-    file_folders = {f.resolve().parent: f"the folder of the input {f}" for f in files}
-    for sub in ("masks", "overlays"):  # a subfolder linked elsewhere would carry the writes out of --out
-        if (out / sub).exists() and (out / sub).resolve() != out.resolve() / sub:
-            raise UserError(f"--out {out}: {out / sub} is a link to {(out / sub).resolve()}; predict writes only "
-                            f"into real folders inside --out. Choose another --out")
-    for written in (out, out / "masks", out / "overlays"):
-        w = written.resolve()
-        for folder, what in [*read_folders.items(), *file_folders.items()]:
-            if w == folder or (folder in w.parents and folder in read_folders):
-                raise UserError(f"--out {out} would write into {written}, which is inside {what}: predict "
-                                f"reads from there and never writes into it, with or without --overwrite. Choose "
-                                f"an --out outside every input and --masks folder")
-        for folder, what in read_folders.items():
-            if w in folder.parents and written == out:
-                raise UserError(f"--out {out} holds {what}: predict never writes beside its inputs, with or "
-                                f"without --overwrite. Choose an --out outside it")
-    targets = [out / "predictions.csv"] + [out / sub / f"{f.stem}.png" for f in files for sub in ("masks", "overlays")]
-    read_files = {f.resolve() for f in files} | {m.resolve() for m in truth.values()}
-    for target in targets:
-        if target.resolve() in read_files:
-            raise UserError(f"--out {out} would replace {target}, an input of this prediction; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / PREDICT_MARKER).exists():
-        found = [p for p in sorted(out.rglob("*")) if p.name != ".lock"]
-        example = next((p for p in found if p.is_file()), found[0])
-        raise UserError(f"--out {out} already holds files that predict did not write (for example {example}); "
-                        f"predict writes only into a new or empty folder, or one it wrote before, so that no "
-                        f"input or ground truth is ever replaced. Choose another --out")
-    existing = [t for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise UserError(f"{out}: {len(existing)} outputs of an earlier prediction exist already (for example "
-                        f"{existing[0]}); pass --overwrite to replace them, or choose another --out")
-
-
-def score_against_truth(f: Path, pred: np.ndarray, truth: dict, masks_dir: str, size: int) -> dict:
-    """The METRICS of one prediction against its --masks file, at the model's resolution; {} if none."""
-    if f.stem not in truth:
-        if masks_dir:
-            warn(f"{f.name}: no mask named {f.stem}.* in {masks_dir}; no scores for it")
-        return {}
-    try:
-        mask = read_mask(truth[f.stem])
-    except ValueError as e:
-        warn(f"{e}; no scores for {f.name}")
-        return {}
-    target = preprocess_mask(mask, size)
-    vanished = vanished_tumour(truth[f.stem], mask, target)
-    if vanished:
-        warn(vanished)
-    scores = scores_from_counts(confusion_counts(torch.from_numpy(pred)[None], torch.from_numpy(target)[None]))
-    return {"true_tumor_pixels": int(target.sum()), **{name: round(float(value[0]), 5) for name, value in scores.items()}}
-
-
-def segment_batch(model, machine: Machine, files: list[Path], size: int, threshold: float, flip: bool, truth: dict,
-                  masks_dir: str, stage: Path, rows: list[dict]) -> None:
-    """One batch of files: the readable ones are segmented, written into `stage` and added to `rows`."""
-    batch = []
-    for f in files:
-        try:
-            batch.append((f, read_image(f)))
-        except ValueError as e:
-            warn(f"{e}; skipped")
-    if not batch:
-        return
-    x = torch.from_numpy(np.stack([preprocess_image(g, size) for _, g in batch])).unsqueeze(1)
-    probs = predict_probabilities(model, x, len(batch), machine, flip=flip).cpu().numpy()[:, 0]
-    for (f, gray), prob in zip(batch, probs):
-        full = cv2.resize(prob, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
-        mask = full > threshold
-        save_png(stage / "masks" / f"{f.stem}.png", mask.astype(np.uint8) * 255)
-        save_png(stage / "overlays" / f"{f.stem}.png", make_overlay(gray, mask))
-        row = {"image": str(f), "width": gray.shape[1], "height": gray.shape[0],
-               "tumor_pixels": int(mask.sum()), "tumor_fraction": round(float(mask.mean()), 6),
-               "mean_probability": round(float(full[mask].mean()) if mask.any() else 0.0, 4)}
-        row.update(score_against_truth(f, prob > threshold, truth, masks_dir, size))
-        rows.append(row)
-
-
-def segment_files(model, machine: Machine, files: list[Path], size: int, threshold: float, flip: bool,
-                  batch_size: int, truth: dict, masks_dir: str, stage: Path) -> tuple[list[dict], int]:
-    """Masks, overlays and CSV rows of the readable files, written into `stage`."""
-    rows = []
-    with tqdm(total=len(files), desc="predicting", unit="img", disable=not is_main_process()) as bar:
-        for start in range(0, len(files), batch_size):
-            segment_batch(model, machine, files[start:start + batch_size], size, threshold, flip, truth, masks_dir,
-                          stage, rows)
-            bar.update(len(files[start:start + batch_size]))
-    skipped = len(files) - len(rows)
-    if rows:
-        save_csv(stage / "predictions.csv", rows)
-    return rows, skipped
-
-
-def move_into_place(stage: Path, out: Path) -> None:
-    """Each staged file replaces its namesake in `out` (a rename: no copy, no extra space)."""
-    (out / PREDICT_MARKER).touch()
-    for path in sorted(stage.rglob("*")):
-        if path.is_file():
-            dest = out / path.relative_to(stage)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, dest)
-    for folder in (out, out / "masks", out / "overlays"):
-        _fsync_dir(folder)
-
-
-def predict(model_path, inputs: list[str], out_dir, masks_dir: str = "", batch_size: int = 16,
-            device: str = "auto", overwrite: bool = False) -> list[dict]:
-    """Write a binary mask at the input's size, an overlay and one CSV row per input image.
-
-    The image size, threshold and mirror averaging (--tta) come from the checkpoint. With
-    `masks_dir`, each image with a mask of the same name is also scored on every metric, as in the
-    test evaluation. Outputs are written into a hidden staging folder inside `out_dir` and moved
-    into place only when all of them are written: a failure (a full disk) leaves no partial outputs."""
-    state = load_checkpoint(model_path)
-    files = collect_inputs(inputs)
-    out = Path(out_dir)
-    truth = list_images(Path(masks_dir)) if masks_dir and Path(masks_dir).is_dir() else {}
-    if masks_dir and not truth:
-        raise UserError(f"{masks_dir}: no masks found (PNG, JPEG, TIFF or BMP)")
-    check_predict_out(out, inputs, files, masks_dir, truth, overwrite)
-    dev = pick_device(device)
-    model = model_from_checkpoint(state, model_path, dev)
-    size, threshold = state["config"]["image_size"], float(state["threshold"])
-    flip = bool(state["config"].get("tta", BEFORE_FIELD_EXISTED["tta"]))
-    t0 = time.time()
-    with folder_lock(out):
-        stage = Path(tempfile.mkdtemp(prefix=".predict-", suffix=".tmp", dir=out))
-        try:
-            # float32 on a CPU: a prediction is too short to repay amp's start-up measurement
-            machine = Machine(dev, amp_dtype(Config(), dev) if dev.type == "cuda" else None)
-            rows, skipped = segment_files(model, machine, files, size, threshold,
-                                          flip, batch_size, truth, masks_dir, stage)
-            if not rows:
-                raise UserError("none of the inputs could be read; nothing was written")
-            move_into_place(stage, out)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-    seconds = time.time() - t0
-    log(f"{len(rows)} images segmented in {seconds:.2f} s ({seconds / len(rows):.3f} s each) on {dev}"
-        + (f", {skipped} unreadable skipped" if skipped else "") + f"; masks, overlays and predictions.csv in {out}/")
-    scored = [r for r in rows if "dice" in r]
-    if scored and not any(r["true_tumor_pixels"] for r in scored):
-        warn(f"THE {len(scored)} --masks FILES HOLD NO TUMOUR PIXEL at {size}x{size}: the scores below only say "
-             f"whether anything was predicted, not how well tumours are outlined")
-    if scored:
-        log(f"against {len(scored)} masks (mean over images, at {size}x{size}): "
-            + ", ".join(f"{name} {np.mean([r[name] for r in scored]):.4f}" for name in METRICS))
-    return rows
-
-
-def predict_main(argv: list[str]) -> None:
-    parser = subcommand_parser("predict", "Segment MRI slices with a trained model: a mask at each input's size, an "
-                                          "overlay, and predictions.csv (tumour area and mean probability per image).")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders of images")
-    parser.add_argument("--model", default="outputs/model.pth", help="checkpoint written by training")
-    parser.add_argument("--out", default="predictions", help="output folder")
-    parser.add_argument("--masks", default="", help="folder of true masks (same file names): score each prediction on every metric")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier prediction")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
-    predict(args.model, args.inputs, args.out, args.masks, args.batch_size, args.device, args.overwrite)
-
-
-# -----------------------------------------------------------------------------
-# Command line
-
-
-def build_parser(defaults: Config) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train a U-Net to segment brain tumours in MRI slices (run `predict --help` for "
-                    "segmenting new scans with a trained model).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if f.name == "resume":
-            parser.add_argument(flag, nargs="?", const="auto", default=argparse.SUPPRESS, help=f.metadata["help"])
-        elif isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f.metadata["help"] + f" (default: {default})")
-        else:
-            parser.add_argument(flag, type=type(default), default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                help=f.metadata["help"] + f" (default: {default!r})")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        names, common = [option(f.name), *rules.get("aliases", ())], dict(dest=f.name, default=argparse.SUPPRESS,
+                                                                            help=f"{rules['help']} (default: {default!r})")
+        choices = get_args(hint) if get_origin(hint) is Literal else rules["choices"]() if "choices" in rules else None
+        if hint is bool:
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
+        elif "const" in rules:
+            parser.add_argument(*names, nargs="?", const=rules["const"], metavar="PATH", **common)
+        else:  # choices are shown, and checked by check_fields: one sentence, as for every other field
+            parser.add_argument(*names, type=str if choices else hint, metavar="{" + ",".join(choices) + "}" if choices
+                                else f.name.upper(), **common)
     return parser
 
 
-def explicit_fields(argv: list[str]) -> frozenset:
-    """The Config fields typed on the command line."""
-    return frozenset(vars(build_parser(Config()).parse_args(argv)))
+def config_from_args(argv: list[str]) -> tuple[Config, frozenset]:
+    """The dataclass's defaults, then the --demo and --recipe seed presets, then what was typed; and
+    the names of the typed fields."""
+    typed = vars(build_parser(Config, "Train a U-Net to segment brain tumours in MRI slices (predict.py segments "
+                                      "new scans with a trained model; compare.py compares runs).").parse_args(argv))
+    values = {**(DEMO_DEFAULTS if typed.get("demo", Config.demo) else {}),
+              **(SEED_RECIPE if typed.get("recipe", Config.recipe) == "seed" else {}), **typed}
+    return Config(**values), frozenset(typed)
 
 
-def config_from_args(argv: list[str]) -> Config:
-    """Dataclass defaults, then the --demo and --recipe seed presets, then what the user typed."""
-    given = vars(build_parser(Config()).parse_args(argv))
-    values = {}
-    if given.get("demo"):
-        values.update(DEMO_DEFAULTS)
-    if given.get("recipe", Config.recipe) == "seed":
-        values.update(SEED_RECIPE)
-    values.update(given)
-    return Config(**values)
+def first_line(e: BaseException) -> str:
+    """The first line of an error's text, cut at 120 characters: enough to name a cause."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= 120 else text[:120].rsplit(" ", 1)[0] + " ..."
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch reports a failed CPU allocation as a plain RuntimeError: its text is the only sign."""
+    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "not enough memory" in str(e)))
 
 
 def write_failure(e: OSError) -> str:
-    """One sentence for an output that could not be written."""
+    """One sentence for an output that could not be written (reads became warnings or UserError)."""
     where = e.filename or "an output file"
     if e.errno == errno.ENOSPC:
-        return (f"the disk is full (writing {where}). Files are written whole or not at all, so the earlier "
-                f"versions are intact; free some space and run again (--resume continues a training run)")
+        return (f"the disk is full (writing {where}). Files are written whole or not at all, so the earlier versions "
+                f"are intact; free some space and run again (--resume continues a training run)")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"no permission to write {where}; choose another output folder (--out-dir, or --out for predict)"
+        return f"no permission to write {where}; choose another output folder (--out-dir, or --out)"
     if e.errno in (errno.ENOTDIR, errno.EEXIST):
-        return (f"cannot create the folder {where}: a file stands where a folder of that path should be; choose "
-                f"another output folder")
+        return f"cannot create the folder {where}: a file stands where a folder of that path should be; choose another"
     return f"cannot write {where}: {e.strerror or e}"
+
+
+def run_cli(entry, oom_hint=lambda: "a smaller --batch-size or --eval-batch-size") -> int:
+    """Run one entry point (training, predict, compare) as a command: every failure the user can act
+    on is one sentence on stderr with exit code 1, printed by the first process only."""
+    for stream in (sys.stdout, sys.stderr):  # a file name the terminal cannot show must not fail the run
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+    code, message = 1, None
+    try:
+        entry()
+        return 0
+    except Interrupted as e:
+        code, message = e.code, str(e)
+    except KeyboardInterrupt:
+        code, message = 130, "aborted"
+    except UserError as e:
+        message = f"error: {e}"
+    except OSError as e:
+        message = f"error: {write_failure(e)}"
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        message = f"error: out of memory ({first_line(e)}). Try {oom_hint()}, or close other programs"
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if process_rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    batch_size = 0
-    try:
-        if argv and argv[0] == "predict":
-            predict_main(argv[1:])
-        elif argv and argv[0] == "compare":
-            compare_main(argv[1:])
-        else:
-            cfg = config_from_args(argv)
-            batch_size = cfg.batch_size
-            check_config(cfg)
-            if cfg.folds and cfg.fold < 0:
-                cross_validate(cfg, explicit_fields(argv))
-            else:
-                train(cfg, explicit_fields(argv))
-        return 0
-    except Interrupted as e:
-        print(str(e), file=sys.stderr)
-        return e.code
-    except KeyboardInterrupt:
-        print("aborted", file=sys.stderr)
-        return 130
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except torch.cuda.OutOfMemoryError:
-        hint = f"--batch-size {max(1, batch_size // 2)}" if batch_size > 1 else "a smaller --batch-size"
-        print(f"error: the GPU ran out of memory. Try {hint}, or close other programs that use the GPU",
-              file=sys.stderr)
-        return 1
-    except MemoryError:
-        print(f"error: out of memory. Try a smaller --batch-size, --image-size or --eval-batch-size, or --limit",
-              file=sys.stderr)
-        return 1
-    except RuntimeError as e:
-        if "can't allocate memory" not in str(e) and "not enough memory" not in str(e):
-            raise
-        print(f"error: out of memory ({str(e).splitlines()[0][:120]}). Try a smaller --batch-size, --image-size or "
-              f"--eval-batch-size, or --limit", file=sys.stderr)
-        return 1
-    except OSError as e:  # reads are turned into warnings or UserError: this is a write that failed
-        print(f"error: {write_failure(e)}", file=sys.stderr)
-        return 1
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    if argv[:1] in (["predict"], ["compare"]):  # the older spelling, `brain_tumor_segmentation.py predict ...`
+        import importlib
+        return importlib.import_module(argv[0]).main(argv[1:])
+    state = {}
+
+    def entry():
+        cfg, typed = config_from_args(argv)
+        state["cfg"] = cfg
+        cross_validate(cfg, typed) if cfg.folds else train(cfg, typed)
+
+    def oom_hint():
+        cfg = state.get("cfg", Config())
+        fixed = " (a resumed run keeps its batch size: start anew with --overwrite for a smaller one)" if cfg.resume else ""
+        return f"--batch-size {max(1, cfg.batch_size // 2)}{fixed}"
+
+    return run_cli(entry, oom_hint)
+
 
 if __name__ == "__main__":
+    # predict.py and compare.py import this file by name: let that be this module, not a second copy
+    # (a second copy would have its own UserError, which this one's handler would not catch).
+    sys.modules.setdefault("brain_tumor_segmentation", sys.modules[__name__])
     sys.exit(main())

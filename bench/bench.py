@@ -1,24 +1,27 @@
 #!/usr/bin/env python3
-"""Training speed of brain_tumor_segmentation.py's fast path against the seed's plain loop, on one device.
+"""Training speed of brain_tumor_segmentation.py's own training loop against the seed's plain loop,
+on one device, in the same run.
 
     .venv/bin/python bench/bench.py --data-dir ../shared/data                     # CPU or GPU
-    .venv/bin/python bench/bench.py --data-dir ../shared/data --full-run          # + a timed 20-epoch run (GPU)
+    .venv/bin/python bench/bench.py --data-dir ../shared/data --compile on --batch-size 32
 
 Prints, for each loop, training images/s (median of --repeats timings after warm-up), the ratios,
 the model's FLOPs per training image (torch.utils.flop_counter), the achieved FLOP/s and that as a
-fraction of a large matrix product's FLOP/s measured here in the same precision.
+share of a large matrix product's FLOP/s measured here in the same precision.
 
-- fast path: the script's own code: uint8 tensors already on the device, batches sliced there,
-  its precision, channels-last and torch.compile settings (`auto` as in training).
+- training loop: `train_epoch` itself, the function the script trains with (augmentation, the
+  learning rate, the non-finite checks, its precision, layout and torch.compile rules), on uint8
+  tensors already on the device. A compile happens before the timing and is reported apart.
 - seed loop: the seed README's loop: a Dataset that reads and resizes the original-size PNGs with
   OpenCV on every access, a DataLoader (num_workers=0 and a tuned count), float32, no compile.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,10 +36,12 @@ sys.path.insert(0, str(ROOT))
 import brain_tumor_segmentation as bts  # noqa: E402
 
 
-def cpu_name() -> str:
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
         names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return names[0] if names else "cpu"
+    return f"{names[0] if names else 'cpu'} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def sync(device):
@@ -60,53 +65,27 @@ class SeedDataset(Dataset):
         return torch.tensor(image[None], dtype=torch.float32), torch.tensor(mask[None], dtype=torch.float32)
 
 
-def time_loops(loops, batch_size, steps, warmup, repeats, device):
-    """Median images/s of each loop over `repeats` timings of `steps` steps, after `warmup` steps.
-    The loops take turns within each repeat, so a drift in the machine's speed (other processes,
-    clock changes) affects all of them alike and their ratios stay fair."""
-    for step in loops.values():
-        for _ in range(warmup):
-            step()
-    sync(device)
-    rates = {name: [] for name in loops}
-    for _ in range(repeats):
-        for name, step in loops.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step()
-            sync(device)
-            rates[name].append(steps * batch_size / (time.perf_counter() - t0))
-    return {name: (statistics.median(r), r) for name, r in rates.items()}
-
-
-def fast_path(cfg, images, masks, device):
-    """A step of the script's training loop: slice uint8 tensors on the device, its precision."""
-    torch.manual_seed(0)
-    model = bts.UNet(width=cfg.base_width).to(device)
-    channels_last = cfg.channels_last and device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    dtype = bts.amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    optimizer = bts.make_optimizer(model, cfg, device)
-    train_model = torch.compile(model, mode=cfg.compile_mode) if bts.use_compile(cfg, device) else model
-    model.train()
-    order = torch.randperm(len(images), device=device)
-    state = {"i": 0}
+def training_loop(cfg, data, steps):
+    """One timed call = one epoch of `steps` steps of the script's train_epoch."""
+    machine = bts.set_up_machine(cfg)
+    with contextlib.redirect_stdout(io.StringIO()):
+        bts.choose_precision(machine, cfg)
+    names = data["names"][:steps * cfg.batch_size]
+    split = {"train": names, "val": [], "test": [], "files": data["hashes"], "unit": "images"}
+    idx = {"train": torch.arange(len(names)), "val": torch.arange(0), "test": torch.arange(0)}
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = bts.build_run(cfg, machine, data, split, idx, None)
+    stop = bts.StopFlag()
 
     def step():
-        start = (state["i"] * cfg.batch_size) % (len(images) - cfg.batch_size + 1)
-        batch = order[start:start + cfg.batch_size]
-        state["i"] += 1
-        x = bts.to_input(images[batch], device, channels_last)
-        bts.forward_backward(train_model, optimizer, scaler, x, masks[batch].float(), cfg, dtype)
-        scaler.step(optimizer)
-        scaler.update()
+        run.epoch, run.step, run.losses = 0, 0, None
+        with contextlib.redirect_stderr(io.StringIO()):  # the progress bar
+            bts.train_epoch(run, stop)
 
-    return step, dtype
+    return step, machine, run.compile_seconds
 
 
-def seed_loop(pairs, cfg, device, workers):
+def seed_loop(pairs, cfg, device, workers, steps):
     torch.manual_seed(0)
     model = bts.UNet(width=cfg.base_width).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -115,7 +94,7 @@ def seed_loop(pairs, cfg, device, workers):
                         pin_memory=device.type == "cuda")
     state = {"it": iter(loader)}
 
-    def step():
+    def one():
         try:
             x, y = next(state["it"])
         except StopIteration:
@@ -127,7 +106,24 @@ def seed_loop(pairs, cfg, device, workers):
         loss.backward()
         optimizer.step()
 
-    return step
+    return lambda: [one() for _ in range(steps)]
+
+
+def time_loops(loops, images, warmup, repeats, device):
+    """Median images/s of each loop over `repeats` timings, after one warm-up call. The loops take
+    turns within each repeat, so a drift in the machine's speed affects all of them alike."""
+    for step in loops.values():
+        for _ in range(warmup):
+            step()
+    sync(device)
+    rates = {name: [] for name in loops}
+    for _ in range(repeats):
+        for name, step in loops.items():
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            rates[name].append(images / (time.perf_counter() - t0))
+    return {name: (statistics.median(r), r) for name, r in rates.items()}
 
 
 def flops_per_image(cfg, device):
@@ -138,16 +134,22 @@ def flops_per_image(cfg, device):
     return counter.get_total_flops() / 2
 
 
-def matmul_flops(device, dtype, n=4096 if torch.cuda.is_available() else 2048, repeats=5):
+def matmul_flops(device, dtype, seconds=2.0):
+    """A large matrix product's FLOP/s, timed for at least `seconds` (a few products take a
+    millisecond on an H100: too short to mean anything)."""
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
         a @ b
+        count += 1
+        if count % 8 == 0:
+            sync(device)
     sync(device)
-    return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+    return 2 * n ** 3 * count / (time.perf_counter() - t0)
 
 
 def main():
@@ -157,67 +159,59 @@ def main():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--base-width", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="training steps per timing")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each loop first")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="the tuned DataLoader's workers")
     p.add_argument("--device", default="auto")
-    p.add_argument("--compile", default="auto")
-    p.add_argument("--recipe", default="seed", choices=("seed", "improved"),
-                   help="the fast path's loss and optimizer; seed (the default) matches the seed loop's, so the "
-                        "ratio measures the data path and the precision, not a different recipe")
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--compile-mode", default="default", help="default, reduce-overhead (CUDA graphs) or max-autotune")
-    p.add_argument("--amp", default="auto", help="the fast path's precision: auto (as in training), bf16, fp16 or off")
-    p.add_argument("--full-run", action="store_true", help="also time a whole 20-epoch run of the script")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="the fast path's memory format on CUDA")
+    p.add_argument("--amp", default="auto", help="the training loop's precision: auto (the script's rule), bf16, fp16 "
+                                                  "or off")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--recipe", default="seed", choices=("seed", "improved"),
+                   help="the training loop's recipe; seed (the default) matches the seed loop's loss and optimizer, "
+                        "so the ratio measures the data path, precision and layout, not another recipe")
     p.add_argument("--seed-loops", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the seed's DataLoader loops (0 and --workers workers) in the same run")
     args = p.parse_args()
-    device = bts.pick_device(args.device)
-    cfg = bts.dataclasses.replace(bts.config_from_args(["--recipe", args.recipe]), batch_size=args.batch_size,
-                                  image_size=args.image_size, base_width=args.base_width, compile=args.compile,
-                                  compile_mode=args.compile_mode, amp=args.amp,
-                                  channels_last=args.channels_last)
-    data = Path(args.data_dir)
-    originals = data / "brain-tumor-segmentation-512-sample"
-    pairs = [(p, originals / "masks" / p.name) for p in sorted((originals / "images").glob("*.png"))]
-    # The seed loop decodes original-size files; repeat the 512x512 sample to a full epoch's worth.
-    pairs = (pairs * (2000 // max(1, len(pairs)) + 1))[:2000]
+    cfg, _ = bts.config_from_args(["--recipe", args.recipe, "--batch-size", str(args.batch_size), "--image-size",
+                                   str(args.image_size), "--base-width", str(args.base_width), "--compile",
+                                   args.compile, "--compile-mode", args.compile_mode, "--amp", args.amp, "--device",
+                                   args.device, "--channels-last" if args.channels_last else "--no-channels-last"])
+    data_dir = Path(args.data_dir)
     t0 = time.perf_counter()
-    loaded = bts.load_dataset(data / "brain-tumor-segmentation", args.image_size, limit=512)
-    images, masks = loaded["images"].to(device), loaded["masks"].to(device)
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}"
-          f" ({torch.get_num_threads()} threads), torch {torch.__version__}; batch {args.batch_size}, compile "
-          f"{args.compile} ({args.compile_mode}), channels-last {args.channels_last}, "
-          f"{args.image_size}x{args.image_size}, width {args.base_width}; data decoded in {time.perf_counter() - t0:.1f} s")
-
-    step, dtype = fast_path(cfg, images, masks, device)
-    precision = str(dtype or torch.float32).removeprefix("torch.")
-    if device.type == "cpu":
-        print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {bts.cpu_has_native_bf16()}; "
-              f"fast path precision {precision} (--amp {args.amp}); seed loop float32")
-    loops = {"fast path": step}
-    for workers in (0, args.workers) if args.seed_loops else ():
-        loops[f"seed loop, {workers} workers"] = seed_loop(pairs, cfg, device, workers)
-    timed = time_loops(loops, args.batch_size, args.steps, args.warmup, args.repeats, device)
-    fast = timed["fast path"][0]
+    limit = max(args.steps * args.batch_size, 64)
+    data = bts.load_dataset(data_dir / "brain-tumor-segmentation", args.image_size, limit=limit)
+    loop, machine, compile_seconds = training_loop(cfg, data, args.steps)
+    device = machine.device
+    precision = str(machine.dtype or torch.float32).removeprefix("torch.")
+    print(f"device: {device_name(device)}, torch {torch.__version__}; batch {args.batch_size}, "
+          f"{args.image_size}x{args.image_size}, width {args.base_width}; precision {precision}, channels-last "
+          f"{machine.channels_last}, compile {args.compile} ({args.compile_mode}): "
+          + (f"compiled, first compile and warm-up {compile_seconds:.1f} s" if compile_seconds else "not compiled")
+          + f"; set-up {time.perf_counter() - t0:.1f} s")
+    loops = {"training loop": loop}
+    if args.seed_loops:
+        originals = data_dir / "brain-tumor-segmentation-512-sample"
+        pairs = [(p, originals / "masks" / p.name) for p in sorted((originals / "images").glob("*.png"))]
+        if not pairs:
+            sys.exit(f"{originals}: no 512x512 sample for the seed loop (or pass --no-seed-loops)")
+        pairs = (pairs * (2000 // len(pairs) + 1))[:2000]  # the seed loop decodes original-size files
+        for workers in (0, args.workers):
+            loops[f"seed loop, {workers} workers"] = seed_loop(pairs, cfg, device, workers, args.steps)
+    timed = time_loops(loops, args.steps * args.batch_size, args.warmup, args.repeats, device)
+    fast = timed["training loop"][0]
     flops = flops_per_image(cfg, device)
-    peak = matmul_flops(device, dtype or torch.float32)
+    peak = matmul_flops(device, machine.dtype or torch.float32)
     print(f"model: {flops / 1e9:.1f} GFLOP per training image (forward + backward)")
-    print(f"matrix product, {dtype or torch.float32}: {peak / 1e9:.1f} GFLOP/s")
+    print(f"matrix product, {machine.dtype or torch.float32}: {peak / 1e9:.1f} GFLOP/s")
     for name, (rate, repeats) in timed.items():
-        ratio = "" if name == "fast path" or not rate else f"  fast path x{fast / rate:.2f}"
-        name = f"{name} ({precision if name == 'fast path' else 'float32'})"
-        print(f"{name:34s} {rate:9.3f} images/s  {rate * flops / 1e9:9.1f} GFLOP/s  "
+        ratio = "" if name == "training loop" or not rate else f"  training loop x{fast / rate:.2f}"
+        label = f"{name} ({precision if name == 'training loop' else 'float32'})"
+        print(f"{label:34s} {rate:9.3f} images/s  {rate * flops / 1e9:9.1f} GFLOP/s  "
               f"{rate * flops / peak:6.1%} of the matrix product  (repeats: "
               f"{', '.join(f'{r:.3f}' for r in repeats)}){ratio}")
-    if args.full_run:
-        cmd = [sys.executable, str(ROOT / "brain_tumor_segmentation.py"), "--data-dir",
-               str(data / "brain-tumor-segmentation"), "--out-dir", "/tmp/bench-full-run", "--overwrite"]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True)
-        print(f"whole 20-epoch run, start to finish: {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":

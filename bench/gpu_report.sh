@@ -1,72 +1,104 @@
 #!/usr/bin/env bash
-# Every GPU figure of issue #16, in two calls of the device tool (10 minutes each at most), over the
-# data that ../shared/tools/gpu-data carries. NOT YET RUN ON A GPU: written and run on a CPU only at
-# toy sizes (SMOKE=1; tests/test_gpu_report.py runs the dice phase), so expect to adjust it on the
-# first GPU session, and time the phases there before trusting them to fit 10 minutes.
-#   call 1 (carry .gpudata/a):  mkdir -p /root/data && cp -r .gpudata/a/. /root/data/
-#   call 2 (carry .gpudata/b):  cp -r .gpudata/b/. /root/data/ && bash bench/gpu_report.sh speed /root/data
-#   call 3 (warm, same data):   bash bench/gpu_report.sh dice /root/data
-# Each phase appends its log to $OUT/gpu_<phase>.txt (OUT defaults to ./gpu-report): device, every
-# command, and its result lines.
-set -euo pipefail
-phase=${1:?"usage: gpu_report.sh speed|dice DATA_DIR"}
-data=${2:?"usage: gpu_report.sh speed|dice DATA_DIR"}
-out=${OUT:-gpu-report}  # logs and the comparison figure: what comes back from the device
+# The GPU figures, planned for the time a lent GPU gives (15 minutes in all, start-up included; one
+# call at most 10 minutes). NOT YET RUN ON A GPU: run on a CPU at toy sizes only (SMOKE=1, see
+# tests/test_gpu_report.py), so time the first call before trusting the estimates below.
+#
+# The call plan (the data, ../shared/data, travels in two halves: bash ../shared/tools/gpu-data;
+# the machine stays warm only 30 s between calls, so make them back to back):
+#   call 1, about 1 min (start-up):  carry [".gpudata/a"]
+#       mkdir -p /root/data && cp -r .gpudata/a/. /root/data/
+#   call 2, about 7 min:  carry [".gpudata/b"], timeout_s 540
+#       cp -r .gpudata/b/. /root/data/ && OUT=$OUT bash bench/gpu_report.sh core /root/data
+#     the most valuable figures first: a step under CUDA's sync check; steady-state speed at batch 16
+#     and 32 with compile off and on, the seed loop in the same call; the default 20-epoch run start
+#     to finish with its test Dice (about 2 min: 1,900 images x 20 epochs at over 1,000 images/s,
+#     plus compiling, validation and the test)
+#   call 3, optional, about 8 min (warm, same data):  OUT=$OUT bash bench/gpu_report.sh extra /root/data
+#     both recipes on seeds 1 and 2 (the same test images) and `compare`; then CUDA graphs
+#     (reduce-overhead) and channels-first at batch 32
+#
+# Every command is logged with its output and exit code into $OUT/gpu_<phase>.txt; a command that
+# fails is recorded and the next one still runs. The script exits 1 if any command failed.
+set -u
+phase=${1:?"usage: gpu_report.sh core|extra DATA_DIR"}
+data=${2:?"usage: gpu_report.sh core|extra DATA_DIR"}
+out=${OUT:-gpu-report}  # logs and figures: what comes back from the device
 runs=${RUNS:-/tmp/gpu-runs}  # the runs' own folders stay on the machine
 py=${PYTHON:-python3}
 mkdir -p "$out" "$runs"
 log="$out/gpu_$phase.txt"
 export PYTHONUNBUFFERED=1
-if [ "${SMOKE:-0}" = 1 ]; then  # toy sizes, so that the CPU test runs in seconds
-    size=32 width=4 epochs=1 cv_epochs=1 steps=1 warmup=1 repeats=1 batches="8" workers=1 limit="--limit 60"
+if [ "${SMOKE:-0}" = 1 ]; then  # toy sizes, so that a CPU runs the whole plan in a minute
+    size=32 width=4 epochs=1 steps=1 repeats=1 batches="8" limit="--limit 60"
 else
-    size=256 width=32 epochs=20 cv_epochs=60 steps=30 warmup=10 repeats=3 batches="16 32 64" workers=8 limit=""
+    size=256 width=32 epochs=20 steps=20 repeats=3 batches="16 32" limit=""
 fi
 bench=("$py" bench/bench.py --data-dir "$data" --image-size "$size" --base-width "$width" --steps "$steps"
-       --warmup "$warmup" --repeats "$repeats" --workers "$workers")
+       --repeats "$repeats")
 script=("$py" brain_tumor_segmentation.py --data-dir "$data/brain-tumor-segmentation" --image-size "$size"
         --base-width "$width" --test-samples 4 $limit)
+failed=0 total=0
 
 say() { echo "$*" | tee -a "$log"; }
-run() {  # the command, then its output without progress bars
+run() {  # the command and its output (progress bars left out), then its exit code; never stops the report
     say "\$ $*"
     local start=$SECONDS
-    "$@" 2>&1 | tr '\r' '\n' | grep -v -E "it/s|img/s\]|^\s*$" | tee -a "$log"
-    say "($((SECONDS - start)) s wall)"
+    "$@" > >(tr '\r' '\n' | grep -v -E "it/s|img/s\]|^\s*$" | tee -a "$log") 2>&1
+    local rc=$?
+    wait
+    total=$((total + 1))
+    [ $rc -ne 0 ] && failed=$((failed + 1))
+    say "(exit $rc, $((SECONDS - start)) s wall)"
 }
 
 say "== $phase, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-command -v nvidia-smi >/dev/null && nvidia-smi -L | tee -a "$log" || say "no nvidia-smi: $(uname -m) CPU"
+if command -v nvidia-smi >/dev/null; then nvidia-smi -L | tee -a "$log"; else say "no nvidia-smi: $(uname -m) CPU"; fi
 
 case $phase in
-speed)
-    # Batch size x compile, the fast path alone; then the seed's DataLoader loops once, at batch 32.
+core)
+    # No step may wait for the GPU (the loss check aside, every nan_check_every steps).
+    run "$py" - "$data/brain-tumor-segmentation" "$size" <<'EOF'
+import sys, torch, brain_tumor_segmentation as bts
+if not torch.cuda.is_available():
+    sys.exit(print("no CUDA here: the sync check needs a GPU; skipped") or 0)
+cfg, _ = bts.config_from_args(["--image-size", sys.argv[2], "--compile", "off", "--nan-check-every", "1000"])
+machine = bts.set_up_machine(cfg)
+bts.choose_precision(machine, cfg)
+data = bts.load_dataset(sys.argv[1], cfg.image_size, limit=64)
+split = {"train": data["names"], "val": [], "test": [], "files": data["hashes"], "unit": "images"}
+idx = {"train": torch.arange(64), "val": torch.arange(0), "test": torch.arange(0)}
+run = bts.build_run(cfg, machine, data, split, idx, None)
+bts.train_epoch(run, bts.StopFlag())  # warm: cuDNN autotuning may sync
+run.epoch, run.step, run.losses, cfg.nan_check_every = 0, 0, None, 1000
+torch.cuda.set_sync_debug_mode("error")
+order = bts.epoch_order(run)  # one copy per epoch, then steps that never wait
+print("a training epoch ran under set_sync_debug_mode('error'):", bts.train_epoch(run, bts.StopFlag()) is False)
+EOF
     for batch in $batches; do
-        for compile in off on; do
-            run "${bench[@]}" --batch-size "$batch" --compile "$compile" --no-seed-loops
-        done
+        run "${bench[@]}" --batch-size "$batch" --compile off --no-seed-loops
+        run "${bench[@]}" --batch-size "$batch" --compile on --no-seed-loops
     done
-    top=${batches##* }
-    run "${bench[@]}" --batch-size "$top" --compile on --compile-mode reduce-overhead --no-seed-loops
-    run "${bench[@]}" --batch-size "$top" --compile on --compile-mode max-autotune --no-seed-loops
-    run "${bench[@]}" --batch-size "$top" --compile on --no-channels-last --no-seed-loops
-    run "${bench[@]}" --batch-size "${batches%% *}" --compile auto --seed-loops
+    run "${bench[@]}" --batch-size "${batches%% *}" --compile off --seed-loops --workers 8
     # The whole default run, start to finish (load, compile, train, validate, plots, test).
-    run "${script[@]}" --epochs "$epochs" --out-dir "$runs/full-run" --overwrite
+    run "${script[@]}" --epochs "$epochs" --out-dir "$runs/default" --overwrite
     ;;
-dice)
-    # Both recipes, 20 epochs, patient split, seeds 1 and 2; then the longer setting as 5-fold CV.
+extra)
     for seed in 1 2; do
         for recipe in improved seed; do
-            run "${script[@]}" --epochs "$epochs" --recipe "$recipe" --seed "$seed" --out-dir "$runs/dice/$recipe-$seed" --overwrite
+            run "${script[@]}" --epochs "$epochs" --recipe "$recipe" --seed "$seed" \
+                --out-dir "$runs/recipes/$recipe-$seed" --overwrite
         done
     done
-    run "$py" brain_tumor_segmentation.py compare "$runs/dice/improved-1" "$runs/dice/seed-1" "$runs/dice/improved-2" \
-        "$runs/dice/seed-2" --out "$out/dice_comparison.png"
-    run "${script[@]}" --epochs "$cv_epochs" --folds 5 --out-dir "$runs/cv" --overwrite
+    run "$py" compare.py "$runs/recipes/improved-1" "$runs/recipes/improved-2" "$runs/recipes/seed-1" \
+        "$runs/recipes/seed-2" --out "$out/recipes"
+    top=${batches##* }
+    run "${bench[@]}" --batch-size "$top" --compile on --compile-mode reduce-overhead --no-seed-loops
+    run "${bench[@]}" --batch-size "$top" --compile on --no-channels-last --no-seed-loops
     ;;
 *)
-    echo "unknown phase $phase: speed or dice" >&2
+    echo "unknown phase $phase: core or extra" >&2
     exit 2
     ;;
 esac
+say "== $phase done: $failed of $total commands failed"
+[ $failed -eq 0 ]

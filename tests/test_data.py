@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import brain_tumor_segmentation as bts
-from conftest import snapshot, square_pair, write_pair
+from conftest import REAL_DIR, snapshot, square_pair, write_pair
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -492,18 +492,18 @@ def test_read_groups_csv_missing_file_is_user_error(tmp_path):
 def test_find_groups_random_is_one_group_per_image():
     names = ["1", "2", "3", "4"]
     images = torch.zeros(4, 1, 16, 16, dtype=torch.uint8)
-    groups, strata, how = bts.find_groups(bts.Config(split="random"), names, images)
+    groups, strata, how, unit = bts.find_groups(bts.Config(split="random"), names, images)
     assert groups == names
     assert strata == [""] * 4
-    assert "random" in how
+    assert "random" in how and unit == "images"
 
 
 def test_find_groups_uses_groups_csv(tmp_path):
     path = tmp_path / "g.csv"
     path.write_text("image,patient_id,tumor_type\na,P1,x\nb,P2,y\n")
-    groups, strata, how = bts.find_groups(bts.Config(groups=str(path)), ["b", "a"],
-                                          torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
-    assert groups == ["P2", "P1"] and strata == ["y", "x"] and "by patient" in how
+    groups, strata, how, unit = bts.find_groups(bts.Config(groups=str(path)), ["b", "a"],
+                                                torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
+    assert groups == ["P2", "P1"] and strata == ["y", "x"] and "by patient" in how and unit == "patients"
 
 
 def test_find_groups_csv_missing_image_is_user_error(tmp_path):
@@ -539,9 +539,9 @@ def test_make_split_by_patient_from_shipped_csv(real_dir):
     assert bts.PATIENTS_CSV.is_file()
     data = bts.load_dataset(real_dir / "brain-tumor-segmentation", 64, limit=150, workers=1)
     names = data["names"]
-    cfg = bts.Config(seed=3)
+    cfg = bts.Config(split_seed=3)
     split = bts.make_split(cfg, data)
-    assert "split by patient" in split["how"]
+    assert "split by patient" in split["how"] and split["unit"] == "patients"
     assert sorted(split["train"] + split["val"] + split["test"], key=int) == names
     table = bts.read_groups_csv(bts.PATIENTS_CSV)
     patients = {part: {table[n][0] for n in split[part]} for part in ("train", "val", "test")}
@@ -553,7 +553,7 @@ def test_make_split_by_patient_from_shipped_csv(real_dir):
     assert split["groups"][names[0]] == table[names[0]][0]
     assert split["tumor_types"][names[0]] == table[names[0]][1]
     # the split indices point back at the same names
-    idx = bts.split_indices(split, names)
+    idx = bts.split_indices(split, data)
     assert [names[i] for i in idx["test"].tolist()] == split["test"]
 
 
@@ -561,15 +561,57 @@ def test_shipped_patients_csv_is_not_used_for_other_numbered_data(tmp_path):
     # The demo's files are named 1..N like the Figshare dataset's, but they are not its patients.
     folder = bts.make_synthetic_dataset(tmp_path / "synthetic", n=60, size=32, seed=0)
     data = bts.load_dataset(folder, 32, workers=1)
-    split = bts.make_split(bts.Config(seed=3), data)
+    split = bts.make_split(bts.Config(split_seed=3), data)
     assert "split by patient" not in split["how"] and "APPROXIMATE" in split["how"]
     assert not split["tumor_types"]
 
 
 def test_split_indices_unknown_name_is_user_error():
-    split = {"train": ["1"], "val": ["2"], "test": ["zz"]}
+    data = {"names": ["1", "2", "3"], "hashes": {"1": "a", "2": "b", "3": "c"}}
+    split = {"train": ["1"], "val": ["2"], "test": ["zz"], "files": {"1": "a", "2": "b", "zz": "z"}}
     with pytest.raises(bts.UserError, match="zz"):
-        bts.split_indices(split, ["1", "2", "3"])
+        bts.split_indices(split, data)
+
+
+def test_split_indices_refuses_a_file_whose_contents_changed():
+    """The data identify a run by content: the same names with other pixels are other data."""
+    data = {"names": ["1", "2", "3"], "hashes": {"1": "a", "2": "b", "3": "c"}}
+    split = {"train": ["1"], "val": ["2"], "test": ["3"], "files": {"1": "a", "2": "b", "3": "c"}}
+    assert [len(v) for v in bts.split_indices(split, data).values()] == [1, 1, 1]
+    with pytest.raises(bts.UserError, match="other contents .*'2'"):
+        bts.split_indices({**split, "files": {"1": "a", "2": "B", "3": "c"}}, data)
+
+
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory):
+    if not (REAL_DIR / "brain-tumor-segmentation").is_dir():
+        pytest.skip(f"{REAL_DIR} not present")
+    return bts.load_dataset(REAL_DIR / "brain-tumor-segmentation", 32)
+
+
+def stem(patient_id: str) -> str:
+    return patient_id[:-1] if patient_id[-1].isalpha() and patient_id[-2].isdigit() else patient_id
+
+
+def test_re_scanned_patients_never_cross_the_split_or_the_folds(real_data):
+    """On the real patients.csv, ids that differ only by a trailing letter (MR040240, MR040240B, ...)
+    are one patient: no id stem has slices in two parts, for several split seeds and for every fold."""
+    table = bts.read_groups_csv(bts.PATIENTS_CSV)
+    stems = {stem(pid) for pid, _ in table.values()}
+    assert len({pid for pid, _ in table.values()}) == 233 and len(stems) == 209  # the README's figures
+    splits = [bts.make_split(bts.Config(split_seed=s), real_data) for s in (1, 2, 42)]
+    splits += [bts.make_split(bts.Config(folds=5, fold=k), real_data) for k in range(5)]
+    for split in splits:
+        assert "re-scans kept together" in split["how"]
+        where = {}
+        for part in ("train", "val", "test"):
+            for name in split[part]:
+                where.setdefault(stem(table[name][0]), set()).add(part)
+        assert all(len(parts) == 1 for parts in where.values()), {s: p for s, p in where.items() if len(p) > 1}
+    shared = {stem(table[n][0]) for n in real_data["names"]}
+    assert len(shared) == 186  # of the 208 patients in ../shared/data, as the README says
+    tests = [set(s["test"]) for s in splits[3:]]
+    assert sorted(set().union(*tests), key=int) == real_data["names"] and sum(map(len, tests)) == len(real_data["names"])
 
 
 def test_real_names_are_all_in_patients_csv(real_dir):

@@ -54,9 +54,9 @@ def test_torchrun_two_cpu_processes_write_one_model_and_the_same_files(tmp_path)
     cfg = bts.Config(**state["config"])
     model = bts.model_from_checkpoint(state, multi / "model.pth", "cpu")
     data = bts.load_dataset(data, cfg.image_size, workers=1)
-    idx = bts.split_indices(state["split"], data["names"])
-    one = bts.evaluate(model, bts.Machine(bts.torch.device("cpu")), data["images"], data["masks"], idx["val"], cfg,
-                       cfg.threshold)
+    idx = bts.split_indices(state["split"], data)
+    one, _ = bts.evaluate(model, bts.Machine(bts.torch.device("cpu")), data["images"], data["masks"], idx["val"],
+                          cfg, cfg.threshold)
     for name in bts.EPOCH_METRICS:  # from pixel counts: exactly the same
         assert abs(one[name] - state["best"][f"val_{name}"]) < 1e-6, name
     assert one["loss"] == pytest.approx(state["best"]["val_loss"], rel=1e-3)  # float32 sums in another order

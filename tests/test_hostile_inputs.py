@@ -185,7 +185,7 @@ def test_tumour_free_data_and_test_set_are_flagged_loudly(tmp_path, capsys):
 
 def test_a_second_run_into_a_busy_folder_is_refused(dataset, tmp_path, capsys):
     out = tmp_path / "busy"
-    with bts.folder_lock(out):
+    with bts.claim_folder(out, "train", [], {}):
         rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", out, *TINY_ARGS)
         one_error(rc, err, "in use by another run", f"pid {os.getpid()}")
         rc, _, err = run_cli(capsys, "predict", dataset / "images", "--model", "x.pth", "--out", out)
@@ -196,7 +196,7 @@ def test_a_second_run_into_a_busy_folder_is_refused(dataset, tmp_path, capsys):
 def test_a_run_killed_while_holding_the_lock_leaves_the_folder_free(dataset, tmp_path, capsys):
     out = tmp_path / "crashed"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, brain_tumor_segmentation as bts\n"
-                               f"with bts.folder_lock(bts.Path({str(out)!r})):\n"
+                               f"with bts.claim_folder(bts.Path({str(out)!r}), 'train', [], {{}}):\n"
                                "    print('locked', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, cwd=SCRIPT.parent)
     assert holder.stdout.readline().strip() == "locked"
@@ -474,13 +474,13 @@ def test_an_image_too_large_for_memory_is_skipped(dataset, tmp_path, capsys, mon
 
 def test_a_refused_run_never_frees_the_winners_folder(tmp_path):
     folder = tmp_path / "new"
-    with bts.folder_lock(folder):
+    with bts.claim_folder(folder, "train", [], {}):
         with pytest.raises(bts.UserError, match="in use"):
-            with bts.folder_lock(folder):
+            with bts.claim_folder(folder, "train", [], {}):
                 pass
         assert (folder / ".lock").exists()
         with pytest.raises(bts.UserError, match="in use"):  # still owned by the first
-            with bts.folder_lock(folder):
+            with bts.claim_folder(folder, "train", [], {}):
                 pass
 
 
@@ -511,7 +511,7 @@ def test_every_damaged_resume_names_the_way_forward(damage, dataset, finished_ru
 
 
 @pytest.mark.parametrize("field, value", [("best", None), ("best", "missing"), ("optimizer", {"param_groups": "x"}),
-                                          ("split", {}), ("epoch_loss_sum", "x"), ("config.lr", "fast"),
+                                          ("split", {}), ("epoch_losses", "x"), ("config.lr", "fast"),
                                           ("step", 10 ** 6), ("epoch", -5), ("config.image_size", 17),
                                           ("config.base_width", 8), ("history", {"epoch": "x"})])
 def test_a_damaged_resumable_state_is_one_sentence(field, value, dataset, finished_run, capsys):
@@ -561,13 +561,18 @@ def test_a_groups_file_with_two_patients_for_one_image_is_refused(dataset, tmp_p
     one_error(rc, err, "listed twice")
 
 
-@pytest.mark.parametrize("table", [b"name,score\nmine,1\n", b"\xff\xfe\x00garbage"])
-def test_a_foreign_or_broken_runs_table_is_left_alone_and_the_run_still_succeeds(table, dataset, tmp_path, capsys):
+def test_training_writes_nothing_outside_its_folder_and_records_everything_it_writes(dataset, tmp_path, capsys):
     (tmp_path / "parent").mkdir()
-    (tmp_path / "parent" / "runs.csv").write_bytes(table)
+    (tmp_path / "parent" / "runs.csv").write_bytes(b"name,score\nmine,1\n")  # a user's file beside the run
+    before = snapshot(tmp_path / "parent")
     rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", tmp_path / "parent" / "run", *TINY_ARGS)
     assert rc == 0, err
-    assert "runs.csv" in err and (tmp_path / "parent" / "runs.csv").read_bytes() == table
+    after = snapshot(tmp_path / "parent")
+    assert {k: v for k, v in after.items() if k != "run" and not k.startswith("run/")} == before
+    run = tmp_path / "parent" / "run"
+    written = {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
+    listed = set(json.loads((run / bts.MANIFEST).read_text())["files"])
+    assert written - {bts.MANIFEST, bts.LOCK} <= listed and "model.pth" in written
 
 
 def test_predict_against_tumour_free_masks_says_the_scores_say_nothing(dataset, finished_run, tmp_path, capsys):

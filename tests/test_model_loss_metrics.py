@@ -298,12 +298,21 @@ def test_bootstrap_interval_deterministic_for_seed():
 
 
 def test_bootstrap_interval_resamples_whole_groups():
-    # every group has a constant value: the interval of the mean can only come from resampling groups
-    values = np.array([0.0] * 5 + [1.0] * 5)
-    lo, hi = bts.bootstrap_interval(values, ["a"] * 5 + ["b"] * 5, n=400, seed=0)
-    assert lo == 0.0 and hi == 1.0
-    lo, hi = bts.bootstrap_interval(np.full(6, 0.3), ["a", "a", "b", "b", "c", "c"], n=100, seed=0)
+    # Every patient's images average 0.5 while the images differ (0 and 1): resampling whole patients
+    # gives 0.5 every time; resampling images would not.
+    values = np.array([0.0, 1.0] * 6)
+    groups = [f"p{i // 2}" for i in range(12)]
+    lo, hi = bts.bootstrap_interval(values, groups, n=400, seed=0)
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    lo, hi = bts.bootstrap_interval(np.full(10, 0.3), [f"p{i // 2}" for i in range(10)], n=100, seed=0)
     assert lo == pytest.approx(0.3) and hi == pytest.approx(0.3)
+
+
+def test_no_interval_from_fewer_than_five_groups():
+    values = np.array([0.0] * 5 + [1.0] * 5)
+    assert bts.bootstrap_interval(values, ["a"] * 5 + ["b"] * 5) is None  # once a zero-width "95%" interval
+    assert bts.bootstrap_interval(values, [f"p{i % 4}" for i in range(10)]) is None
+    assert bts.bootstrap_interval(values, [f"p{i % 5}" for i in range(10)]) is not None
 
 
 # -----------------------------------------------------------------------------
@@ -409,32 +418,47 @@ def test_augment_batch_moves_image_and_mask_together():
 
 
 # -----------------------------------------------------------------------------
-# --amp auto on a CPU: bf16 where it is native and measured faster, float32 elsewhere
+# Precision: a fixed rule of the machine and --amp, never a measurement
 
 
-@pytest.mark.parametrize("native, faster, expected", [(True, True, torch.bfloat16), (True, False, None),
-                                                      (False, True, None)])
-def test_amp_auto_on_a_cpu_follows_the_measurement(native, faster, expected, monkeypatch):
-    measured = []
+@pytest.mark.parametrize("native, amp, expected", [(True, "auto", torch.bfloat16), (False, "auto", None),
+                                                   (True, "off", None), (False, "bf16", torch.bfloat16),
+                                                   (True, "fp16", torch.float16)])
+def test_cpu_precision_is_a_fixed_rule_of_the_machine_and_amp(native, amp, expected, monkeypatch):
     monkeypatch.setattr(bts, "cpu_has_native_bf16", lambda: native)
-    monkeypatch.setattr(bts, "bf16_is_faster_on_cpu", lambda cfg: measured.append(cfg) or (faster, 1.0, 0.5))
-    assert bts.amp_dtype(bts.Config(), torch.device("cpu")) is expected
-    assert len(measured) == (1 if native else 0)  # no measurement where bf16 is not native
-    assert bts.amp_dtype(bts.Config(amp="off"), torch.device("cpu")) is None
+    for _ in range(3):  # the same answer every time: nothing is timed
+        assert bts.precision(amp, torch.device("cpu"))[0] is expected
 
 
-def test_the_start_up_measurement_times_both_precisions_on_this_cpu():
-    faster, fp32, bf16 = bts.bf16_is_faster_on_cpu(bts.Config(image_size=32, base_width=4))
-    assert fp32 > 0 and bf16 > 0 and faster == (bf16 < 0.95 * fp32)
+def test_native_bf16_means_avx512_bf16_or_amx_not_onednn_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not bts.cpu_has_native_bf16()  # oneDNN's own check says yes on any AVX-512 CPU
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert bts.cpu_has_native_bf16()
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_loss_stays_float32_in_both_precisions(dtype):
     torch.manual_seed(0)
     model = bts.UNet(width=4)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.rand(2, 1, 32, 32)
-    loss = bts.forward_backward(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), x, (x > 0.5).float(),
-                                bts.Config(), dtype)
+    with bts.Machine(torch.device("cpu"), dtype).autocast():
+        logits = model(x)
+    loss = bts.compute_loss(logits, (x > 0.5).float(), bts.Config())
+    loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("capability, arch_list, refused", [((7, 0), ["sm_75", "sm_80", "sm_90"], True),
+                                                            ((6, 1), ["sm_75"], True),
+                                                            ((7, 5), ["sm_75", "sm_80"], False),
+                                                            ((9, 0), ["sm_75", "sm_80", "sm_90"], False),
+                                                            ((12, 0), ["sm_75", "sm_90"], False)])
+def test_a_gpu_older_than_the_pytorch_build_is_one_sentence(capability, arch_list, refused):
+    if refused:
+        with pytest.raises(bts.UserError, match=r"Tesla V100 \(compute capability .*older than every GPU"):
+            bts.check_gpu_supported("Tesla V100", capability, arch_list)
+    else:
+        bts.check_gpu_supported("a newer GPU", capability, arch_list)

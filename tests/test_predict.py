@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import brain_tumor_segmentation as bts
+import predict
 from conftest import REAL_DIR, REPO_ROOT, snapshot, squares_dataset
 
 torch.set_num_threads(1)
@@ -35,9 +36,10 @@ CSV_COLUMNS = ["image", "width", "height", "tumor_pixels", "tumor_fraction", "me
 
 
 def run_predict(capsys, *args) -> tuple[int, str, str]:
-    """bts.main(["predict", ...]) on the CPU; returns (return code, stdout, stderr)."""
+    """bts.main(["predict", ...]) on the CPU in float32 (as the independent reference computes); returns
+    (return code, stdout, stderr)."""
     capsys.readouterr()  # drop anything printed before
-    rc = bts.main(["predict", *map(str, args), "--device", "cpu"])
+    rc = bts.main(["predict", *map(str, args), "--device", "cpu", "--amp", "off"])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -218,7 +220,8 @@ def test_predict_real_512_images(trained, tmp_path, capsys):
 def test_predict_known_answer_squares_dice_above_0_9(squares_model, tmp_path):
     held_out = squares_dataset(tmp_path / "held_out", 10, seed=2)
     out = tmp_path / "pred"
-    rows = bts.predict(squares_model, [str(held_out / "images")], out, str(held_out / "masks"), device="cpu")
+    rows = predict.predict(predict.PredictConfig([str(held_out / "images")], str(squares_model), str(out),
+                                                 str(held_out / "masks"), device="cpu"))
     assert len(rows) == 10
     dice = np.array([r["dice"] for r in rows])
     iou = np.array([r["iou"] for r in rows])
@@ -234,8 +237,8 @@ def test_predict_masks_dice_is_low_for_wrong_masks(squares_model, tmp_path):
     """The Dice column compares with the given masks: masks of other images score badly."""
     held_out = squares_dataset(tmp_path / "held_out", 6, seed=2)
     others = squares_dataset(tmp_path / "others", 6, seed=3)
-    rows = bts.predict(squares_model, [str(held_out / "images")], tmp_path / "pred", str(others / "masks"),
-                       device="cpu")
+    rows = predict.predict(predict.PredictConfig([str(held_out / "images")], str(squares_model),
+                                                 str(tmp_path / "pred"), str(others / "masks"), device="cpu"))
     assert np.mean([r["dice"] for r in rows]) < 0.5
 
 
@@ -541,10 +544,10 @@ def test_predict_help_lists_options():
 
 
 def test_training_needs_no_subcommand():
-    cfg = bts.config_from_args([])
+    cfg, typed = bts.config_from_args([])
     assert isinstance(cfg, bts.Config)
-    assert cfg == bts.Config()
-    assert bts.config_from_args(["--epochs", "3"]).epochs == 3
+    assert cfg == bts.Config() and not typed
+    assert bts.config_from_args(["--epochs", "3"])[0].epochs == 3
 
 
 # -----------------------------------------------------------------------------

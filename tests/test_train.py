@@ -29,7 +29,8 @@ def run(args):
 
 def metrics_without_timing(out: Path) -> dict:
     m = json.loads((out / "metrics.json").read_text())
-    m.pop("total_seconds")
+    for key in ("total_seconds", "images_per_second", "compile_seconds", "warning"):  # warning: names the fallback
+        m.pop(key, None)
     for key in ("epoch_seconds", "images_per_second"):
         m["history"].pop(key)
     return m
@@ -54,7 +55,10 @@ def test_end_to_end_writes_every_output(synthetic, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     test = metrics["test"]
     assert 0 <= test["dice"] <= 1 and 0 <= test["iou"] <= test["dice"] + 1e-9
-    assert test["dice_ci95"][0] <= test["dice"] <= test["dice_ci95"][1]
+    if test["patients"] >= 5:
+        assert test["dice_ci95"][0] <= test["dice"] <= test["dice_ci95"][1]
+    else:  # fewer than 5 groups: no interval, and the record says why
+        assert test["dice_ci95"] is None and "too few for a 95% interval" in metrics["warning"]
     assert "empty" in metrics["empty_masks"] and metrics["tta"] is True and 0.2 <= metrics["threshold"] <= 0.8
     split = json.loads((out / "split.json").read_text())
     assert sorted(split["train"] + split["val"] + split["test"], key=int) == [str(i) for i in range(1, 41)]
@@ -66,9 +70,9 @@ def test_end_to_end_writes_every_output(synthetic, tmp_path, capsys):
 
 
 def test_resuming_a_checkpoint_from_before_tta_existed_keeps_it_off(tmp_path):
-    config = bts.dataclasses.asdict(bts.config_from_args(["--recipe", "seed"]))
+    config = bts.dataclasses.asdict(bts.config_from_args(["--recipe", "seed"])[0])
     del config["tta"]
-    cfg = bts.resume_config(bts.Config(), frozenset(), {"config": config}, tmp_path / "last.pth")
+    cfg = bts.saved_config(config)
     assert cfg.tta is False and cfg.recipe == "seed" and bts.Config().tta is True
 
 
@@ -83,21 +87,22 @@ def test_help_lists_every_config_field_with_its_default():
 
 
 def test_command_line_overrides_and_presets():
-    cfg = bts.config_from_args(["--epochs", "5", "--batch-size", "8"])
+    cfg, typed = bts.config_from_args(["--epochs", "5", "--batch-size", "8"])
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.image_size, cfg.device) == (5, 8, 2e-3, 256, "auto")
-    demo = bts.config_from_args(["--demo", "--image-size", "96"])
+    assert typed == {"epochs", "batch_size"}
+    demo, _ = bts.config_from_args(["--demo", "--image-size", "96"])
     assert demo.image_size == 96 and demo.base_width == bts.DEMO_DEFAULTS["base_width"]
-    improved = bts.config_from_args(["--recipe", "improved", "--lr", "5e-4"])
+    improved, _ = bts.config_from_args(["--recipe", "improved", "--lr", "5e-4"])
     assert improved.loss == "dice+bce" and improved.augment and improved.lr == 5e-4
-    seed = bts.config_from_args(["--recipe", "seed", "--epochs", "3"])
+    seed, _ = bts.config_from_args(["--recipe", "seed", "--epochs", "3"])
     assert (seed.optimizer, seed.lr, seed.weight_decay, seed.schedule, seed.loss) == ("adam", 1e-3, 0.0, "constant", "dice")
     assert not (seed.augment or seed.tune_threshold or seed.tta) and seed.threshold == 0.5 and seed.epochs == 3
 
 
 def test_the_default_recipe_is_the_dataclass_itself():
     defaults = bts.Config()
-    assert defaults.recipe == "improved" and bts.config_from_args([]) == defaults
-    assert bts.config_from_args(["--recipe", "improved"]) == defaults
+    assert defaults.recipe == "improved" and bts.config_from_args([])[0] == defaults
+    assert bts.config_from_args(["--recipe", "improved"])[0] == defaults
     assert any(getattr(defaults, k) != v for k, v in bts.SEED_RECIPE.items())
 
 
@@ -112,8 +117,8 @@ def test_defaults_edited_at_the_top_of_a_copy_of_the_script_drive_the_run(synthe
     source = SCRIPT.read_text()
     for name, (old, new) in EDITED_DEFAULTS.items():
         line = next(l for l in source.splitlines() if l.lstrip().startswith(f"{name}: "))
-        assert f"_f({old}," in line, line
-        source = source.replace(line, line.replace(f"_f({old},", f"_f({new},"))
+        assert f"setting({old}," in line, line
+        source = source.replace(line, line.replace(f"setting({old},", f"setting({new},"))
     copy = tmp_path / "edited.py"
     copy.write_text(source)
     out = tmp_path / "run"
@@ -130,7 +135,7 @@ def test_defaults_edited_at_the_top_of_a_copy_of_the_script_drive_the_run(synthe
 
 
 def test_recipe_seed_overlays_only_the_fields_not_typed():
-    seed = bts.config_from_args(["--recipe", "seed", "--lr", "3e-4", "--augment"])
+    seed, _ = bts.config_from_args(["--recipe", "seed", "--lr", "3e-4", "--augment"])
     assert seed.lr == 3e-4 and seed.augment and seed.loss == "dice" and seed.optimizer == "adam"
 
 
@@ -352,7 +357,7 @@ def test_sigkill_inside_a_checkpoint_write_leaves_the_previous_one_and_the_next_
     else:
         state = torch.load(path, weights_only=True)
         assert state["i"] == block_at - 1 and torch.all(state["weights"] == block_at - 1)
-    bts.remove_stale_temporaries(tmp_path)  # what the next run in this folder does first
+    bts.remove_stale_temporaries(tmp_path, ["model.pth"])  # what the next run in this folder does first
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -400,17 +405,36 @@ def test_cross_validation_trains_one_model_per_fold_on_disjoint_patients(synthet
 
 
 @pytest.mark.parametrize("amp", ["bf16", "auto"])
-def test_cpu_runs_in_bf16_and_auto_record_their_precision(amp, synthetic, tmp_path, capsys):
+def test_cpu_runs_in_bf16_and_auto_follow_the_fixed_rule(amp, synthetic, tmp_path, capsys):
     out = tmp_path / amp
     args = [a for a in TINY if a not in ("--amp", "off")]
     assert run(["--data-dir", synthetic, "--out-dir", out, *args, "--epochs", "1", "--amp", amp]) == 0
     printed = capsys.readouterr().out
-    precision = bts.load_checkpoint(out / "last.pth")["precision"]
+    precision = json.loads((out / "metrics.json").read_text())["precision"]
     if amp == "bf16":
-        assert precision == "bfloat16" and "precision: torch.bfloat16" in printed
+        assert precision == "bfloat16" and "precision: bfloat16 (--amp bf16)" in printed
     elif bts.cpu_has_native_bf16():
-        assert "--amp auto on a CPU with native bf16" in printed and precision in ("bfloat16", "float32")
+        assert precision == "bfloat16" and "precision: bfloat16 (a CPU with native bf16" in printed
     else:
-        assert precision == "float32"
+        assert precision == "float32" and "precision: float32 (a CPU without native bf16)" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["test"]["dice"] <= 1
+
+
+@pytest.mark.parametrize("capability, native, expected", [
+    ("AVX512", True, "precision: bfloat16 (a CPU with native bf16; --amp off for float32), channels-last: True"),
+    ("AVX512", False, "precision: float32 (a CPU without native bf16), channels-last: True"),
+    ("AVX2", False, "precision: float32 (a CPU without native bf16), channels-last: False"),
+])
+def test_the_defaults_the_benchmark_chose_are_in_effect_on_each_kind_of_cpu(capability, native, expected,
+                                                                            monkeypatch, capsys):
+    monkeypatch.setattr(bts.torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(bts, "cpu_has_native_bf16", lambda: native)
+    machine = bts.set_up_machine(bts.Config(device="cpu"))
+    bts.choose_precision(machine, bts.Config(device="cpu"))
+    assert expected in capsys.readouterr().out
+    long_run, demo = bts.Config(), bts.config_from_args(["--demo"])[0]
+    # compile auto on a CPU: only in bf16, and only for a run long enough to repay the first compile
+    assert bts.use_compile(long_run, machine, 1900) == native
+    assert not bts.use_compile(demo, machine, 420)
+    assert not bts.use_compile(bts.Config(compile="off"), machine, 1900)

@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Did my change help? Compare finished runs of brain_tumor_segmentation.py.
+
+    python compare.py outputs/a-seed1 outputs/a-seed2 outputs/b-seed1 outputs/b-seed2
+    python compare.py "outputs/*" --out outputs/comparison
+
+Runs are grouped into settings: runs that differ only in --seed (and in fields that do not change
+what a run learns) are one setting, shown as the mean and spread over its seeds. When all runs were
+tested on the same images, each setting is compared with the first by the difference of their mean
+test Dice, with a 95% interval that resamples test patients (the same draw for both settings:
+paired) and each setting's seeds, so that training noise and test-set noise both count; "better",
+"worse" or "cannot tell" follows from it. Runs tested on different images are compared only by
+their own intervals. Writes OUT/comparison.png, OUT/comparison.csv (one row per run) and
+OUT/differences.csv.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import brain_tumor_segmentation as bts  # noqa: E402
+from brain_tumor_segmentation import UserError, setting  # noqa: E402
+
+OUTPUTS = ["comparison.png", "comparison.csv", "differences.csv"]
+
+
+@dataclass
+class CompareConfig:
+    runs: list[str] = setting([], "output folders of finished runs or cross-validations (a quoted glob works)",
+                              positional=True, metavar="RUN_DIR")
+    out: str = setting("outputs/comparison", "folder for comparison.png, comparison.csv and differences.csv")
+
+    def __post_init__(self):
+        bts.check_fields(self)
+
+
+def compare(cfg: CompareConfig) -> dict:
+    """Read the runs, group them into settings, print and write the comparison."""
+    runs = [read_run(folder) for folder in run_folders(cfg.runs)]
+    if len(runs) < 2:
+        raise UserError(f"{', '.join(cfg.runs)}: give at least two finished runs to compare")
+    labels, names = run_labels(runs)
+    settings = group_settings(runs, names)
+    same_test = len({r["test_split"] for r in runs}) == 1
+    differences = [difference(settings[0], s) for s in settings[1:]] if same_test else []
+    reads = {r["folder"]: (f"the run folder {r['folder']}", True) for r in runs}
+    with bts.claim_folder(Path(cfg.out), "compare", OUTPUTS, reads, replace=True) as out:
+        out.begin()
+        print_table(runs, labels, settings, differences, same_test)
+        bts.save_csv(out / "comparison.csv", [run_row(r, label) for r, label in zip(runs, labels)])
+        bts.save_csv(out / "differences.csv", differences or [{"note": "the runs were tested on different images"}])
+        plot_comparison(out / "comparison.png", runs, labels, settings, differences)
+    bts.log(f"written: {out / 'comparison.png'}, comparison.csv, differences.csv")
+    return {"runs": runs, "settings": settings, "differences": differences}
+
+
+def run_folders(patterns: list[str]) -> list[Path]:
+    """The folders named; a glob (quoted, so the shell left it) names the run folders it matches."""
+    folders = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            folders += [Path(p) for p in sorted(glob.glob(pattern)) if (Path(p) / bts.MANIFEST).is_file()]
+        else:
+            folders.append(Path(pattern))
+    return folders
+
+
+def read_json(path: Path, keys: tuple) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+        assert isinstance(value, dict) and all(k in value for k in keys)
+        return value
+    except (OSError, ValueError, AssertionError):
+        raise UserError(f"{path}: missing or not what a finished run writes; compare reads only finished runs "
+                        f"of this script") from None
+
+
+def read_fold(folder: Path) -> dict:
+    """One finished run: its settings, curves, test Dice and each test image's Dice and patient."""
+    if not (folder / "metrics.json").is_file():
+        raise UserError(f"{folder}: not a finished run (no metrics.json, nor a cross-validation's record)")
+    metrics = read_json(folder / "metrics.json", ("test", "history", "best_val_dice", "test_split"))
+    config = read_json(folder / "config.json", ("seed",))
+    try:
+        with open(folder / "test_per_image.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        per_image = {r["image"]: float(r["dice"]) for r in rows}
+        groups = {r["image"]: r["patient"] for r in rows}
+        history = {k: [float(v) for v in metrics["history"][k]] for k in ("val_dice", "val_loss", "train_loss")}
+        dice, interval = float(metrics["test"]["dice"]), metrics["test"]["dice_ci95"]
+        interval = [float(v) for v in interval] if interval is not None else None
+    except (OSError, KeyError, TypeError, ValueError, csv.Error):
+        raise UserError(f"{folder}: its metrics.json or test_per_image.csv is not what a finished run writes") from None
+    return {"folder": folder, "config": config, "dice": dice, "interval": interval, "history": history,
+            "best_val_dice": float(metrics["best_val_dice"]), "test_split": str(metrics["test_split"]),
+            "per_image": per_image, "groups": groups}
+
+
+def read_run(folder: Path) -> dict:
+    """A finished run, or a finished cross-validation as one run: its folds' mean Dice with their
+    spread, and their test images together (the folds test disjoint patients)."""
+    record = bts.read_manifest(folder, "cross-validation") if (folder / bts.MANIFEST).is_file() and \
+        not (folder / "metrics.json").is_file() else {}
+    if not record:
+        return {**read_fold(folder), "folds": 0}
+    k = record.get("folds")
+    folds = [folder / f"fold_{i + 1}" for i in range(k if isinstance(k, int) else 0)]
+    unfinished = [f.name for f in folds if not (f / "metrics.json").is_file()]
+    if not folds or unfinished:
+        raise UserError(f"{folder}: a {k}-fold cross-validation with {len(unfinished)} folds unfinished "
+                        f"({', '.join(unfinished)}); compare reads it once every fold is finished")
+    parts = [read_fold(f) for f in folds]
+    dice = np.array([p["dice"] for p in parts])
+    epochs = min(len(p["history"]["val_dice"]) for p in parts)
+    return {"folder": folder, "config": parts[0]["config"], "dice": float(dice.mean()), "folds": k,
+            "interval": [float(dice.mean() - dice.std(ddof=1)), float(dice.mean() + dice.std(ddof=1))],
+            "history": {key: np.mean([p["history"][key][:epochs] for p in parts], axis=0).tolist()
+                        for key in parts[0]["history"]},
+            "best_val_dice": float(np.mean([p["best_val_dice"] for p in parts])),
+            "test_split": ",".join(p["test_split"] for p in parts),
+            "per_image": {k: v for p in parts for k, v in p["per_image"].items()},
+            "groups": {k: v for p in parts for k, v in p["groups"].items()}}
+
+
+def learned_settings(config: dict) -> dict:
+    """The fields that change what a run learns, but the training seed."""
+    fields = {f.name for f in bts.dataclasses.fields(bts.Config) if f.metadata.get("learns", True)} - {"seed"}
+    return {k: v for k, v in sorted(config.items()) if k in fields}
+
+
+def run_labels(runs: list[dict]) -> tuple[list[str], list[str]]:
+    """Each run's setting named by the fields in which the runs' settings differ, and each run by its
+    setting, its seed where the setting has several, and its folder where that is still not enough."""
+    settings = [learned_settings(r["config"]) for r in runs]
+    keys = sorted({k for s in settings for o in settings for k in s if s.get(k) != o.get(k)})
+    setting = [", ".join(f"{k}={s.get(k)}" for k in keys) for s in settings]
+    labels = [", ".join(filter(None, [s, f"seed={r['config'].get('seed')}" if setting.count(s) > 1 else ""]))
+              for s, r in zip(setting, runs)]
+    labels = [f"{label} ({r['folder'].name})".lstrip() if not label or labels.count(label) > 1 else label
+              for label, r in zip(labels, runs)]
+    return labels, [s or "the runs" for s in setting]
+
+
+def group_settings(runs: list[dict], names: list[str]) -> list[dict]:
+    """Runs of the same learned settings (differing at most in the seed), in order of first appearance."""
+    settings = {}
+    for r, name in zip(runs, names):
+        settings.setdefault(name, {"label": name, "runs": []})["runs"].append(r)
+    for s in settings.values():
+        dice = np.array([r["dice"] for r in s["runs"]])
+        s.update(seeds=len(dice), mean=float(dice.mean()), sd=float(dice.std(ddof=1)) if len(dice) > 1 else None)
+    return list(settings.values())
+
+
+def difference(a: dict, b: dict, draws: int = 4000, seed: int = 0) -> dict:
+    """Mean test Dice of setting b minus setting a (each the mean over its seeds), with a 95% interval
+    that resamples the test patients (one draw for both settings: paired) and, within each setting,
+    its seeds: both the test set and the training seed are noise."""
+    runs = a["runs"] + b["runs"]
+    images = sorted(set.intersection(*(set(r["per_image"]) for r in runs)))
+    keys, group = np.unique([runs[0]["groups"][i] for i in images], return_inverse=True)
+    counts = np.bincount(group, minlength=len(keys)).astype(float)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(keys), size=(draws, len(keys)))
+    weights = np.zeros((draws, len(keys)))
+    np.add.at(weights, (np.arange(draws)[:, None], picks), 1)  # how often each patient is drawn
+
+    def setting_means(s: dict) -> tuple[float, np.ndarray]:
+        sums = np.stack([np.bincount(group, weights=[r["per_image"][i] for i in images], minlength=len(keys))
+                         for r in s["runs"]])  # (seeds, patients)
+        means = (weights @ sums.T) / (weights @ counts)[:, None]  # each seed's mean Dice in each draw
+        chosen = rng.integers(0, len(s["runs"]), size=(draws, len(s["runs"])))
+        return float((sums.sum(1) / counts.sum()).mean()), np.take_along_axis(means, chosen, 1).mean(1)
+
+    (point_a, boot_a), (point_b, boot_b) = setting_means(a), setting_means(b)
+    low, high = np.percentile(boot_b - boot_a, [2.5, 97.5])
+    verdict = "better" if low > 0 else "worse" if high < 0 else "cannot tell"
+    if len(keys) < 5:
+        verdict, low, high = "cannot tell (fewer than 5 test patients)", float("nan"), float("nan")
+    return {"setting": b["label"], "reference": a["label"], "difference": point_b - point_a, "low": float(low),
+            "high": float(high), "verdict": verdict, "seeds": f"{b['seeds']} vs {a['seeds']}",
+            "test_images": len(images), "test_patients": len(keys)}
+
+
+def print_table(runs, labels, settings, differences, same_test) -> None:
+    width = max(len(label) for label in labels + [s["label"] for s in settings])
+    bts.log(f"{'run':{width}s}  best val Dice  test Dice  interval")
+    for r, label in zip(runs, labels):
+        spread = "mean +- sd over folds" if r["folds"] else "95% over patients"
+        interval = f"{r['interval'][0]:.4f}-{r['interval'][1]:.4f} ({spread})" if r["interval"] else "none (too few)"
+        bts.log(f"{label:{width}s}  {r['best_val_dice']:13.4f}  {r['dice']:9.4f}  {interval}")
+    if any(s["seeds"] > 1 for s in settings):
+        bts.log(f"\n{'setting':{width}s}  seeds  mean test Dice  sd over seeds")
+        for s in settings:
+            sd = f"{s['sd']:.4f}" if s["sd"] is not None else "-"
+            bts.log(f"{s['label']:{width}s}  {s['seeds']:5d}  {s['mean']:14.4f}  {sd}")
+    for d in differences:
+        bts.log(f"{d['setting']} vs {d['reference']}: {d['difference']:+.4f} Dice [95% CI {d['low']:+.4f} to "
+                f"{d['high']:+.4f}] on the same {d['test_images']} test images ({d['test_patients']} patients), "
+                f"{d['seeds']} seeds: {d['verdict'].upper()}")
+    if not same_test:
+        bts.log("the runs were tested on different images (other splits or data), so no paired difference: "
+                "compare only their intervals")
+        for i in range(len(runs)):
+            for j in range(i + 1, len(runs)):
+                a, b = runs[i]["interval"], runs[j]["interval"]
+                if runs[i]["test_split"] != runs[j]["test_split"]:
+                    bts.log(f"{labels[i]} vs {labels[j]}: tested on different splits (other test images), so their "
+                            f"Dice is not comparable image for image")
+                if a and b and a[0] <= b[1] and b[0] <= a[1]:
+                    bts.log(f"{labels[i]} vs {labels[j]}: the intervals overlap, so this test set cannot tell them "
+                            f"apart")
+
+
+def run_row(r: dict, label: str) -> dict:
+    return {"run": str(r["folder"]), "label": label, "seed": r["config"].get("seed"), "folds": r["folds"],
+            "best_val_dice": round(r["best_val_dice"], 5), "test_dice": round(r["dice"], 5),
+            "low": round(r["interval"][0], 5) if r["interval"] else "", "high": round(r["interval"][1], 5) if
+            r["interval"] else "", "test_split": r["test_split"]}
+
+
+def plot_comparison(path: Path, runs, labels, settings, differences) -> None:
+    fig = bts.figure(17, 4.5)
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    colours = {id(r): f"C{i}" for i, s in enumerate(settings) for r in s["runs"]}
+    for i, (r, label) in enumerate(zip(runs, labels)):
+        curve = r["history"]["val_dice"]
+        ax1.plot(np.arange(1, len(curve) + 1), curve, "o-", color=colours[id(r)], label=label, markersize=3)
+        if r["interval"]:
+            ax2.errorbar([r["dice"]], [i], xerr=[[r["dice"] - r["interval"][0]], [r["interval"][1] - r["dice"]]],
+                         fmt="o", capsize=5, color=colours[id(r)])
+        else:
+            ax2.plot([r["dice"]], [i], "o", color=colours[id(r)])
+    ax1.set(xlabel="epoch", ylabel="Dice", title="Validation Dice")
+    ax1.legend(fontsize=7)
+    ax2.set_yticks(np.arange(len(runs)), labels, fontsize=8)
+    ax2.set(ylim=(len(runs) - 0.5, -0.5), xlabel="test Dice",
+            title="Each run's test Dice: 95% interval over patients\n(cross-validation: mean +- sd over folds)")
+    for i, d in enumerate(differences):
+        ax3.errorbar([d["difference"]], [i], xerr=[[d["difference"] - d["low"]], [d["high"] - d["difference"]]],
+                     fmt="o", capsize=5, color=f"C{i + 1}")
+        ax3.annotate(d["verdict"], (d["difference"], i), xytext=(0, 8), textcoords="offset points", ha="center",
+                     fontsize=8)
+    ax3.axvline(0, color="gray", lw=1)
+    ax3.set_yticks(np.arange(len(differences)), [d["setting"] for d in differences], fontsize=8)
+    ax3.set(ylim=(max(len(differences), 1) - 0.5, -0.5), xlabel=f"mean test Dice minus {settings[0]['label']}",
+            title="Difference to the first setting, 95% interval\n(paired over test patients, seeds resampled)"
+            if differences else "No paired difference: the runs were tested\non different images")
+    for ax in (ax1, ax2, ax3):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    bts.save_figure(path, fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = bts.build_parser(CompareConfig, __doc__.split("\n\n")[0], prog="compare.py")
+    return bts.run_cli(lambda: compare(CompareConfig(**vars(parser.parse_args(argv)))))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
