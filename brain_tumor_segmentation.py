@@ -55,110 +55,93 @@ from tqdm import tqdm
 
 
 def setting(default, help, **rules):
-    """A Config field. Its rules stand beside it and are all the checks and the command line know:
-    low/high (inclusive bounds), above (an exclusive lower bound), share (between 0 and 1), choices
-    (a function naming the allowed values, for tables defined further down), resumable (may change
-    on --resume), learns=False (does not change what a run learns or measures: compare leaves it
-    out), const and aliases (for the command line)."""
+    """A Config field with its rules beside it, which the checks and the command line read: low, high
+    (inclusive bounds), above (exclusive), share (between 0 and 1), choices (a function, for tables
+    defined below), resumable (may change on --resume), learns=False (does not change what a run
+    learns: compare leaves it out), const and aliases (for the command line)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **rules})
     return field(default=default, metadata={"help": help, **rules})
 
 
 def training_setting(name: str, **rules):
-    """A field of another tool's settings that is also training's: the same default, help and rules."""
-    metadata = {**Config.__dataclass_fields__[name].metadata, **rules}
-    return setting(Config.__dataclass_fields__[name].default, **metadata)
+    """Another tool's field that is also training's: the same default, help and rules."""
+    return setting(Config.__dataclass_fields__[name].default, **{**Config.__dataclass_fields__[name].metadata, **rules})
+
+
+SEED_RANGE = dict(low=0, high=2 ** 31 - 1)
+HOW_IT_RUNS = dict(resumable=True, learns=False)  # machine and output settings: free to change on --resume
 
 
 @dataclass
 class Config:
     # data
-    data_dir: str = setting("", "folder with images/ and masks/; empty: ./data/brain-tumor-segmentation, "
-                                "downloaded from Kaggle when missing", resumable=True, learns=False)
-    out_dir: str = setting("outputs", "where model.pth, metrics, split and visualizations/ go", resumable=True,
-                           learns=False)
-    demo: bool = setting(False, "train on a generated synthetic dataset (offline, seconds on a CPU)")
-    demo_images: int = setting(600, "number of synthetic slices generated for --demo", low=10)
-    limit: int = setting(0, "use only the first N image pairs (0: all); for quick experiments", low=0)
-    image_size: int = setting(256, "images and masks are resized to this square size (a multiple of 16)",
-                              low=16, high=4096)
-    split: Literal["patient", "random"] = setting(
-        "patient", "patient: no patient in two parts (patients.csv, --groups, or similar neighbouring slices); "
-                   "random: by image, as the seed did")
+    data_dir: str = setting("", "folder with images/ and masks/ (default: data/brain-tumor-segmentation, "
+                                "downloaded when missing)", **HOW_IT_RUNS)
+    out_dir: str = setting("outputs", "where model.pth, metrics, split and visualizations/ go", **HOW_IT_RUNS)
+    demo: bool = setting(False, "train on generated synthetic slices (offline, seconds on a CPU)")
+    demo_images: int = setting(600, "synthetic slices generated for --demo", low=10)
+    limit: int = setting(0, "use only the first N image pairs (0: all)", low=0)
+    image_size: int = setting(256, "images and masks are resized to this square size (a multiple of 16)", low=16,
+                              high=4096)
+    split: Literal["patient", "random"] = setting("patient", "patient: no patient in two parts; random: by image, "
+                                                             "as the seed did")
     groups: str = setting("", "CSV with columns image,patient_id[,tumor_type] for your own data")
     val_fraction: float = setting(0.2, "fraction of the data for validation", above=0)
     test_fraction: float = setting(0.1, "fraction of the data for the final test", above=0)
-    split_seed: int = setting(42, "seed of the split alone: runs with other --seed values test on the same images",
-                              low=0, high=2 ** 31 - 1)
-    folds: int = setting(0, "K >= 3: K-fold cross-validation over patients, one model per fold in OUT_DIR/fold_N "
-                            "(the next fold validates); 0: one 70/20/10 split", resumable=True)
-    fold: int = setting(-1, "with --folds: run only this fold (0-based); -1: all of them, then a summary",
-                        resumable=True, learns=False)
+    split_seed: int = setting(42, "seed of the split alone: runs of other --seed test on the same images", **SEED_RANGE)
+    folds: int = setting(0, "K >= 3: K-fold cross-validation, one model per fold in OUT_DIR/fold_N", resumable=True)
+    fold: int = setting(-1, "with --folds: run only this fold (0-based); -1: all of them", **HOW_IT_RUNS)
     # model
     base_width: int = setting(32, "channels of the first encoder block; the U-Net doubles it 4 times", low=1)
     # training recipe
-    recipe: Literal["improved", "seed"] = setting(
-        "improved", "improved: per-image Dice+BCE, AdamW, one-cycle, augmentation, threshold tuned on validation, "
-                    "mirror averaging; seed: the original script's recipe exactly. Fields you set win")
+    recipe: Literal["improved", "seed"] = setting("improved", "seed: the original script's recipe exactly (fields "
+                                                              "you set win; see SEED_RECIPE)")
     epochs: int = setting(20, "training epochs", low=1, resumable=True)
     batch_size: int = setting(16, "images per training step (per process under torchrun)", low=1)
     lr: float = setting(2e-3, "learning rate (the peak one with --schedule onecycle)", above=0)
-    optimizer: Literal["adam", "adamw"] = setting("adamw", "adam, or adamw (decoupled weight decay)")
+    optimizer: Literal["adam", "adamw"] = setting("adamw", "adamw decouples the weight decay")
     weight_decay: float = setting(1e-4, "weight decay", low=0)
     schedule: Literal["constant", "onecycle"] = setting("onecycle", "learning-rate schedule")
-    loss: str = setting("dice+bce", "a name in LOSSES: dice, the seed's batch Dice loss; dice+bce, per-image Dice "
-                                    "plus BCE", choices=lambda: tuple(LOSSES))
+    loss: str = setting("dice+bce", "a name in LOSSES", choices=lambda: tuple(LOSSES))
     smooth: float = setting(1.0, "smoothing term of the Dice loss", low=0)
-    warmup_fraction: float = setting(0.3, "with --schedule onecycle: share of the steps spent warming up to lr",
-                                     share=True)
-    seed: int = setting(42, "seed of the initial weights, the batch order and the augmentation", low=0,
-                        high=2 ** 31 - 1)
-    augment: bool = setting(True, "random flips, rotations, scaling and gamma, applied on the device")
-    aug_flip: float = setting(0.5, "augmentation: probability of a left-right flip", share=True)
-    aug_rotation: float = setting(15.0, "augmentation: largest rotation, in degrees either way", low=0, high=180)
-    aug_scale: float = setting(0.1, "augmentation: zoom factor drawn log-uniformly in exp(+-aug_scale)", low=0,
-                               high=1)
-    aug_gamma: float = setting(0.3, "augmentation: gamma drawn log-uniformly in exp(+-aug_gamma)", low=0, high=2)
-    threshold: float = setting(0.5, "probability above which a pixel is tumour: in per-epoch validation, and in the "
-                                    "test and predict unless --tune-threshold replaces it after training", share=True)
-    tune_threshold: bool = setting(True, "after training, pick the threshold with the best validation Dice")
-    threshold_min: float = setting(0.2, "with --tune-threshold: the lowest threshold tried", share=True)
-    threshold_max: float = setting(0.8, "with --tune-threshold: the highest threshold tried", share=True)
-    threshold_step: float = setting(0.05, "with --tune-threshold: the step between thresholds tried", above=0)
-    tta: bool = setting(True, "average each image's prediction with its left-right mirror's in the test, the "
-                              "threshold choice and predict (not in per-epoch validation)")
+    warmup_fraction: float = setting(0.3, "onecycle: share of the steps spent warming up to lr", share=True)
+    seed: int = setting(42, "seed of the initial weights, the batch order and the augmentation", **SEED_RANGE)
+    augment: bool = setting(True, "random flips, rotations, scaling and gamma, on the device")
+    aug_flip: float = setting(0.5, "probability of a left-right flip", share=True)
+    aug_rotation: float = setting(15.0, "largest rotation, in degrees either way", low=0, high=180)
+    aug_scale: float = setting(0.1, "zoom drawn log-uniformly in exp(+-aug_scale)", low=0, high=1)
+    aug_gamma: float = setting(0.3, "gamma drawn log-uniformly in exp(+-aug_gamma)", low=0, high=2)
+    threshold: float = setting(0.5, "probability above which a pixel is tumour (until --tune-threshold replaces it)",
+                               share=True)
+    tune_threshold: bool = setting(True, "after training, take the threshold with the best validation Dice")
+    threshold_min: float = setting(0.2, "the lowest threshold tried", share=True)
+    threshold_max: float = setting(0.8, "the highest threshold tried", share=True)
+    threshold_step: float = setting(0.05, "the step between thresholds tried", above=0)
+    tta: bool = setting(True, "average each prediction with its mirror image's (threshold choice, test, predict)")
     # machine: how fast, not what is learned
-    device: str = setting("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N", resumable=True,
-                          learns=False)
+    device: str = setting("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N", **HOW_IT_RUNS)
     amp: Literal["auto", "bf16", "fp16", "off"] = setting(
-        "auto", "mixed precision: auto is bf16 on GPUs that have it (else fp16 with a grad scaler) and on CPUs with "
-                "native bf16 (AVX-512 BF16 or AMX), float32 on other CPUs", resumable=True, learns=False)
-    channels_last: bool = setting(True, "channels-last memory format on CUDA and on AVX-512 CPUs", resumable=True,
-                                  learns=False)
+        "auto", "mixed precision; auto: bf16 on GPUs that have it (else fp16) and on CPUs with AVX-512 BF16 or AMX, "
+                "float32 on other CPUs", **HOW_IT_RUNS)
+    channels_last: bool = setting(True, "channels-last memory format on CUDA and on AVX-512 CPUs", **HOW_IT_RUNS)
     compile: Literal["auto", "on", "off"] = setting(
-        "auto", "torch.compile the model: auto is on for CUDA, and on CPUs in bf16 for runs of at least "
-                "COMPILE_WORTH_IT steps (a first compile takes about a minute there)", resumable=True, learns=False)
+        "auto", "torch.compile; auto: on CUDA, and on CPUs in bf16 for runs of CPU_COMPILE_FROM pixels", **HOW_IT_RUNS)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = setting(
-        "default", "torch.compile mode: reduce-overhead uses CUDA graphs, max-autotune also autotunes kernels",
-        resumable=True, learns=False)
-    deterministic: bool = setting(False, "repeatable CUDA runs: deterministic kernels, no cuDNN autotuning (slower)",
-                                  learns=False)
-    nan_check_every: int = setting(20, "on GPUs, check the loss for NaN every N steps (each check waits for the GPU); "
-                                       "on a CPU every step is checked", low=1, learns=False)
-    eval_batch_size: int = setting(64, "images per step in validation, test and prediction", low=1, resumable=True,
+        "default", "reduce-overhead: CUDA graphs; max-autotune: also autotuned kernels", **HOW_IT_RUNS)
+    deterministic: bool = setting(False, "repeatable CUDA runs: deterministic kernels, no autotuning", learns=False)
+    nan_check_every: int = setting(20, "on GPUs, check the loss every N steps (each check waits for the GPU)", low=1,
                                    learns=False)
-    workers: int = setting(0, "threads that decode images once at start-up (0: one per CPU core, max 8)", low=0,
-                           resumable=True, learns=False)
+    eval_batch_size: int = setting(64, "images per step in validation, test and prediction", low=1, **HOW_IT_RUNS)
+    workers: int = setting(0, "threads that decode the images at start-up (0: one per core, at most 8)", low=0,
+                           **HOW_IT_RUNS)
     # outputs and run control
-    panel_images: int = setting(4, "validation images in the per-epoch prediction panel", low=0, resumable=True,
-                                learns=False)
-    test_samples: int = setting(10, "random test images in the final Original | Ground truth | Prediction panel",
-                                low=0, resumable=True, learns=False)
-    resume: str = setting("", "continue a run: --resume (OUT_DIR/last.pth), --resume FOLDER or --resume FILE",
-                          const="auto", resumable=True, learns=False)
-    overwrite: bool = setting(False, "let a new run replace the outputs of an earlier run in OUT_DIR (never other "
-                                     "files)", resumable=True, learns=False)
+    panel_images: int = setting(4, "validation images in each epoch's prediction panel", low=0, **HOW_IT_RUNS)
+    test_samples: int = setting(10, "random test images in the final panel", low=0, **HOW_IT_RUNS)
+    resume: str = setting("", "continue a run: --resume (OUT_DIR/last.pth), --resume FOLDER or FILE", const="auto",
+                          **HOW_IT_RUNS)
+    overwrite: bool = setting(False, "let a new run replace an earlier run's outputs in OUT_DIR (never other files)",
+                              **HOW_IT_RUNS)
 
     def __post_init__(self):
         check_fields(self)
@@ -167,11 +150,9 @@ class Config:
         if self.val_fraction + self.test_fraction >= 1:
             raise UserError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
         if self.folds != 0 and self.folds < 3:
-            raise UserError(f"--folds {self.folds}: must be 0 (one split) or at least 3 (test, validation and "
-                            f"training folds)")
+            raise UserError(f"--folds {self.folds}: must be 0 (one split) or at least 3 (test, validation, training)")
         if not -1 <= self.fold < max(self.folds, 1) or (self.fold >= 0 and not self.folds):
-            raise UserError(f"--fold {self.fold}: must be -1 (all folds) or a fold number from 0 to --folds minus 1, "
-                            f"with --folds")
+            raise UserError(f"--fold {self.fold}: must be -1 (all folds) or from 0 to --folds minus 1, with --folds")
         if self.threshold_min > self.threshold_max:
             raise UserError("--threshold-min must not be above --threshold-max")
         check_batch_fits(self, self.batch_size)
@@ -187,9 +168,6 @@ SEED_RECIPE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="consta
 # --demo: a synthetic dataset small enough to train well in seconds on a CPU.
 DEMO_DEFAULTS = dict(image_size=64, base_width=16, epochs=12, batch_size=16, out_dir="outputs/demo",
                      data_dir="data/synthetic-demo")
-# A first torch.compile on a CPU takes about a minute and then saves about a tenth of each step
-# (bench/RESULTS.md): worth it from this many training steps on.
-COMPILE_WORTH_IT = 2000
 KAGGLE_DATASET = "nikhilroxtomar/brain-tumor-segmentation"
 KAGGLE_PAIRS = 3064  # image/mask pairs in that dataset, as patients.csv lists them
 DEFAULT_DATA_DIR = "data/brain-tumor-segmentation"
@@ -308,8 +286,12 @@ def choose_precision(machine: Machine, cfg: Config) -> None:
     log(f"device: {machine.device}" + (f" ({torch.cuda.get_device_name(machine.device)})" if machine.device.type ==
                                        "cuda" else f" ({torch.get_num_threads()} threads)")
         + (f", {machine.world} processes" if machine.world > 1 else ""))
-    log(f"precision: {str(machine.dtype or torch.float32).removeprefix('torch.')} ({why}), channels-last: "
+    log(f"precision: {precision_name(machine)} ({why}), channels-last: "
         f"{machine.channels_last}")
+
+
+def precision_name(machine: Machine) -> str:
+    return str(machine.dtype or torch.float32).removeprefix("torch.")
 
 
 def pick_device(name: str) -> torch.device:
@@ -445,16 +427,16 @@ def check_best_model(state: dict, path: Path, epochs: int) -> None:
     state["best"] = dict(NO_BEST)
 
 
-# What every checkpoint holds, and of which type; a resumable state (last.pth) holds more.
-CHECKPOINT_FIELDS = {"model": dict, "config": dict, "split": dict, "history": dict, "threshold": (int, float),
-                     "epoch": int, "step": int, "best": dict}
-RESUME_FIELDS = {"optimizer": dict, "epoch_losses": torch.Tensor, "world": int}
+# What every checkpoint holds, and of which type; a resumable state (last.pth) holds RESUMABLE too.
+CHECKPOINT = {"model": {str: torch.Tensor}, "config": dict, "split": {"train": list, "val": list, "test": list},
+              "history": {str: list}, "threshold": float, "epoch": int, "step": int,
+              "best": {"epoch": int, "val_dice": float}}
+RESUMABLE = {"optimizer": dict, "epoch_losses": torch.Tensor, "world": int}
 
 
 def load_checkpoint(path: Path | str, resumable: bool = False) -> dict:
-    """A checkpoint of this script, loaded without running any code stored in it and checked whole
-    (types, settings, values; with `resumable`, what --resume needs too): the one place that
-    decides whether a checkpoint can be used. One sentence naming the file when it cannot."""
+    """A checkpoint of this script, loaded without running any code stored in it and checked whole:
+    the one place that decides whether a checkpoint can be used, and says why not in one sentence."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
@@ -465,25 +447,19 @@ def load_checkpoint(path: Path | str, resumable: bool = False) -> dict:
     except OSError as e:
         raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
     except Exception as e:  # torch raises many kinds for damaged or foreign files
-        raise UserError(f"{path}: {unloadable(path, e)}") from None
+        import pickle
+        with open(path, "rb") as f:
+            bare_pickle = f.read(1) == b"\x80"  # not torch.save's zip: it may hold code
+        if bare_pickle or "Unsupported global" in str(e):  # torch says "holds code" only in its message
+            raise UserError(f"{path}: refused, it holds Python objects that could run code when loaded; only "
+                            f"checkpoints written by this script can be used") from None
+        kind = "not a PyTorch checkpoint" if isinstance(e, pickle.UnpicklingError) else "not a readable PyTorch " \
+            f"checkpoint (truncated or another kind of file: {first_line(e)})"
+        raise UserError(f"{path}: {kind}") from None
     problem = checkpoint_problem(state, resumable)
     if problem:
         raise UserError(f"{path}: {problem}")
     return state
-
-
-def unloadable(path: Path, e: Exception) -> str:
-    """Why torch.load refused a file, in a user's words."""
-    import pickle
-    with open(path, "rb") as f:
-        raw_pickle = f.read(1) == b"\x80"  # a bare pickle, not torch.save's zip: it may hold code
-    if raw_pickle or (isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e)):  # torch's only signal
-        return "refused, it holds Python objects that could run code when loaded; only checkpoints written by " \
-               "this script can be used"
-    if isinstance(e, pickle.UnpicklingError):
-        return "not a PyTorch checkpoint (another kind of file)"
-    detail = first_line(e)
-    return f"not a readable PyTorch checkpoint (truncated or another kind of file: {detail})"
 
 
 def checkpoint_problem(state, resumable: bool) -> str:
@@ -495,30 +471,30 @@ def checkpoint_problem(state, resumable: bool) -> str:
                 f"{CHECKPOINT_VERSION}; use the script version that wrote it")
     if resumable and state.get("optimizer") is None:
         return "a best-model file, not a resumable state (that is last.pth, beside it)"
-    kinds = {**CHECKPOINT_FIELDS, **(RESUME_FIELDS if resumable else {})}
-    missing = [k for k in kinds if k not in state]
-    if missing:
-        return f"incomplete checkpoint, {', '.join(missing)} missing"
-    wrong = [k for k, kind in kinds.items() if not isinstance(state[k], kind) or isinstance(state[k], bool)]
-    if not wrong:
-        wrong += ["model"] * (not all(isinstance(v, torch.Tensor) for v in state["model"].values()))
-        wrong += [f"split.{k}" for k in ("train", "val", "test") if not isinstance(state["split"].get(k), list)]
-        wrong += [f"history.{k}" for k, v in state["history"].items() if not isinstance(v, list)]
-        wrong += ["best"] * (not isinstance(state["best"].get("epoch"), int) or
-                             not isinstance(state["best"].get("val_dice"), (int, float)))
+    wrong = mismatches(state, {**CHECKPOINT, **(RESUMABLE if resumable else {})})
     if wrong:
-        return f"damaged checkpoint, {', '.join(wrong)} of the wrong type; use another checkpoint, or train anew"
+        return f"damaged checkpoint, {', '.join(wrong)} missing or of the wrong type; use another checkpoint"
     try:
         saved_config(state["config"])
     except (UserError, TypeError) as e:
         return f"damaged checkpoint, its settings are invalid: {e}"
-    if not 0 <= state["threshold"] <= 1:
-        return "damaged checkpoint, threshold not between 0 and 1"
-    if min(state["epoch"], state["step"]) < 0:
-        return "damaged checkpoint, epoch or step below 0"
-    if not all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()):
-        return "damaged checkpoint, weights that are not finite"
-    return ""
+    values = {"threshold not between 0 and 1": not 0 <= state["threshold"] <= 1,
+              "epoch or step below 0": min(state["epoch"], state["step"]) < 0,
+              "weights that are not finite": not all(torch.isfinite(v).all() for v in state["model"].values())}
+    return next((f"damaged checkpoint, {what}" for what, bad in values.items() if bad), "")
+
+
+def mismatches(value, schema, name: str = "") -> list[str]:
+    """The parts of `value` whose type is not the one `schema` gives (`{str: kind}`: every value of a
+    dict; float accepts int; a bool is no number)."""
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return [name]
+        if str in schema:
+            return [name] if any(mismatches(v, schema[str]) for v in value.values()) else []
+        return [m for k, kind in schema.items() for m in mismatches(value.get(k), kind, f"{name}.{k}".lstrip("."))]
+    kinds = (int, float) if schema is float else schema
+    return [] if isinstance(value, kinds) and not isinstance(value, bool) else [name]
 
 
 def saved_config(config: dict) -> Config:
@@ -642,14 +618,16 @@ def check_targets(folder, program, targets, replace, earlier, inputs) -> dict:
     record = read_manifest(folder, program)
     listed, found = set(record.get("files", [])), []
     lock = folder / LOCK
-    if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+    if lock.is_symlink() or (lock.exists() and not (lock.is_file() and lock.read_text(errors="replace")[:4] in
+                                                      ("", "pid "))):
         raise UserError(f"{lock} is not a lock file of this script; choose another output folder")
-    for name in targets:
-        path = folder / name
-        for part in [folder / p for p in Path(name).parents][-2::-1]:  # the subfolders, outermost first
+    for name in [*targets, *listed]:  # the files it may write or delete
+        for part in [folder / p for p in Path(name).parents][-2::-1]:  # their subfolders, outermost first
             if part.is_symlink():
                 raise UserError(f"{part} is a link to {part.resolve()}; {program} writes only into real folders "
                                 f"inside {folder}. Choose another output folder")
+    for name in targets:
+        path = folder / name
         if path.resolve() in inputs:
             raise UserError(f"{path} is an input of this {program}; choose another output folder")
         if path.exists() or path.is_symlink():
@@ -995,7 +973,7 @@ def image_name(file_name: str) -> str:
 
 def name_order(name: str):
     """Numbers in numeric order, then other names; int() reads exactly what isdecimal() accepts."""
-    return (0, int(name), "") if name.isdecimal() else (1, 0, name)
+    return (0, int(name), name) if name.isdecimal() else (1, 0, name)
 
 
 def read_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray, np.ndarray, str, str]:
@@ -1320,7 +1298,7 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 
 NO_BEST = {"epoch": 0, "val_dice": -1.0}  # before the first epoch: any validation Dice is better
 HISTORY_KEYS = ("epoch", "train_loss", "val_loss", *(f"val_{m}" for m in ("dice", "iou")), "lr", "epoch_seconds",
-                "images_per_second")
+                "images_per_second", "precision")
 
 
 @dataclass
@@ -1416,9 +1394,10 @@ def use_compile(cfg: Config, machine: Machine, train_images: int) -> bool:
     return machine.dtype == torch.bfloat16 and pixels >= CPU_COMPILE_FROM
 
 
-# Training pixels (epochs x training images x image size^2) from which a CPU run in bf16 compiles: there
-# a first compile took 25-60 s and then trained 10% faster, so from here on it saves several times its cost.
-CPU_COMPILE_FROM = 5e8
+# Training pixels (epochs x training images x image size^2) from which a CPU run in bf16 compiles: a first
+# compile took 25-60 s there, and then the default recipe trained 4% faster (bench/RESULTS.md), so from here
+# on (an hour of training at 256x256) it saves over twice what it costs. The demo does not compile.
+CPU_COMPILE_FROM = 1e9
 
 
 def compiled_if_it_works(model: nn.Module, cfg: Config, machine: Machine, x: torch.Tensor, y: torch.Tensor):
@@ -1538,7 +1517,8 @@ def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
 
 
 def to_input(images_u8: torch.Tensor, machine: Machine) -> torch.Tensor:
-    x = images_u8.to(machine.device, non_blocking=True).float().div_(255)
+    """uint8 images already on the device -> the model's float input in [0, 1] and layout."""
+    x = images_u8.float().div_(255)
     return x.contiguous(memory_format=torch.channels_last) if machine.channels_last else x
 
 
@@ -1685,7 +1665,7 @@ def end_epoch(run: Run, seconds: float) -> None:
     images = run.seen
     record = {"epoch": run.epoch + 1, "train_loss": float(run.losses.sum()) / run.epoch_steps, "val_loss": val["loss"],
               **{f"val_{k}": val[k] for k in EPOCH_METRICS}, "lr": run.optimizer.param_groups[0]["lr"],
-              "epoch_seconds": seconds, "images_per_second": images / seconds}
+              "epoch_seconds": seconds, "images_per_second": images / seconds, "precision": precision_name(m)}
     for key in HISTORY_KEYS:
         run.history.setdefault(key, []).append(record[key])
     improved = val["dice"] > run.best["val_dice"]
@@ -1722,8 +1702,7 @@ def checkpoint_state(run: Run, kind: str) -> dict:
              "model": copied(run.model.state_dict()), "config": dataclasses.asdict(run.cfg), "split": run.split,
              "history": copied(run.history), "epoch": run.epoch, "step": run.step, "best": dict(run.best),
              # the threshold in use: config's, until --tune-threshold replaces it after training
-             "threshold": run.cfg.threshold,
-             "precision": str(run.machine.dtype or torch.float32).removeprefix("torch.")}
+             "threshold": run.cfg.threshold}
     if kind == "last":
         state.update(optimizer=copied(run.optimizer.state_dict()),
                      epoch_losses=copied(run.losses) if run.losses is not None else torch.zeros(0),
@@ -1743,35 +1722,28 @@ def copied(obj):
     return obj
 
 
-class Writer:
-    """Writes checkpoints and draws plots in one background thread, in the order they were given,
-    while training goes on. `drain()` waits for all of them; leaving the `with` block does too, so a
-    stop signal or an error still writes the last good state. A failed write stops the run at the
-    next call, as if it had failed there. Each file is written whole (atomic_write), so a kill at
-    any moment leaves the previous version readable."""
+class Writer(ThreadPoolExecutor):
+    """Writes checkpoints and draws plots in one background thread, in the order given, while training
+    goes on. Leaving its `with` block waits for them all, so a stop signal or an error still writes the
+    last good state; a failed write raises at the next submit or drain. Each file is written whole
+    (atomic_write): a kill at any moment leaves the previous version readable."""
 
     def __init__(self):
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="writer")
+        super().__init__(1, thread_name_prefix="writer")
         self.jobs = []
 
-    def submit(self, fn, *args) -> None:
-        self.check()
-        self.jobs.append(self.pool.submit(fn, *args))
+    def submit(self, fn, *args):
+        self.drain(wait=False)
+        self.jobs.append(super().submit(fn, *args))
 
-    def check(self, wait: bool = False) -> None:
+    def drain(self, wait: bool = True) -> None:
         done = [job for job in self.jobs if wait or job.done()]
         self.jobs = [job for job in self.jobs if job not in done]
         for job in done:
             job.result()  # raises the job's error here
 
-    def drain(self) -> None:
-        self.check(wait=True)
-
-    def __enter__(self):
-        return self
-
     def __exit__(self, kind, error, traceback):
-        self.pool.shutdown(wait=True)
+        self.shutdown(wait=True)
         if kind is None:
             self.drain()
 
@@ -1822,7 +1794,7 @@ def logits_in_batches(model, images_u8: torch.Tensor, batch_size: int, machine: 
     model.eval()
     try:
         for start in range(0, len(images_u8), batch_size):
-            x = to_input(images_u8[start:start + batch_size], machine)
+            x = to_input(images_u8[start:start + batch_size].to(machine.device, non_blocking=True), machine)
             with machine.autocast():
                 yield start, model(x)
     except torch.cuda.OutOfMemoryError:
@@ -1930,7 +1902,7 @@ def finish_run(run: Run, stop: StopFlag, t_start: float) -> dict:
         raise interrupted(run, stop, "stopped after training, before the test")
     metrics = evaluate_test(model, run, threshold)
     metrics.update(best_epoch=state["best"]["epoch"], best_val_dice=state["best"]["val_dice"],
-                   total_seconds=time.time() - t_start, history=run.history, precision=state["precision"],
+                   total_seconds=time.time() - t_start, history=run.history, precision=precision_name(run.machine),
                    images_per_second=steady_speed(run.history), compile_seconds=run.compile_seconds,
                    script_sha256=hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12])
     if RUN_WARNINGS:

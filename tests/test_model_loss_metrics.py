@@ -462,3 +462,37 @@ def test_a_gpu_older_than_the_pytorch_build_is_one_sentence(capability, arch_lis
             bts.check_gpu_supported("Tesla V100", capability, arch_list)
     else:
         bts.check_gpu_supported("a newer GPU", capability, arch_list)
+
+
+# -----------------------------------------------------------------------------
+# MONAI, a well-kept library, as the oracle of the metrics
+
+
+def random_masks(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """n binary masks of random blobs (some empty), as (n, 1, size, size) floats."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, 1, size, size), np.float32)
+    for i in range(n):
+        for _ in range(rng.integers(0, 3)):
+            cy, cx, r = rng.integers(4, size - 4, 2).tolist() + [int(rng.integers(2, 8))]
+            yy, xx = np.ogrid[:size, :size]
+            masks[i, 0][(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
+    return torch.from_numpy(masks)
+
+
+def test_dice_iou_and_hd95_agree_with_monai():
+    monai = pytest.importorskip("monai.metrics")
+    pred, truth = random_masks(300, seed=1), random_masks(300, seed=2)
+    pred[:20] = truth[:20]  # some perfect predictions, and with the blobs' chance some empty pairs
+    scores = bts.scores_from_counts(bts.confusion_counts(pred > 0.5, truth))
+    dice = monai.DiceMetric(include_background=True, reduction="none", ignore_empty=False)(pred, truth)
+    iou = monai.MeanIoU(include_background=True, reduction="none", ignore_empty=False)(pred, truth)
+    np.testing.assert_allclose(scores["dice"], dice[:, 0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(scores["iou"], iou[:, 0].numpy(), atol=1e-6)
+    both = [i for i in range(300) if pred[i].any() and truth[i].any()]
+    assert len(both) > 100
+    hd = monai.HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(pred[both],
+                                                                                                truth[both])
+    ours = np.array([bts.hd95(pred[i, 0].numpy() > 0.5, truth[i, 0].numpy() > 0.5) for i in both])
+    difference = np.abs(ours - hd[:, 0].numpy())
+    assert difference.max() <= 1.0 and difference.mean() <= 0.25  # border conventions differ by under a pixel
