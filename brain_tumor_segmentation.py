@@ -71,6 +71,7 @@ def training_setting(name: str, **rules):
 
 SEED_RANGE = dict(low=0, high=2 ** 31 - 1)
 HOW_IT_RUNS = dict(resumable=True, learns=False)  # machine and output settings: free to change on --resume
+THIS_COMMAND = dict(HOW_IT_RUNS, now=True)  # always this command's, never a resumed run's saved value
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Config:
     # data
     data_dir: str = setting("", "folder with images/ and masks/ (default: data/brain-tumor-segmentation, "
                                 "downloaded when missing)", **HOW_IT_RUNS)
-    out_dir: str = setting("outputs", "where model.pth, metrics, split and visualizations/ go", **HOW_IT_RUNS)
+    out_dir: str = setting("outputs", "where model.pth, metrics, split and visualizations/ go", **THIS_COMMAND)
     demo: bool = setting(False, "train on generated synthetic slices (offline, seconds on a CPU)")
     demo_images: int = setting(600, "synthetic slices generated for --demo", low=10)
     limit: int = setting(0, "use only the first N image pairs (0: all)", low=0)
@@ -91,7 +92,7 @@ class Config:
     test_fraction: float = setting(0.1, "fraction of the data for the final test", above=0)
     split_seed: int = setting(42, "seed of the split alone: runs of other --seed test on the same images", **SEED_RANGE)
     folds: int = setting(0, "K >= 3: K-fold cross-validation, one model per fold in OUT_DIR/fold_N", resumable=True)
-    fold: int = setting(-1, "with --folds: run only this fold (0-based); -1: all of them", **HOW_IT_RUNS)
+    fold: int = setting(-1, "with --folds: run only this fold (0-based); -1: all of them", **THIS_COMMAND)
     # model
     base_width: int = setting(32, "channels of the first encoder block; the U-Net doubles it 4 times", low=1)
     # training recipe
@@ -120,7 +121,7 @@ class Config:
     threshold_step: float = setting(0.05, "the step between thresholds tried", above=0)
     tta: bool = setting(True, "average each prediction with its mirror image's (threshold choice, test, predict)")
     # machine: how fast, not what is learned
-    device: str = setting("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N", **HOW_IT_RUNS)
+    device: str = setting("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N", **THIS_COMMAND)
     amp: Literal["auto", "bf16", "fp16", "off"] = setting(
         "auto", "mixed precision; auto: bf16 on GPUs that have it (else fp16) and on CPUs with AVX-512 BF16 or AMX, "
                 "float32 on other CPUs", **HOW_IT_RUNS)
@@ -139,9 +140,9 @@ class Config:
     panel_images: int = setting(4, "validation images in each epoch's prediction panel", low=0, **HOW_IT_RUNS)
     test_samples: int = setting(10, "random test images in the final panel", low=0, **HOW_IT_RUNS)
     resume: str = setting("", "continue a run: --resume (OUT_DIR/last.pth), --resume FOLDER or FILE", const="auto",
-                          **HOW_IT_RUNS)
+                          **THIS_COMMAND)
     overwrite: bool = setting(False, "let a new run replace an earlier run's outputs in OUT_DIR (never other files)",
-                              **HOW_IT_RUNS)
+                              **THIS_COMMAND)
 
     def __post_init__(self):
         check_fields(self)
@@ -204,7 +205,8 @@ def train(cfg: Config, typed: frozenset = frozenset()) -> dict:
         data = load_dataset(data_dir, cfg.image_size, cfg.limit, cfg.workers)  # decoded once, uint8 tensors
         split, idx = split_for(cfg, data, resume)                # by patient, from split_seed alone
         run = build_run(cfg, machine, data, split, idx, resume)  # model, optimizer, compiled if that works
-        begin_outputs(run, out, resume)                          # only now: --overwrite removes the earlier run
+        with together(machine):
+            begin_outputs(run, out, resume)                      # only now: --overwrite removes the earlier run
         with StopFlag() as stop, run.writer:                     # checkpoints and plots in the background
             while run.epoch < cfg.epochs:
                 t_epoch = time.time()
@@ -318,7 +320,7 @@ def pick_device(name: str) -> torch.device:
 def check_gpu_supported(name: str, capability: tuple[int, int], arch_list: list[str]) -> None:
     """A PyTorch build carries GPU code for some compute capabilities (`sm_75` ...): a GPU older than
     all of them fails at its first kernel with a traceback, so say it before."""
-    built = [int(a.split("_")[1]) for a in arch_list if a.startswith("sm_")]
+    built = [int(m.group(1)) for m in (re.match(r"sm_(\d+)", a) for a in arch_list) if m]  # sm_90a too
     if built and capability[0] * 10 + capability[1] < min(built):
         lowest = min(built)
         raise UserError(f"{name} (compute capability {capability[0]}.{capability[1]}) is older than every GPU this "
@@ -357,9 +359,11 @@ def together(machine: Machine):
         error = e
     if machine.world > 1:
         messages = [None] * machine.world
-        torch.distributed.all_gather_object(messages, f"{error}" if error else None)
-        first = next((m for m in messages if m), None)
-        if first and error is None:
+        sent = None if error is None else str(error) if isinstance(error, UserError) else f"{type(error).__name__}: " \
+            f"{error}"
+        torch.distributed.all_gather_object(messages, sent)
+        first = next((m for m in messages if m is not None), None)
+        if first is not None and error is None:
             raise UserError(first)
     if error is not None:
         raise error
@@ -380,7 +384,7 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
     if "out_dir" in typed and cfg.resume != "auto" and Path(cfg.out_dir).resolve() != path.parent.resolve():
         raise UserError(f"--out-dir {cfg.out_dir} and --resume {cfg.resume} name two folders: a resumed run continues "
                         f"in its own folder, {path.parent}. Leave out --out-dir, or start a new run there")
-    if not path.exists():
+    if not path.exists():  # on a machine that does not share --out-dir, too: all processes stop
         hint = (f"; {path.parent} holds only model.pth, which cannot be continued: {anew}"
                 if (path.parent / "model.pth").exists() else "; start a new run without --resume")
         raise UserError(f"{path}: no resumable state (last.pth) to continue" + hint)
@@ -389,24 +393,38 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
     except UserError as e:
         raise UserError(f"{e}. It cannot be continued: {anew}") from None
     saved = saved_config(state["config"])
-    fixed = [k for k in sorted(typed) if not field_rule(k, "resumable") and getattr(cfg, k) != getattr(saved, k)]
-    if fixed:
-        raise UserError(f"{', '.join(option(k) for k in fixed)}: a resumed run keeps the settings it was trained with "
-                        f"(only {', '.join(option(f.name) for f in dataclasses.fields(Config) if f.metadata.get('resumable'))} "
-                        f"can change); start a new run to change them")
-    keep = {k: getattr(cfg, k) for k in typed if field_rule(k, "resumable") and k not in ("resume", "out_dir")}
-    keep["device"] = cfg.device  # where this command runs, not where the checkpoint was written
-    if (path.parent / "metrics.json").is_file() and keep.get("epochs", saved.epochs) <= state["epoch"]:
-        raise UserError(f"{path.parent} holds a finished run (metrics.json): nothing is left to do. Train it further "
-                        f"with --resume --epochs N (N above {state['epoch']}), pick another --out-dir, or replace it "
-                        f"with --overwrite")
-    if keep.get("epochs", saved.epochs) != saved.epochs and saved.schedule == "onecycle":
-        warn(f"--epochs {keep['epochs']} (was {saved.epochs}): the one-cycle schedule is stretched to the new length, "
+    resumed = resumed_settings(saved, cfg, typed)
+    if is_finished(path.parent) and resumed.epochs <= state["epoch"]:
+        raise UserError(finished_message(path.parent))
+    if resumed.epochs != saved.epochs and saved.schedule == "onecycle":
+        warn(f"--epochs {resumed.epochs} (was {saved.epochs}): the one-cycle schedule is stretched to the new length, "
              f"so the learning rate jumps to where that schedule is at this epoch")
-    cfg = dataclasses.replace(saved, **keep, resume=str(path), out_dir=str(path.parent))
+    cfg = dataclasses.replace(resumed, resume=str(path), out_dir=str(path.parent))
     check_best_model(state, path, cfg.epochs)
     log(f"resuming {path} at epoch {state['epoch'] + 1}, step {state['step']}")
     return cfg, state
+
+
+def resumed_settings(saved: Config, cfg: Config, typed: frozenset) -> Config:
+    """What a resumed run (or cross-validation) continues with: its saved settings; the typed ones that
+    may change on a resume; this command's device and run control. Another typed change is refused."""
+    fixed = [k for k in sorted(typed) if not field_rule(k, "resumable") and getattr(cfg, k) != getattr(saved, k)]
+    if fixed:
+        free = [option(f.name) for f in dataclasses.fields(Config) if f.metadata.get("resumable")]
+        raise UserError(f"{', '.join(option(k) for k in fixed)}: a resumed run keeps the settings it was trained with "
+                        f"(only {', '.join(free)} can change); start a new run to change them")
+    now = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config) if f.metadata.get("now")}
+    return dataclasses.replace(saved, **{**{k: getattr(cfg, k) for k in typed if field_rule(k, "resumable")}, **now})
+
+
+def is_finished(folder: Path) -> bool:
+    """A run is finished once its test is written: metrics.json comes last."""
+    return (folder / "metrics.json").is_file()
+
+
+def finished_message(folder: Path) -> str:
+    return (f"{folder} holds a finished run (metrics.json): nothing is left to do. Train it further with --resume "
+            f"--epochs N (N above its epochs), pick another --out-dir, or replace it with --overwrite")
 
 
 def check_best_model(state: dict, path: Path, epochs: int) -> None:
@@ -415,8 +433,9 @@ def check_best_model(state: dict, path: Path, epochs: int) -> None:
     if state["best"]["epoch"] < 1:
         return
     try:
-        load_checkpoint(path.parent / "model.pth")
-        return
+        if load_checkpoint(path.parent / "model.pth")["epoch"] == state["best"]["epoch"]:
+            return
+        problem = f"{path.parent / 'model.pth'} is not the best epoch this state records (a kill between the two writes)"
     except UserError:
         problem = f"{path.parent / 'model.pth'} is missing or damaged"
     if state["epoch"] >= epochs:
@@ -431,7 +450,9 @@ def check_best_model(state: dict, path: Path, epochs: int) -> None:
 CHECKPOINT = {"model": {str: torch.Tensor}, "config": dict, "split": {"train": list, "val": list, "test": list},
               "history": {str: list}, "threshold": float, "epoch": int, "step": int,
               "best": {"epoch": int, "val_dice": float}}
-RESUMABLE = {"optimizer": dict, "epoch_losses": torch.Tensor, "world": int}
+RESUMABLE = {"optimizer": dict, "epoch_losses": torch.Tensor, "world": int,
+             "split": {"train": list, "val": list, "test": list, "how": str, "unit": str, "groups": dict, "files": dict,
+                       **{f"{part}_patients": list for part in ("train", "val", "test")}}}
 
 
 def load_checkpoint(path: Path | str, resumable: bool = False) -> dict:
@@ -518,9 +539,14 @@ def claim_run_folder(cfg: Config, machine: Machine):
     """The output folder of a training run, owned while it runs (rank 0 writes; the others do not)."""
     if machine.rank != 0:
         return contextlib.nullcontext()
-    data = Path(cfg.data_dir or DEFAULT_DATA_DIR)
-    return claim_folder(Path(cfg.out_dir), "train", run_files(cfg), {data: (f"the data folder {data}", True)},
+    return claim_folder(Path(cfg.out_dir), "train", run_files(cfg), run_reads(cfg),
                         replace=bool(cfg.resume or cfg.overwrite), earlier=earlier_run)
+
+
+def run_reads(cfg: Config) -> dict:
+    """What training reads as input, for the output folder to keep apart from: the data folder."""
+    data = Path(cfg.data_dir or DEFAULT_DATA_DIR)
+    return {data: (f"the data folder {data}", True)}
 
 
 def run_files(cfg: Config) -> list[str]:
@@ -531,9 +557,8 @@ def run_files(cfg: Config) -> list[str]:
 def earlier_run(out: Path, found: list[Path]) -> str:
     """What to do about an earlier run's outputs: each state a crash can leave has a way on."""
     names = {p.name for p in found}
-    if "last.pth" in names and "metrics.json" in names:
-        return (f"{out} holds a finished run (metrics.json). Train it further with --resume --epochs N (N above its "
-                f"epochs), pick another --out-dir, or replace it with --overwrite")
+    if "last.pth" in names and is_finished(out):
+        return finished_message(out)
     if "last.pth" in names:
         return (f"{out} already holds the outputs of an earlier run (last.pth). Continue it with --resume, pick "
                 f"another --out-dir, or replace it with --overwrite")
@@ -556,28 +581,27 @@ def claim_folder(folder: Path, program: str, targets: list[str], reads: dict, re
     check_targets(folder, program, targets, replace, earlier, inputs)  # before the lock: a refusal leaves no trace
     made = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
-    lock, failed = FileLock(folder / LOCK), True
+    lock = FileLock(folder / LOCK)
     try:
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            owner = (folder / LOCK).read_text(errors="replace").strip() or "another process"
-            raise UserError(f"{folder} is in use by another run ({owner}); wait for it to end, or choose another "
-                            f"output folder") from None
-        try:
-            (folder / LOCK).write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
-                                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            yield Outputs(folder, program, targets, check_targets(folder, program, targets, replace, earlier, inputs))
-            failed = False
-        finally:
-            lock.release()
-    finally:
-        for path in made if failed else []:  # only this program's lock and record: remove them and the folder
+        lock.acquire(timeout=0)
+    except Timeout:
+        owner = (folder / LOCK).read_text(errors="replace").strip() or "another process"
+        raise UserError(f"{folder} is in use by another run ({owner}); wait for it to end, or choose another output "
+                        f"folder") from None
+    try:
+        (folder / LOCK).write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        yield Outputs(folder, program, targets, check_targets(folder, program, targets, replace, earlier, inputs))
+    except BaseException:
+        for path in made:  # still holding the lock: only this program's lock and record, and the folders made
             with contextlib.suppress(OSError):
                 if {p.name for p in path.iterdir()} <= {LOCK, MANIFEST}:
                     (path / MANIFEST).unlink(missing_ok=True)
                     (path / LOCK).unlink(missing_ok=True)
                     path.rmdir()
+        raise
+    finally:
+        lock.release()
 
 
 def check_apart(folder: Path, reads: dict, program: str) -> None:
@@ -650,12 +674,19 @@ class Outputs:
     def __truediv__(self, name: str) -> Path:
         return self.folder / name
 
+    def prune(self) -> None:
+        """Delete the files of earlier runs that this run did not write again (its own record lists them)."""
+        for name in set(self.record["files"]) - set(self.targets):
+            (self.folder / name).unlink(missing_ok=True)
+        self.record["files"] = sorted(self.targets)
+        save_json(self.folder / MANIFEST, self.record)
+
     def begin(self, replace: bool = False, remove: tuple = (), **facts) -> None:
         """Once every check has passed: delete the earlier run's files (all of them with `replace`,
         else those in `remove`) and the temporaries of writes a kill cut short, then record this
         run's targets (and `facts`) before any of them is written."""
         listed = self.record.get("files", [])
-        remove_stale_temporaries(self.folder, listed)
+        remove_stale_temporaries(self.folder, [*listed, MANIFEST])
         for name in listed if replace else [n for n in remove if n in listed]:
             (self.folder / name).unlink(missing_ok=True)
         for name in sorted({str(Path(n).parent) for n in listed}, key=len, reverse=True):
@@ -803,7 +834,9 @@ def download_dataset(dest: Path) -> Path:
                 raise UserError(f"the download of {KAGGLE_DATASET} has no images/ and masks/ folders; download it "
                                 f"by hand and pass --data-dir")
             check_kaggle_download(roots[0])
-            os.replace(roots[0], dest)
+            if not dest.exists():  # another machine that shares this folder may have been first
+                os.replace(roots[0], dest)
+            check_kaggle_download(dest)
             log(f"dataset ready in {dest}")
             return dest
     finally:
@@ -995,7 +1028,10 @@ def mask_for(mask_path: Path, shape: tuple, size: int) -> tuple[np.ndarray, str,
     if mask.shape != tuple(shape[:2]):
         raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
                          f"{shape[1]}x{shape[0]}")
-    resized = preprocess_mask(mask, size)
+    try:
+        resized = preprocess_mask(mask, size)
+    except MemoryError:
+        raise ValueError(f"{mask_path}: too large to resize in the memory there is") from None
     note = ""
     if mask.any() and not resized.any():
         note = (f"{mask_path}: its {int(mask.sum())} tumour pixels vanish at {size}x{size} (re-binarized at 50% "
@@ -1166,7 +1202,8 @@ def read_groups_csv(path: Path | str) -> dict[str, tuple[str, str]]:
 def neighbour_correlations(images: torch.Tensor, names: list[str]) -> tuple[list[int], np.ndarray]:
     """Images in name order, and the correlation of each one's 64x64 thumbnail with the previous one's."""
     order = sorted(range(len(names)), key=lambda i: name_order(names[i]))
-    thumbs = F.interpolate(images[order].float(), size=(64, 64), mode="area").flatten(1)
+    thumbs = torch.cat([F.interpolate(images[order[i:i + 256]].float(), size=(64, 64), mode="area").flatten(1)
+                        for i in range(0, len(order), 256)])  # in chunks: the whole set in float32 can be GBs
     thumbs = thumbs - thumbs.mean(1, keepdim=True)
     thumbs = thumbs / thumbs.norm(dim=1, keepdim=True).clamp_min(1e-6)
     return order, (thumbs[1:] * thumbs[:-1]).sum(1).numpy()
@@ -1339,6 +1376,9 @@ def build_run(cfg: Config, machine: Machine, data: dict, split: dict, idx: dict,
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg, machine.device)
     scaler = torch.amp.GradScaler(machine.device.type, enabled=machine.dtype == torch.float16)
+    if resume and resume["step"] and resume["world"] != machine.world:
+        raise UserError(f"{cfg.resume} stopped in the middle of an epoch with {resume['world']} processes; resume it "
+                        f"with that many (an epoch's batches depend on it)")
     if resume:
         try:
             model.load_state_dict(resume["model"])
@@ -1369,11 +1409,13 @@ def build_run(cfg: Config, machine: Machine, data: dict, split: dict, idx: dict,
 def print_model_summary(model: nn.Module, cfg: Config, device: torch.device) -> None:
     from torchsummary import summary  # its device argument must match the model's (see NOTES)
     model.eval()  # its forward pass must not update the batch-norm statistics
-    with contextlib.redirect_stdout(io.StringIO()) as text, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchsummary 1.5.1 reads tensors that require grad
-        summary(model, (1, cfg.image_size, cfg.image_size), device=device.type)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as text, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchsummary 1.5.1 reads tensors that require grad
+            summary(model, (1, cfg.image_size, cfg.image_size), device=device.type)
+    finally:
+        model.train()
     print(text.getvalue(), flush=True)
-    model.train()
 
 
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -1444,7 +1486,7 @@ def train_epoch(run: Run, stop: StopFlag) -> bool:
     bar = tqdm(total=len(order) * images_per_step, initial=first * images_per_step, desc=f"epoch {run.epoch + 1}/"
                f"{cfg.epochs}", unit="img", dynamic_ncols=True, leave=False, mininterval=1, disable=m.rank != 0)
     run.model.train()
-    stopped = False
+    stopped, checked = False, first
     for step in range(first, len(order)):
         global_step = run.epoch * len(order) + step
         for group in run.optimizer.param_groups:
@@ -1465,17 +1507,20 @@ def train_epoch(run: Run, stop: StopFlag) -> bool:
         # Reading the loss waits for the device: on a GPU only every nan_check_every steps and at the end of
         # the epoch; on a CPU every step, so that bad numbers never reach the weights.
         if m.device.type == "cpu" or step % cfg.nan_check_every == 0 or step == len(order) - 1:
-            check_finite(losses, first, step, run)
-            bar.set_postfix(loss=f"{float(losses[step]):.4f}", refresh=False)
+            value, stopped = check_steps(losses, checked, step, run, stop)
+            checked = step + 1
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+        elif m.world == 1:
+            stopped = stop.signal is not None
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.step = step + 1
         bar.update(images_per_step)
-        if (m.world == 1 or step % 20 == 0 or step == len(order) - 1) and stop_requested(stop, m):
-            stopped = True
+        if stopped:
             break
     bar.close()
-    check_finite(losses, first, run.step - 1, run)
+    if stopped:
+        log(f"{signal.Signals(stop.signal or signal.SIGTERM).name} received: stopped after step {run.step}")
     run.seen = (run.step - first) * images_per_step
     return stopped
 
@@ -1571,21 +1616,23 @@ class NonFiniteLoss(UserError):
     pass
 
 
-def check_finite(losses: torch.Tensor, first: int, last: int, run: Run) -> None:
-    """Stop, naming the first bad step, when a loss or gradient of steps first..last is NaN or inf
-    (in any process: under torchrun all stop together)."""
-    finite = torch.isfinite(losses[first:last + 1])
+def check_steps(losses: torch.Tensor, since: int, last: int, run: Run, stop: StopFlag) -> tuple[float, bool]:
+    """The step loop's one wait for the device: stop, naming the first bad step, when a loss or gradient
+    of steps since..last is NaN or inf; else the last loss, and whether a stop signal came. Under
+    torchrun every process takes part and all agree, in one exchange."""
+    window = losses[since:last + 1]
+    flags = torch.cat([(~torch.isfinite(window)).float(), window.new_tensor([float(stop.signal is not None)])])
     if run.machine.world > 1:
-        finite = finite.float()
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        finite = finite.bool()
-    bad = (~finite).nonzero()
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    read = torch.cat([flags, window]).cpu()  # one copy to the host
+    flags, window = read[:len(flags)], read[len(flags):]
+    bad = flags[:-1].nonzero()
     if len(bad):
-        step = first + int(bad[0])
-        raise NonFiniteLoss(f"the loss or its gradient became {float(losses[step])} at epoch {run.epoch + 1}, step "
-                            f"{step + 1} (in this or another process); nothing was saved after that, so the "
-                            f"checkpoints in {run.cfg.out_dir} are from before it. Start anew with --overwrite and a "
-                            f"lower --lr, or --amp off")
+        raise NonFiniteLoss(f"the loss or its gradient became {float(window[int(bad[0])])} at epoch {run.epoch + 1}, "
+                            f"step {since + int(bad[0]) + 1} (in this or another process); nothing was saved after "
+                            f"that, so the checkpoints in {run.cfg.out_dir} are from before it. Start anew with "
+                            f"--overwrite and a lower --lr, or --amp off")
+    return float(window[-1]), bool(flags[-1])
 
 
 class StopFlag:
@@ -1602,24 +1649,14 @@ class StopFlag:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum, frame):  # no printing here: the signal may come while the loop prints
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signum
-        log(f"\n{signal.Signals(signum).name} received: stopping after this step (again to abort)")
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-
-
-def stop_requested(stop: StopFlag, machine: Machine) -> bool:
-    """Whether any process got a stop signal: all stop at the same step."""
-    if machine.world == 1:
-        return stop.signal is not None
-    flag = torch.tensor([float(stop.signal is not None)], device=machine.device)
-    torch.distributed.all_reduce(flag)
-    return flag.item() > 0
 
 
 class Interrupted(UserError):
@@ -1631,7 +1668,7 @@ class Interrupted(UserError):
 def interrupted(run: Run, stop: StopFlag, where: str = "") -> Interrupted:
     """The stop's message: where the run stopped, and the command that continues it."""
     launcher = f"torchrun --nproc_per_node={run.machine.world}" if run.machine.world > 1 else "python"
-    folds = f" --folds {run.cfg.folds} --fold {run.cfg.fold}" if run.cfg.folds else ""
+    folds = f" --folds {run.cfg.folds}" if run.cfg.folds else ""
     folder = Path(run.cfg.out_dir).parent if run.cfg.folds else Path(run.cfg.out_dir)
     at = where or f"stopped at epoch {run.epoch + 1}, step {run.step}"
     return Interrupted(f"{at}; {Path(run.cfg.out_dir) / 'last.pth'} holds the run. Continue it with:\n  {launcher} "
@@ -1876,7 +1913,13 @@ def plot_curves(path: Path, history: dict) -> None:
 
 def figure(width: float, height: float):
     """A matplotlib figure that needs no screen and no pyplot state, so the writer thread can draw it."""
-    os.environ["MPLBACKEND"] = "Agg"  # a bad value in the user's environment would fail the import
+    if "matplotlib.figure" not in sys.modules:  # a bad MPLBACKEND fails the import, and no backend is used
+        backend = os.environ.pop("MPLBACKEND", None)
+        try:
+            import matplotlib.figure  # noqa: F401
+        finally:
+            if backend is not None:
+                os.environ["MPLBACKEND"] = backend
     from matplotlib.figure import Figure
     return Figure(figsize=(width, height))
 
@@ -1956,7 +1999,7 @@ def evaluate_test(model, run: Run, threshold: float) -> dict:
                "dice_ci95": bootstrap_interval(scores["dice"], groups, seed=cfg.split_seed)}
     if summary["dice_ci95"] is None:
         warn(f"the test part holds {len(set(groups))} {run.split['unit']}: too few for a 95% interval over them "
-             f"(at least 5), so none is given")
+             f"(at least {MIN_GROUPS}), so none is given")
     by_type = {t: summarize({k: v[types == t] for k, v in scores.items()}, counts[types == t])
                for t in sorted(set(types)) if t}
     save_csv(run.out / "test_per_image.csv", [
@@ -2018,11 +2061,14 @@ def hd95(pred: np.ndarray, target: np.ndarray) -> float:
                      np.percentile(distances_to(pred)[border(target)], 95)))
 
 
+MIN_GROUPS = 5  # fewer patients (groups) than this give no 95% interval: it would claim more than they hold
+
+
 def bootstrap_interval(values: np.ndarray, groups: list[str], n: int = 2000, seed: int = 0) -> list[float] | None:
     """95% interval of the mean over images, resampling whole groups (patients) with replacement;
-    None for fewer than 5 groups, where such an interval would claim more than the data hold."""
+    None for fewer than MIN_GROUPS groups."""
     keys, g = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-    if len(keys) < 5:
+    if len(keys) < MIN_GROUPS:
         return None
     sums = np.bincount(g, weights=values, minlength=len(keys))
     counts = np.bincount(g, minlength=len(keys)).astype(np.float64)
@@ -2056,56 +2102,87 @@ def plot_test_results(vis: Path, pictures: tuple, dice: np.ndarray, names: list[
 
 def cross_validate(cfg: Config, typed: frozenset = frozenset()) -> dict:
     """K models, fold k testing on the k-th fold of patients, into OUT_DIR/fold_k (--fold N: that
-    fold alone, into the same place), then their summary once every fold is finished. OUT_DIR
-    records K and the settings: a fold of other settings is refused, so the summary averages one
-    setting. With --resume, finished folds are kept and the others continue or begin."""
+    fold alone, into the same place), then their summary once every fold is finished. OUT_DIR records
+    K and the settings, so its folds always share them. With --resume, folds finished with these
+    settings are kept and the others continue or begin."""
     root = Path(cfg.out_dir)
     cfg = join_cross_validation(cfg, typed)
     for k in range(cfg.folds) if cfg.fold < 0 else [cfg.fold]:
         fold_dir = root / f"fold_{k + 1}"
-        if cfg.resume and (fold_dir / "metrics.json").is_file():
+        if cfg.resume and fold_results(fold_dir, cfg.epochs):
             log(f"fold {k + 1}: finished already, kept")
             continue
         resume = str(fold_dir / "last.pth") if cfg.resume and (fold_dir / "last.pth").is_file() else ""
         log(f"=== fold {k + 1} of {cfg.folds} ===")
-        train(dataclasses.replace(cfg, fold=k, out_dir=str(fold_dir), resume=resume),
-              typed - {"resume"} if not resume else typed)
-    return summarize_cross_validation(root, cfg.folds) if process_rank() == 0 else {}
+        try:
+            train(dataclasses.replace(cfg, fold=k, out_dir=str(fold_dir), resume=resume),
+                  typed | {"resume"} if resume else typed - {"resume"})
+        except Interrupted as e:  # the way on is the whole cross-validation's, or this fold's
+            raise Interrupted(f"{e}{f' --fold {k}' if cfg.fold >= 0 else ''}", e.code) from None
+    return summarize_cross_validation(root, cfg) if process_rank() == 0 else {}
 
 
 def join_cross_validation(cfg: Config, typed: frozenset) -> Config:
-    """Claim OUT_DIR as a K-fold cross-validation: new, or one of the same K and settings (on --resume
-    its own settings, with the typed fields that may change on a resume)."""
+    """Claim OUT_DIR as a K-fold cross-validation, under its lock: new, or one of the same K and
+    settings (--resume: its own, with the changes a resume allows; --overwrite of all folds: the
+    earlier folds' outputs go first)."""
     root = Path(cfg.out_dir)
-    learned = {f.name for f in dataclasses.fields(Config) if f.metadata.get("learns", True)} - {"fold"}
-    record = read_manifest(root, "cross-validation") if root.is_dir() else {}
-    if record and cfg.resume:
-        keep = {k: getattr(cfg, k) for k in typed if field_rule(k, "resumable")}
-        cfg = dataclasses.replace(saved_config(record["config"]), **{**keep, "out_dir": str(root)})
-    wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k in learned}
-    if record and record.get("folds") != cfg.folds:
-        raise UserError(f"{root} holds a {record.get('folds')}-fold cross-validation, not {cfg.folds} folds: pass "
-                        f"--folds {record.get('folds')}, or choose another --out-dir")
-    differ = {k for k, v in wanted.items() if record and record["config"].get(k) != v}
-    if differ and not (cfg.overwrite and cfg.fold < 0):
-        raise UserError(f"{root} holds a cross-validation with other settings ({', '.join(option(k) for k in sorted(differ))}):"
-                        f" its folds must share them. Continue it with --resume, replace all its folds with "
-                        f"--overwrite, or choose another --out-dir")
-    if process_rank() == 0:
-        with claim_folder(root, "cross-validation", ["cv_summary.json"], {}, replace=True) as out:
-            out.begin(folds=cfg.folds, config=dataclasses.asdict(cfg))
+    claim = claim_folder(root, "cross-validation", ["cv_summary.json"], run_reads(cfg), replace=True)
+    with claim if process_rank() == 0 else contextlib.nullcontext() as out:  # torchrun: the others only read
+        record = out.record if out else read_manifest(root, "cross-validation") if root.is_dir() else {}
+        if record:
+            try:
+                saved = saved_config(record.get("config"))
+            except (UserError, TypeError) as e:
+                raise UserError(f"{root / MANIFEST}: its settings are not a cross-validation's ({e}); choose another "
+                                f"--out-dir") from None
+            if cfg.resume:
+                cfg = dataclasses.replace(resumed_settings(saved, cfg, typed), out_dir=str(root))
+            differ = sorted(k for k in learned_fields() if getattr(saved, k) != getattr(cfg, k)
+                            and not (cfg.resume and field_rule(k, "resumable")))
+            if record.get("folds") != cfg.folds or (differ and not (cfg.overwrite and cfg.fold < 0)):
+                raise UserError(f"{root} holds a {record.get('folds')}-fold cross-validation"
+                                + (f" with other settings ({', '.join(option(k) for k in differ)})" if differ else "")
+                                + f": its folds must share them. Continue it with --resume (--folds "
+                                  f"{record.get('folds')}), replace all its folds with --overwrite, or choose another "
+                                  f"--out-dir")
+        if out and cfg.overwrite and cfg.fold < 0:
+            for k in range(record.get("folds") or 0):  # the earlier folds' own files, and no other
+                if (root / f"fold_{k + 1}").is_dir():
+                    with claim_folder(root / f"fold_{k + 1}", "train", [], {}, replace=True) as fold:
+                        fold.begin(replace=True)
+        if out:
+            out.begin(replace=cfg.overwrite and cfg.fold < 0, folds=cfg.folds, config=dataclasses.asdict(cfg))
     return cfg
 
 
-def summarize_cross_validation(root: Path, folds: int) -> dict:
+def learned_fields() -> list[str]:
+    """The settings that change what a run learns (the others: the machine, the outputs, run control)."""
+    return [f.name for f in dataclasses.fields(Config) if f.metadata.get("learns", True)]
+
+
+def fold_results(fold_dir: Path, epochs: int) -> dict | None:
+    """A fold's metrics.json when it finished with these epochs; None when it has yet to (train on)."""
+    if not is_finished(fold_dir):
+        return None
+    try:
+        metrics = json.loads((fold_dir / "metrics.json").read_text())
+        done = len(metrics["history"]["epoch"]) == epochs
+        assert isinstance(metrics["test"]["dice"], float) and isinstance(metrics["test"]["iou"], float)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"{fold_dir / 'metrics.json'} is damaged; train that fold anew with --overwrite --fold N") \
+            from None
+    return metrics if done else None
+
+
+def summarize_cross_validation(root: Path, cfg: Config) -> dict:
     """cv_summary.json, once all K folds are finished: the mean and spread of their test Dice."""
-    results = [root / f"fold_{k + 1}" / "metrics.json" for k in range(folds)]
-    done = [json.loads(p.read_text()) for p in results if p.is_file()]
-    if len(done) < folds:
-        log(f"cross-validation: {len(done)} of {folds} folds finished; the summary waits for the rest")
+    done = [r for r in (fold_results(root / f"fold_{k + 1}", cfg.epochs) for k in range(cfg.folds)) if r]
+    if len(done) < cfg.folds:
+        log(f"cross-validation: {len(done)} of {cfg.folds} folds finished; the summary waits for the rest")
         return {}
     dice = np.array([r["test"]["dice"] for r in done])
-    summary = {"folds": folds, "test_dice_per_fold": dice.tolist(), "test_dice_mean": float(dice.mean()),
+    summary = {"folds": cfg.folds, "test_dice_per_fold": dice.tolist(), "test_dice_mean": float(dice.mean()),
                "test_dice_std": float(dice.std(ddof=1)), "test_iou_mean": float(np.mean([r["test"]["iou"] for r in done])),
                "test_images": int(sum(r["test"]["images"] for r in done))}
     caveats = sorted({r["warning"] for r in done if r.get("warning")})
@@ -2113,7 +2190,7 @@ def summarize_cross_validation(root: Path, folds: int) -> dict:
         summary["warning"] = "; ".join(caveats)
     with claim_folder(root, "cross-validation", ["cv_summary.json"], {}, replace=True):
         save_json(root / "cv_summary.json", summary)
-    log(f"cross-validation over {folds} folds of patients: test Dice {summary['test_dice_mean']:.4f} +- "
+    log(f"cross-validation over {cfg.folds} folds of patients: test Dice {summary['test_dice_mean']:.4f} +- "
         f"{summary['test_dice_std']:.4f} (mean +- sd over folds); {root / 'cv_summary.json'}")
     return summary
 
@@ -2128,11 +2205,9 @@ def atomic_write(path: Path | str, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         with contextlib.suppress(AttributeError, OSError):  # no fchmod on Windows
-            os.fchmod(fd, 0o666 & ~umask)
+            os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -2143,6 +2218,10 @@ def atomic_write(path: Path | str, write) -> None:
             os.unlink(tmp)
         raise
     fsync_folder(path.parent)
+
+
+UMASK = os.umask(0o022)  # read once (reading sets it, so it is put back at once) for mkstemp's private files
+os.umask(UMASK)
 
 
 def fsync_folder(folder: Path) -> None:
@@ -2209,14 +2288,15 @@ def check_fields(obj) -> None:
     hints = get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value, kind, rules, flag = getattr(obj, f.name), hints[f.name], f.metadata, option(f.name)
-        choices = get_args(kind) if get_origin(kind) is Literal else rules["choices"]() if "choices" in rules else None
+        choices = choices_of(kind, rules)
         if kind is float and type(value) is int:
             value = float(value)
             setattr(obj, f.name, value)
         expected = str if choices else list if get_origin(kind) is list else kind
         if type(value) is not expected or (expected is list and not all(type(v) is str for v in value)):
+            where = Path(sys.modules[type(obj).__module__].__file__).name
             raise UserError(f"{flag} {value!r}: must be {'a list of text' if expected is list else expected.__name__},"
-                            f" not {type(value).__name__} (edited at the top of {Path(__file__).name}?)")
+                            f" not {type(value).__name__} (edited at the top of {where}?)")
         if choices is not None and value not in choices:
             raise UserError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
         if kind is float and not math.isfinite(value):
@@ -2228,6 +2308,11 @@ def check_fields(obj) -> None:
         for broken, what in bound:
             if broken:
                 raise UserError(f"{flag} {value}: must be {what}")
+
+
+def choices_of(hint, rules) -> tuple | None:
+    """The allowed values of a field: its Literal annotation's, or its `choices` rule's (None: any)."""
+    return get_args(hint) if get_origin(hint) is Literal else rules["choices"]() if "choices" in rules else None
 
 
 def check_batch_fits(cfg: Config, n_train: int) -> None:
@@ -2253,7 +2338,7 @@ def build_parser(kind, description: str, prog: str | None = None) -> argparse.Ar
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         names, common = [option(f.name), *rules.get("aliases", ())], dict(dest=f.name, default=argparse.SUPPRESS,
                                                                             help=f"{rules['help']} (default: {default!r})")
-        choices = get_args(hint) if get_origin(hint) is Literal else rules["choices"]() if "choices" in rules else None
+        choices = choices_of(hint, rules)
         if hint is bool:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
         elif "const" in rules:
@@ -2301,11 +2386,12 @@ def write_failure(e: OSError) -> str:
 
 def run_cli(entry, oom_hint=lambda: "a smaller --batch-size or --eval-batch-size") -> int:
     """Run one entry point (training, predict, compare) as a command: every failure the user can act
-    on is one sentence on stderr with exit code 1, printed by the first process only."""
+    on is one sentence on stderr with exit code 1. Under torchrun the first process prints what all
+    agreed on (UserError); a process prints its own write or memory failure itself."""
     for stream in (sys.stdout, sys.stderr):  # a file name the terminal cannot show must not fail the run
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
-    code, message = 1, None
+    code, message, own = 1, None, False
     try:
         entry()
         return 0
@@ -2316,15 +2402,15 @@ def run_cli(entry, oom_hint=lambda: "a smaller --batch-size or --eval-batch-size
     except UserError as e:
         message = f"error: {e}"
     except OSError as e:
-        message = f"error: {write_failure(e)}"
+        message, own = f"error: {write_failure(e)}", True
     except Exception as e:
         if not is_out_of_memory(e):
             raise
-        message = f"error: out of memory ({first_line(e)}). Try {oom_hint()}, or close other programs"
+        message, own = f"error: out of memory ({first_line(e)}). Try {oom_hint()}, or close other programs", True
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if process_rank() == 0:
+    if process_rank() == 0 or own:
         print(message, file=sys.stderr, flush=True)
     return code
 
@@ -2333,7 +2419,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["predict"], ["compare"]):  # the older spelling, `brain_tumor_segmentation.py predict ...`
         import importlib
-        return importlib.import_module(argv[0]).main(argv[1:])
+        try:
+            tool = importlib.import_module(argv[0])
+        except ImportError:
+            print(f"error: {argv[0]}.py is not beside {Path(__file__).name}; it comes with the project", file=sys.stderr)
+            return 1
+        return tool.main(argv[1:])
     state = {}
 
     def entry():

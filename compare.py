@@ -16,6 +16,7 @@ OUT/differences.csv.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import json
 import sys
@@ -62,14 +63,26 @@ def compare(cfg: CompareConfig) -> dict:
 
 
 def run_folders(patterns: list[str]) -> list[Path]:
-    """The folders named; a glob (quoted, so the shell left it) names the run folders it matches."""
+    """The folders named; a glob (quoted, so the shell left it) names the runs and cross-validations it
+    matches, and leaves out everything else (a compare's or predict's folder, plots, files)."""
     folders = []
     for pattern in patterns:
         if glob.has_magic(pattern):
-            folders += [Path(p) for p in sorted(glob.glob(pattern)) if (Path(p) / bts.MANIFEST).is_file()]
+            folders += [Path(p) for p in sorted(glob.glob(pattern)) if program_of(Path(p)) in RUNS]
         else:
             folders.append(Path(pattern))
     return folders
+
+
+RUNS = ("train", "cross-validation")
+
+
+def program_of(folder: Path) -> str | None:
+    """Which program's record a folder holds (None: none, or not one of this script's)."""
+    try:
+        return json.loads((folder / bts.MANIFEST).read_text(encoding="utf-8")).get("program")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def read_json(path: Path, keys: tuple) -> dict:
@@ -84,10 +97,13 @@ def read_json(path: Path, keys: tuple) -> dict:
 
 def read_fold(folder: Path) -> dict:
     """One finished run: its settings, curves, test Dice and each test image's Dice and patient."""
-    if not (folder / "metrics.json").is_file():
+    if not bts.is_finished(folder):
         raise UserError(f"{folder}: not a finished run (no metrics.json, nor a cross-validation's record)")
     metrics = read_json(folder / "metrics.json", ("test", "history", "best_val_dice", "test_split"))
-    config = read_json(folder / "config.json", ("seed",))
+    try:  # as the trainer reads a saved configuration: fields it predates get the values that kept their behaviour
+        config = dataclasses.asdict(bts.saved_config(read_json(folder / "config.json", ("seed",))))
+    except (UserError, TypeError) as e:
+        raise UserError(f"{folder / 'config.json'}: not a configuration this script wrote ({e})") from None
     try:
         with open(folder / "test_per_image.csv", newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
@@ -106,13 +122,12 @@ def read_fold(folder: Path) -> dict:
 def read_run(folder: Path) -> dict:
     """A finished run, or a finished cross-validation as one run: its folds' mean Dice with their
     spread, and their test images together (the folds test disjoint patients)."""
-    record = bts.read_manifest(folder, "cross-validation") if (folder / bts.MANIFEST).is_file() and \
-        not (folder / "metrics.json").is_file() else {}
-    if not record:
+    if program_of(folder) != "cross-validation":
         return {**read_fold(folder), "folds": 0}
+    record = bts.read_manifest(folder, "cross-validation")
     k = record.get("folds")
     folds = [folder / f"fold_{i + 1}" for i in range(k if isinstance(k, int) else 0)]
-    unfinished = [f.name for f in folds if not (f / "metrics.json").is_file()]
+    unfinished = [f.name for f in folds if not bts.is_finished(f)]
     if not folds or unfinished:
         raise UserError(f"{folder}: a {k}-fold cross-validation with {len(unfinished)} folds unfinished "
                         f"({', '.join(unfinished)}); compare reads it once every fold is finished")
@@ -131,7 +146,7 @@ def read_run(folder: Path) -> dict:
 
 def learned_settings(config: dict) -> dict:
     """The fields that change what a run learns, but the training seed."""
-    fields = {f.name for f in bts.dataclasses.fields(bts.Config) if f.metadata.get("learns", True)} - {"seed"}
+    fields = set(bts.learned_fields()) - {"seed"}
     return {k: v for k, v in sorted(config.items()) if k in fields}
 
 
@@ -182,8 +197,8 @@ def difference(a: dict, b: dict, draws: int = 4000, seed: int = 0) -> dict:
     (point_a, boot_a), (point_b, boot_b) = setting_means(a), setting_means(b)
     low, high = np.percentile(boot_b - boot_a, [2.5, 97.5])
     verdict = "better" if low > 0 else "worse" if high < 0 else "cannot tell"
-    if len(keys) < 5:
-        verdict, low, high = "cannot tell (fewer than 5 test patients)", float("nan"), float("nan")
+    if len(keys) < bts.MIN_GROUPS:
+        verdict, low, high = f"cannot tell (fewer than {bts.MIN_GROUPS} test patients)", float("nan"), float("nan")
     return {"setting": b["label"], "reference": a["label"], "difference": point_b - point_a, "low": float(low),
             "high": float(high), "verdict": verdict, "seeds": f"{b['seeds']} vs {a['seeds']}",
             "test_images": len(images), "test_patients": len(keys)}

@@ -50,10 +50,11 @@ class PredictConfig:
 def predict(cfg: PredictConfig) -> list[dict]:
     """Segment every input image: a mask at its own size, an overlay and a CSV row each (with scores
     when --masks has its mask). Everything is written into a hidden staging folder inside OUT and
-    moved into place only when all of it is written: a failure (a full disk) leaves the earlier
-    outputs as they were and no partial ones."""
+    renamed into place, file by file, only once all of it is written: a failure while writing (a
+    full disk) leaves the earlier outputs as they were and no partial ones."""
+    bts.RUN_WARNINGS.clear()
     state = bts.load_checkpoint(cfg.model)
-    if state.get("kind", "last" if "optimizer" in state else "best") == "last":
+    if state.get("optimizer") is not None:  # a resumable state: last.pth
         bts.warn(f"{cfg.model} is the latest training state (epoch {state['epoch']}), not the best model: it predicts "
                  f"with the untuned threshold {state['threshold']:.2f}; model.pth beside it holds the best epoch and "
                  f"the threshold chosen on validation")
@@ -61,17 +62,17 @@ def predict(cfg: PredictConfig) -> list[dict]:
     truth = bts.list_images(Path(cfg.masks)) if cfg.masks else {}
     if cfg.masks and not truth:
         raise UserError(f"{cfg.masks}: no masks found (PNG, JPEG, TIFF or BMP)")
-    reads = {f.parent: (f"the folder of the input {f}", False) for f in files}
+    reads = {f.parent: (f"the folder of the input {f}", False) for f in files.values()}
     reads.update({Path(i): (f"the input folder {i}", True) for i in cfg.inputs if Path(i).is_dir()})
     if cfg.masks:
         reads[Path(cfg.masks)] = (f"the --masks folder {cfg.masks}", True)
-    targets = [STAGE, "predictions.csv", *(f"{sub}/{f.stem}.png" for f in files for sub in ("masks", "overlays"))]
+    targets = [STAGE, "predictions.csv", *(f"{sub}/{name}.png" for name in files for sub in ("masks", "overlays"))]
     device = bts.pick_device(cfg.device)
     machine = bts.Machine(device, bts.precision(cfg.amp, device)[0])
     model = bts.model_from_checkpoint(state, cfg.model, device)
     size, threshold = state["config"]["image_size"], float(state["threshold"])
     flip = bool(state["config"].get("tta", bts.BEFORE_FIELD_EXISTED["tta"]))
-    inputs = tuple(p.resolve() for p in [*files, *truth.values()])
+    inputs = tuple(p.resolve() for p in [*files.values(), *truth.values(), Path(cfg.model)])
     t0 = time.time()
     with bts.claim_folder(Path(cfg.out), "predict", targets, reads, cfg.overwrite, earlier_prediction, inputs) as out:
         out.begin()
@@ -81,6 +82,8 @@ def predict(cfg: PredictConfig) -> list[dict]:
             if not rows:
                 raise UserError("none of the inputs could be read; nothing was written")
             move_into_place(stage, out.folder)
+            if cfg.overwrite:  # the earlier prediction's outputs of other scans go too, now that all is written
+                out.prune()
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     seconds = time.time() - t0
@@ -97,8 +100,9 @@ def earlier_prediction(out: Path, found: list[Path]) -> str:
             f"--overwrite to replace them, or choose another --out")
 
 
-def collect_inputs(inputs: list[str]) -> list[Path]:
-    """Image files named directly or found in the named folders (not recursive), one per name."""
+def collect_inputs(inputs: list[str]) -> dict[str, Path]:
+    """Image files named directly or found in the named folders (not recursive), by name: outputs are
+    named after the file, so a second file of the same name is skipped."""
     files = []
     for item in inputs:
         path = Path(item)
@@ -110,55 +114,56 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
             raise UserError(f"{path}: no such file or folder")
     unique: dict[str, Path] = {}
     for f in files:
-        if f.stem in unique:
-            bts.warn(f"{f}: same name as {unique[f.stem]}, and outputs are named after the file; skipped")
+        name = bts.image_name(f.name)
+        if name in unique:
+            bts.warn(f"{f}: same name as {unique[name]}, and outputs are named after the file; skipped")
         else:
-            unique[f.stem] = f
+            unique[name] = f
     if not unique:
         raise UserError(f"no images (PNG, JPEG, TIFF or BMP) in {', '.join(inputs)}")
-    return list(unique.values())
+    return unique
 
 
-def segment(model, machine, files: list[Path], how: tuple, truth: dict, cfg: PredictConfig, stage: Path) -> list:
-    """Masks, overlays and CSV rows of the readable files, written into `stage`; `how` is the
-    checkpoint's (image size, threshold, mirror averaging)."""
+def segment(model, machine, files: dict, how: tuple, truth: dict, cfg: PredictConfig, stage: Path) -> list:
+    """Masks, overlays and CSV rows of the readable files (name -> path), written into `stage`; `how`
+    is the checkpoint's (image size, threshold, mirror averaging)."""
     size, threshold, flip = how
-    rows = []
-    for start in tqdm(range(0, len(files), cfg.eval_batch_size), desc="predicting", unit="batch",
+    rows, items = [], list(files.items())
+    for start in tqdm(range(0, len(items), cfg.eval_batch_size), desc="predicting", unit="batch",
                       disable=bts.process_rank() != 0):
         batch = []
-        for f in files[start:start + cfg.eval_batch_size]:
+        for name, f in items[start:start + cfg.eval_batch_size]:
             try:
-                batch.append((f, bts.read_image(f)))
+                batch.append((name, f, bts.read_image(f)))
             except ValueError as e:
                 bts.warn(f"{e}; skipped")
         if not batch:
             continue
-        x = torch.from_numpy(np.stack([bts.preprocess_image(gray, size) for _, gray in batch])).unsqueeze(1)
+        x = torch.from_numpy(np.stack([bts.preprocess_image(gray, size) for _, _, gray in batch])).unsqueeze(1)
         probs = bts.predict_probabilities(model, x, len(batch), machine, flip=flip).cpu().numpy()[:, 0]
-        for (f, gray), prob in zip(batch, probs):
+        for (name, f, gray), prob in zip(batch, probs):
             full = cv2.resize(prob, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
             mask = full > threshold
-            bts.save_png(stage / "masks" / f"{f.stem}.png", mask.astype(np.uint8) * 255)
-            bts.save_png(stage / "overlays" / f"{f.stem}.png", make_overlay(gray, mask))
+            bts.save_png(stage / "masks" / f"{name}.png", mask.astype(np.uint8) * 255)
+            bts.save_png(stage / "overlays" / f"{name}.png", make_overlay(gray, mask))
             rows.append({"image": str(f), "width": gray.shape[1], "height": gray.shape[0],
                          "tumor_pixels": int(mask.sum()), "tumor_fraction": round(float(mask.mean()), 6),
                          "mean_probability": round(float(full[mask].mean()) if mask.any() else 0.0, 4),
-                         **score(f, gray.shape, prob > threshold, truth, cfg.masks, size)})
+                         **score(name, f, gray.shape, prob > threshold, truth, cfg.masks, size)})
     if rows:
         bts.save_csv(stage / "predictions.csv", rows)
     return rows
 
 
-def score(f: Path, shape: tuple, pred: np.ndarray, truth: dict, masks_dir: str, size: int) -> dict:
+def score(name: str, f: Path, shape: tuple, pred: np.ndarray, truth: dict, masks_dir: str, size: int) -> dict:
     """The METRICS of one prediction against its --masks file, at the model's resolution, as the
     training test scores them; {} (with a warning) when there is no usable mask."""
-    if f.stem not in truth:
+    if name not in truth:
         if masks_dir:
-            bts.warn(f"{f.name}: no mask named {f.stem}.* in {masks_dir}; no scores for it")
+            bts.warn(f"{f.name}: no mask named {name}.* in {masks_dir}; no scores for it")
         return {}
     try:
-        target, _, note = bts.mask_for(truth[f.stem], shape, size)
+        target, _, note = bts.mask_for(truth[name], shape, size)
     except ValueError as e:
         bts.warn(f"{e}; no scores for {f.name}")
         return {}

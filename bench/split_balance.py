@@ -61,3 +61,24 @@ report("70/20/10 split, StratifiedGroupKFold", lambda s: bts.split_by_group(grou
        split_targets)
 report("5 folds, hand-written (056bcae)", lambda s: as_parts(old.fold_by_group(groups, strata, 5, s)), fold_targets)
 report("5 folds, StratifiedGroupKFold", lambda s: as_parts(bts.group_folds(groups, strata, 5, s)), fold_targets)
+
+# Re-scanned patients (issue #22): ids that differ only by a trailing letter, split as separate patients
+# (as before) or grouped by their stem (the script now), on the 2,734 images of ../shared/data.
+shared = ROOT.parent / "shared" / "data" / "brain-tumor-segmentation" / "images"
+names = {p.stem for p in shared.glob("*.png")}
+rows = [r for r in rows if r["image"] in names]
+
+
+def stem(patient: str) -> str:
+    return patient[:-1] if patient[-1].isalpha() and patient[-2].isdigit() else patient
+
+
+ids, kinds = [r["patient_id"] for r in rows], [r["tumor_type"] for r in rows]
+print(f"{len(set(ids))} patients and {len({stem(i) for i in ids})} stems in {shared.parent}")
+for seed in (1, 2, 42):
+    for name, units in (("by patient id", ids), ("by id stem", [stem(i) for i in ids])):
+        parts = bts.split_by_group(units, kinds, (0.2, 0.1), seed)
+        train = {stem(ids[i]) for i in parts["train"]}
+        crossing = {p: sum(stem(ids[i]) in train for i in parts[p]) for p in ("val", "test")}
+        print(f"split seed {seed}, {name:14s} test slices whose stem has training slices: {crossing['test']} of "
+              f"{len(parts['test'])}; validation: {crossing['val']} of {len(parts['val'])}")
