@@ -1362,6 +1362,7 @@ class Run:
     seen: int = 0  # training images of this epoch in this process's session (for the images/s)
     losses: torch.Tensor | None = None  # this epoch's per-step training losses (summed whole, in one order)
     compile_seconds: float = 0.0
+    curves_drawn: float = 0.0  # when the loss curves were last handed to the writer
 
 
 def build_run(cfg: Config, machine: Machine, data: dict, split: dict, idx: dict, resume: dict | None) -> Run:
@@ -1721,8 +1722,10 @@ def end_epoch(run: Run, seconds: float) -> None:
         run.writer.submit(save_panel, run.out / f"visualizations/epochs/epoch_{run.epoch:03d}.png",
                           (panel["images"], panel["masks"], panel["probs"] > cfg.threshold),
                           f"epoch {run.epoch}: val Dice {val['dice']:.3f}")
-    run.writer.submit(plot_curves, run.out / "visualizations/loss_curves.png", {k: list(v) for k, v in
-                                                                                 run.history.items()})
+    # The curves take a CPU a few tenths of a second: redrawn at most every 20 s, and after the last epoch.
+    if time.time() - run.curves_drawn > 20 or run.epoch == cfg.epochs:
+        run.curves_drawn = time.time()
+        run.writer.submit(plot_curves, run.out / "visualizations/loss_curves.png", copied(run.history))
 
 
 def save_last(run: Run) -> None:

@@ -61,11 +61,14 @@ def test_compare_flags_runs_tested_on_different_splits(runs, tmp_path, capsys):
 
 def test_compare_takes_globs_and_refuses_what_is_not_a_finished_run(runs, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(runs)
-    (runs.parent / "not-a-run").mkdir(exist_ok=True)  # a folder a glob also matches: not a run, left out
+    (runs / "visualizations").mkdir(exist_ok=True)  # what a default run into outputs/ leaves beside the runs
+    (runs / "model.pth").write_bytes(b"a default run's model")
+    rc, _, err = run_cli(capsys, "compare", runs / "base", runs / "lower-lr", "--out", runs / "comparison")
+    assert rc == 0, err  # and compare's own folder, which the glob matches too from now on
     for pattern in ("*", str(runs / "*")):  # relative, and absolute as a quoted glob
         rc, out, err = run_cli(capsys, "compare", pattern, "--out", tmp_path / "all")
         assert rc == 0, err
-        assert out.count("\n") >= 5  # a header and four runs
+        assert out.count("\n") >= 5 and "comparison" not in out.split("setting")[0]  # a header and the 4 runs
     (tmp_path / "empty").mkdir()
     rc, _, err = run_cli(capsys, "compare", runs / "base", tmp_path / "empty", "--out", tmp_path / "x")
     assert rc == 1 and "not a finished run" in err and "Traceback" not in err

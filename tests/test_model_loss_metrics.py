@@ -455,7 +455,8 @@ def test_loss_stays_float32_in_both_precisions(dtype):
                                                             ((6, 1), ["sm_75"], True),
                                                             ((7, 5), ["sm_75", "sm_80"], False),
                                                             ((9, 0), ["sm_75", "sm_80", "sm_90"], False),
-                                                            ((12, 0), ["sm_75", "sm_90"], False)])
+                                                            ((12, 0), ["sm_75", "sm_90"], False),
+                                                            ((7, 0), ["sm_90a", "sm_100a", "compute_90"], True)])
 def test_a_gpu_older_than_the_pytorch_build_is_one_sentence(capability, arch_list, refused):
     if refused:
         with pytest.raises(bts.UserError, match=r"Tesla V100 \(compute capability .*older than every GPU"):

@@ -338,3 +338,45 @@ def test_an_error_that_one_process_meets_stops_all_of_them_printed_once(tmp_path
     assert result.returncode != 0 and "never reached" not in result.stdout
     assert result.stderr.count("error: only the second process saw this") == 1, result.stderr[-3000:]
     assert "UserError" not in result.stderr  # one sentence, no traceback of ours (torchrun reports the exit)
+
+
+def test_predict_overwrite_leaves_one_prediction_in_the_folder(dataset, trained, tmp_path, capsys):
+    out = tmp_path / "p"
+    rc, _, err = run_cli(capsys, "predict", dataset / "images", "--model", trained / "model.pth", "--out", out,
+                         "--device", "cpu")
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "predict", dataset / "images" / "3.png", "--model", trained / "model.pth", "--out",
+                         out, "--device", "cpu", "--overwrite")
+    assert rc == 0, err
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["3.png"]
+    assert len((out / "predictions.csv").read_text().splitlines()) == 2
+
+
+def test_a_model_pth_of_another_epoch_than_the_state_records_is_chosen_anew(dataset, finished, capsys):
+    state = bts.load_checkpoint(finished / "model.pth")
+    bts.save_checkpoint(finished / "model.pth", {**state, "epoch": state["epoch"] + 5})  # a kill between writes
+    rc, _, err = run_cli(capsys, "--resume", "--out-dir", finished, "--epochs", "3")
+    assert rc == 0 and "not the best epoch this state records" in err and "chosen anew" in err, err
+    assert bts.load_checkpoint(finished / "model.pth")["epoch"] == 3
+
+
+@pytest.mark.slow
+def test_cross_validation_trains_finished_folds_on_and_overwrite_replaces_them_all(dataset, tmp_path, capsys):
+    out = tmp_path / "cv"
+    args = ["--data-dir", dataset, "--out-dir", out, *TINY_ARGS, "--folds", "3", "--split", "random"]
+    rc, _, err = run_cli(capsys, *args)
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, *args, "--resume", "--epochs", "2")  # the same folds, trained one epoch more
+    assert rc == 0, err
+    for k in (1, 2, 3):
+        assert len(json.loads((out / f"fold_{k}" / "metrics.json").read_text())["history"]["epoch"]) == 2
+    assert json.loads((out / "cv_summary.json").read_text())["folds"] == 3
+    stray = out / "fold_2" / "notes.txt"
+    stray.write_text("mine")
+    rc, _, err = run_cli(capsys, *args, "--epochs", "2", "--lr", "5e-4", "--overwrite", "--fold", "0")
+    assert rc == 1 and "other settings (--lr)" in err  # one fold alone cannot change the folder's settings
+    rc, _, err = run_cli(capsys, *args, "--epochs", "2", "--lr", "5e-4", "--overwrite")
+    assert rc == 0, err
+    for k in (1, 2, 3):
+        assert json.loads((out / f"fold_{k}" / "config.json").read_text())["lr"] == 5e-4
+    assert stray.read_text() == "mine"
