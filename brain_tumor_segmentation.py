@@ -403,6 +403,13 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
     resumed = resumed_settings(saved, cfg, typed)
     if is_finished(path.parent) and resumed.epochs <= state["epoch"]:
         raise UserError(finished_message(path.parent))
+    if resumed.epochs < state["epoch"] + (state["step"] > 0):
+        raise UserError(f"--epochs {resumed.epochs}: {path} has trained {state['epoch']} epochs already"
+                        f"{' and part of the next' if state['step'] else ''}; pass more")
+    if saved.folds and resumed.epochs != saved.epochs and not cfg.folds:  # its cross-validation decides, for all
+        raise UserError(f"{path.parent} is fold {saved.fold + 1} of a cross-validation, whose folds share their "
+                        f"epochs: train them all further with --out-dir {path.parent.parent} --folds {saved.folds} "
+                        f"--resume --epochs {resumed.epochs}")
     if resumed.epochs != saved.epochs and saved.schedule == "onecycle":
         warn(f"--epochs {resumed.epochs} (was {saved.epochs}): the one-cycle schedule is stretched to the new length, "
              f"so the learning rate jumps to where that schedule is at this epoch")
@@ -551,9 +558,10 @@ def claim_run_folder(cfg: Config, machine: Machine):
 
 
 def run_reads(cfg: Config) -> dict:
-    """What training reads as input, for the output folder to keep apart from: the data folder."""
+    """What training reads, for the output folder to keep apart from: the data folder, and its images/
+    and masks/ wherever links lead them."""
     data = Path(cfg.data_dir or DEFAULT_DATA_DIR)
-    return {data: (f"the data folder {data}", True)}
+    return {folder: (f"the data folder {folder}", True) for folder in (data, data / "images", data / "masks")}
 
 
 def run_files(cfg: Config) -> list[str]:
@@ -601,14 +609,19 @@ def claim_folder(folder: Path, program: str, targets: list[str], reads: dict, re
         yield Outputs(folder, program, targets, check_targets(folder, program, targets, replace, earlier, inputs))
     except BaseException:
         for path in made:  # still holding the lock: only this program's lock and record, and the folders made
-            with contextlib.suppress(OSError):
-                if {p.name for p in path.iterdir()} <= {LOCK, MANIFEST}:
-                    (path / MANIFEST).unlink(missing_ok=True)
-                    (path / LOCK).unlink(missing_ok=True)
-                    path.rmdir()
+            remove_if_only_records(path)
         raise
     finally:
         lock.release()
+
+
+def remove_if_only_records(folder: Path) -> None:
+    """A folder that holds nothing but a program's lock and record goes, with them."""
+    with contextlib.suppress(OSError):
+        if {p.name for p in folder.iterdir()} <= {LOCK, MANIFEST}:
+            (folder / MANIFEST).unlink(missing_ok=True)
+            (folder / LOCK).unlink(missing_ok=True)
+            folder.rmdir()
 
 
 def check_apart(folder: Path, reads: dict, program: str) -> None:
@@ -634,7 +647,8 @@ def read_manifest(folder: Path, program: str) -> dict:
         record = json.loads(path.read_text(encoding="utf-8"))
         files = record["files"]
         assert record["program"] in ("train", "cross-validation", "predict", "compare") and isinstance(files, list)
-        assert all(isinstance(f, str) and not Path(f).is_absolute() and ".." not in Path(f).parts for f in files)
+        assert all(isinstance(f, str) and "\0" not in f and not f.endswith("/") and not Path(f).is_absolute()
+                   and Path(f).name not in ("", ".") and ".." not in Path(f).parts for f in files)  # plain files
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise UserError(f"{path} is not a record of this script's outputs: {folder} is not used, and nothing in it is "
                         f"changed. Choose another output folder") from None
@@ -684,7 +698,8 @@ class Outputs:
     def prune(self) -> None:
         """Delete the files of earlier runs that this run did not write again (its own record lists them)."""
         for name in set(self.record["files"]) - set(self.targets):
-            (self.folder / name).unlink(missing_ok=True)
+            if not (self.folder / name).is_dir() or (self.folder / name).is_symlink():
+                (self.folder / name).unlink(missing_ok=True)
         self.record["files"] = sorted(self.targets)
         save_json(self.folder / MANIFEST, self.record)
 
@@ -695,7 +710,8 @@ class Outputs:
         listed = self.record.get("files", [])
         remove_stale_temporaries(self.folder, [*listed, MANIFEST])
         for name in listed if replace else [n for n in remove if n in listed]:
-            (self.folder / name).unlink(missing_ok=True)
+            if not (self.folder / name).is_dir() or (self.folder / name).is_symlink():  # files only, never a folder
+                (self.folder / name).unlink(missing_ok=True)
         for name in sorted({str(Path(n).parent) for n in listed}, key=len, reverse=True):
             with contextlib.suppress(OSError):
                 (self.folder / name).rmdir()  # only if empty: a folder an earlier run made and emptied
@@ -706,13 +722,13 @@ class Outputs:
 
 
 def remove_stale_temporaries(folder: Path, names: list[str]) -> None:
-    """The temporary files of writes a crash (kill -9) cut short, beside the files they were for:
-    atomic_write names them .NAME.*.tmp."""
+    """The temporaries of writes a crash (kill -9) cut short, beside the files they were for: mkstemp
+    and mkdtemp name them .NAME.XXXXXXXX.tmp (eight of its letters), and nothing else is touched."""
     for name in names:
         path = folder / name
-        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.{'[a-z0-9_]' * 8}.tmp"):
             with contextlib.suppress(OSError):
-                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+                shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
 
 
 # -----------------------------------------------------------------------------
@@ -741,18 +757,20 @@ DEMO_MARKER = ".synthetic-demo"  # marks a folder --demo generated, and so may r
 
 
 def generate_demo_data(folder: Path, n: int) -> Path:
-    """--demo's slices: the same for every training seed, so that demo runs compare image for image."""
+    """--demo's slices: the same for every training seed, so that demo runs compare image for image.
+    The folder's marker says how many it holds; an interrupted generation ("incomplete N") is redone."""
     marker = folder / DEMO_MARKER
-    if marker.is_file() and marker.read_text().strip() == str(n):
+    made = marker.read_text().split() if marker.is_file() else None
+    if made == [str(n)]:
         return folder
-    if folder.exists() and not marker.is_file():
-        raise UserError(f"{folder}: --demo writes synthetic data there, but the folder exists and was not made by "
-                        f"--demo; pass another --data-dir (it is never deleted or changed)")
+    if folder.exists() and (not made or made[0] != "incomplete"):
+        raise UserError(f"{folder}: --demo writes {n} synthetic slices there, but the folder holds "
+                        + (f"{made[0]} (--demo-images {made[0]})" if made else "files --demo did not make")
+                        + "; pass another --data-dir (it is never deleted or changed)")
     log(f"generating {n} synthetic slices in {folder}")
-    shutil.rmtree(folder, ignore_errors=True)  # only ever a folder that --demo made itself
-    folder.mkdir(parents=True)
-    marker.write_text("incomplete\n")  # written first: an interrupted generation is still ours
-    make_synthetic_dataset(folder, n, seed=42)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"incomplete {n}\n")  # written first: an interrupted generation is still ours
+    make_synthetic_dataset(folder, n, seed=42)  # the same names again: it replaces only its own files
     marker.write_text(f"{n}\n")
     return folder
 
@@ -1148,9 +1166,11 @@ def make_split(cfg: Config, data: dict) -> dict:
         split[f"{part}_patients"] = sorted({groups[i] for i in members})
     split["fractions"] = {part: round(len(split[part]) / len(names), 4) for part in parts}
     wanted = {"val": cfg.val_fraction, "test": cfg.test_fraction}
+    split["warnings"] = []
     if not cfg.folds and any(abs(split["fractions"][p] - f) > 0.02 for p, f in wanted.items()):
-        warn(f"whole {unit} could not honour --val-fraction {cfg.val_fraction} and --test-fraction "
-             f"{cfg.test_fraction} within 0.02: the parts hold {split['fractions']} of the images")
+        split["warnings"].append(f"whole {unit} could not honour --val-fraction {cfg.val_fraction} and --test-fraction "
+                                 f"{cfg.test_fraction} within 0.02: the parts hold {split['fractions']} of the images")
+        warn(split["warnings"][-1])
     split["groups"] = dict(zip(names, groups))
     split["tumor_types"] = {n: s for n, s in zip(names, strata) if s}
     split["files"] = {n: data["hashes"][n] for n in names}
@@ -1274,6 +1294,8 @@ def split_by_group(groups: list[str], strata: list[str], fractions: tuple[float,
 def split_for(cfg: Config, data: dict, resume: dict | None) -> tuple[dict, dict[str, torch.Tensor]]:
     """The run's split (the checkpoint's on --resume) and each part's positions in the data."""
     split = resume["split"] if resume else make_split(cfg, data)
+    for warning in split.get("warnings", []) if resume else []:  # what the split's numbers mean, again
+        warn(warning)
     idx = split_indices(split, data)
     log(f"data: {len(data['names'])} pairs at {cfg.image_size}x{cfg.image_size}; {split['how']}")
     log("split: " + ", ".join(f"{part} {len(idx[part])} images ({len(split[f'{part}_patients'])} {split['unit']})"
@@ -2117,7 +2139,18 @@ def cross_validate(cfg: Config, typed: frozenset = frozenset()) -> dict:
     K and the settings, so its folds always share them. With --resume, folds finished with these
     settings are kept and the others continue or begin."""
     root = Path(cfg.out_dir)
+    made = not root.exists()
     cfg = join_cross_validation(cfg, typed)
+    try:
+        run_folds(cfg, root, typed)
+    except BaseException:
+        if made:  # a cross-validation that failed before any fold wrote leaves no folder behind
+            remove_if_only_records(root)
+        raise
+    return summarize_cross_validation(root, cfg) if process_rank() == 0 else {}
+
+
+def run_folds(cfg: Config, root: Path, typed: frozenset) -> None:
     for k in range(cfg.folds) if cfg.fold < 0 else [cfg.fold]:
         fold_dir = root / f"fold_{k + 1}"
         if cfg.resume and fold_results(fold_dir, cfg.epochs):
@@ -2130,7 +2163,6 @@ def cross_validate(cfg: Config, typed: frozenset = frozenset()) -> dict:
                   typed | {"resume"} if resume else typed - {"resume"})
         except Interrupted as e:  # the way on is the whole cross-validation's, or this fold's
             raise Interrupted(f"{e}{f' --fold {k}' if cfg.fold >= 0 else ''}", e.code) from None
-    return summarize_cross_validation(root, cfg) if process_rank() == 0 else {}
 
 
 def join_cross_validation(cfg: Config, typed: frozenset) -> Config:
@@ -2402,6 +2434,8 @@ def run_cli(entry, oom_hint=lambda: "a smaller --batch-size or --eval-batch-size
     for stream in (sys.stdout, sys.stderr):  # a file name the terminal cannot show must not fail the run
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
+    with contextlib.suppress(ValueError):  # before and after training, SIGTERM stops as Ctrl-C does: cleanly
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     code, message, own = 1, None, False
     try:
         entry()

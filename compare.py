@@ -47,16 +47,18 @@ def compare(cfg: CompareConfig) -> dict:
     runs = [read_run(folder) for folder in run_folders(cfg.runs)]
     if len(runs) < 2:
         raise UserError(f"{', '.join(cfg.runs)}: give at least two finished runs to compare")
+    twice = [f for f in {r["folder"].resolve() for r in runs} if [r["folder"].resolve() for r in runs].count(f) > 1]
+    if twice:
+        raise UserError(f"{twice[0]} is given twice: one run counted twice would look like two seeds")
     labels, names = run_labels(runs)
     settings = group_settings(runs, names)
-    same_test = len({r["test_split"] for r in runs}) == 1
-    differences = [difference(settings[0], s) for s in settings[1:]] if same_test else []
+    differences = paired_differences(settings)
     reads = {r["folder"]: (f"the run folder {r['folder']}", True) for r in runs}
     with bts.claim_folder(Path(cfg.out), "compare", OUTPUTS, reads, replace=True) as out:
         out.begin()
-        print_table(runs, labels, settings, differences, same_test)
+        note = print_table(runs, labels, settings, differences)
         bts.save_csv(out / "comparison.csv", [run_row(r, label) for r, label in zip(runs, labels)])
-        bts.save_csv(out / "differences.csv", differences or [{"note": "the runs were tested on different images"}])
+        bts.save_csv(out / "differences.csv", differences or [{"note": note}])
         plot_comparison(out / "comparison.png", runs, labels, settings, differences)
     bts.log(f"written: {out / 'comparison.png'}, comparison.csv, differences.csv")
     return {"runs": runs, "settings": settings, "differences": differences}
@@ -204,7 +206,17 @@ def difference(a: dict, b: dict, draws: int = 4000, seed: int = 0) -> dict:
             "test_images": len(images), "test_patients": len(keys)}
 
 
-def print_table(runs, labels, settings, differences, same_test) -> None:
+def paired_differences(settings: list[dict]) -> list[dict]:
+    """Each setting against the first one tested on the same images (all runs of both on one test set)."""
+    tested_on = [s["runs"][0]["test_split"] if len({r["test_split"] for r in s["runs"]}) == 1 else None
+                 for s in settings]
+    return [difference(settings[tested_on.index(split)], s) for s, split in zip(settings, tested_on)
+            if split is not None and tested_on.index(split) != settings.index(s)]
+
+
+def print_table(runs, labels, settings, differences) -> str:
+    """The runs, the settings over their seeds, the differences; returns what differences.csv says when
+    there are none."""
     width = max(len(label) for label in labels + [s["label"] for s in settings])
     bts.log(f"{'run':{width}s}  best val Dice  test Dice  interval")
     for r, label in zip(runs, labels):
@@ -220,18 +232,19 @@ def print_table(runs, labels, settings, differences, same_test) -> None:
         bts.log(f"{d['setting']} vs {d['reference']}: {d['difference']:+.4f} Dice [95% CI {d['low']:+.4f} to "
                 f"{d['high']:+.4f}] on the same {d['test_images']} test images ({d['test_patients']} patients), "
                 f"{d['seeds']} seeds: {d['verdict'].upper()}")
-    if not same_test:
-        bts.log("the runs were tested on different images (other splits or data), so no paired difference: "
-                "compare only their intervals")
-        for i in range(len(runs)):
-            for j in range(i + 1, len(runs)):
-                a, b = runs[i]["interval"], runs[j]["interval"]
-                if runs[i]["test_split"] != runs[j]["test_split"]:
-                    bts.log(f"{labels[i]} vs {labels[j]}: tested on different splits (other test images), so their "
-                            f"Dice is not comparable image for image")
-                if a and b and a[0] <= b[1] and b[0] <= a[1]:
-                    bts.log(f"{labels[i]} vs {labels[j]}: the intervals overlap, so this test set cannot tell them "
-                            f"apart")
+    compared = {(d["reference"], d["setting"]) for d in differences}
+    setting_of = {id(r): s["label"] for s in settings for r in s["runs"]}
+    for i, j in ((i, j) for i in range(len(runs)) for j in range(i + 1, len(runs))):
+        a, b = runs[i], runs[j]
+        if setting_of[id(a)] == setting_of[id(b)] or {(setting_of[id(a)], setting_of[id(b)]),
+                                                     (setting_of[id(b)], setting_of[id(a)])} & compared:
+            continue
+        bts.log(f"{labels[i]} vs {labels[j]}: tested on different splits (other test images), so no paired difference")
+        if a["interval"] and b["interval"] and not (a["folds"] or b["folds"]) and \
+                a["interval"][0] <= b["interval"][1] and b["interval"][0] <= a["interval"][1]:
+            bts.log(f"{labels[i]} vs {labels[j]}: the intervals overlap, so these test sets cannot tell them apart")
+    return ("one setting: nothing to compare it with (its seeds' spread is in comparison.csv)" if len(settings) == 1
+            else "the settings were tested on different images: no paired difference")
 
 
 def run_row(r: dict, label: str) -> dict:

@@ -166,3 +166,24 @@ def test_cross_validation_compares_as_mean_and_spread_over_folds_and_is_read_who
     rc, _, err = run_cli(capsys, "--data-dir", data, "--out-dir", tmp_path / "cv-a", *TINY_ARGS, "--folds", "3",
                          "--fold", "1", "--split", "random", "--lr", "1e-2")
     assert rc == 1 and "other settings (--lr)" in err
+
+
+def test_one_setting_or_one_run_twice_is_not_called_a_difference(patients, tmp_path, capsys):
+    groups, base = patients
+    a = fake_run(tmp_path / "a", 1, base, groups)
+    b = fake_run(tmp_path / "b", 2, np.clip(base + 0.01, 0, 1), groups)
+    compare.compare(compare.CompareConfig([str(a), str(b)], str(tmp_path / "out")))
+    assert "one setting" in (tmp_path / "out" / "differences.csv").read_text()
+    rc, _, err = run_cli(capsys, "compare", a, tmp_path / "." / "a", "--out", tmp_path / "out2")
+    assert rc == 1 and "given twice" in err
+
+
+def test_runs_on_other_images_do_not_cancel_the_paired_differences_of_the_others(patients, tmp_path):
+    groups, base = patients
+    runs = [fake_run(tmp_path / "a", 1, base, groups), fake_run(tmp_path / "b", 1, np.clip(base + 0.05, 0, 1),
+                                                                 groups, lr=1e-3)]
+    other = fake_run(tmp_path / "c", 1, base, groups, split_seed=7)
+    metrics = json.loads((other / "metrics.json").read_text())
+    (other / "metrics.json").write_text(json.dumps({**metrics, "test_split": "other-images"}))
+    result = compare.compare(compare.CompareConfig([str(r) for r in (*runs, other)], str(tmp_path / "out")))
+    assert [(d["setting"], d["verdict"]) for d in result["differences"]] == [("lr=0.001, split_seed=42", "better")]

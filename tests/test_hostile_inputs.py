@@ -243,7 +243,7 @@ def test_model_without_last_names_a_way_that_works(dataset, finished_run, capsys
 
 
 def test_stale_temporary_files_of_killed_writes_are_removed(dataset, finished_run, capsys):
-    stale = [finished_run / ".model.pth.abc123.tmp", finished_run / "visualizations" / ".loss_curves.png.x.tmp"]
+    stale = [finished_run / ".model.pth.abc12_xy.tmp", finished_run / "visualizations" / ".loss_curves.png.k0z9q2ab.tmp"]
     for path in stale:
         path.write_bytes(b"\0" * 1000)
     rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", finished_run, *TINY_ARGS, "--overwrite")

@@ -58,11 +58,12 @@ def one_error(rc: int, err: str, *fragments: str) -> None:
 
 
 def test_cleanup_touches_only_its_own_temporaries_in_its_own_folder(dataset, finished, capsys):
-    mine = [finished / ".notes.tmp", finished / "sub" / ".model.pth.x.tmp", finished / ".user-data.tmp" / "a.png"]
+    mine = [finished / ".notes.tmp", finished / "sub" / ".model.pth.x.tmp", finished / ".user-data.tmp" / "a.png",
+            finished / ".model.pth.backup.tmp" / "notes.txt", finished / ".metrics.json.old.tmp"]
     for path in mine:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"a user's file")
-    ours = finished / ".model.pth.abc.tmp"
+    ours = finished / ".model.pth.q1w2e3r4.tmp"  # mkstemp's eight letters
     ours.write_bytes(b"\0" * 100)  # what a kill inside a write of model.pth leaves
     before = {p: p.read_bytes() for p in mine}
     rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", finished, *TINY_ARGS, "--overwrite")
@@ -265,11 +266,11 @@ def test_predict_reruns_over_its_own_leftovers(dataset, trained, tmp_path, capsy
     rc, _, err = run_cli(capsys, *args)
     assert rc == 0, err
     (out / ".lock").write_text("pid 1 on elsewhere, since long ago\n")  # a killed run's lock
-    (out / ".predict-staging.x1.tmp" / "masks").mkdir(parents=True)  # and its staging folder
-    (out / ".predict-staging.x1.tmp" / "masks" / "1.png").write_bytes(b"half")
+    (out / ".predict-staging.k2j4x_9a.tmp" / "masks").mkdir(parents=True)  # and its staging folder (mkdtemp's name)
+    (out / ".predict-staging.k2j4x_9a.tmp" / "masks" / "1.png").write_bytes(b"half")
     rc, _, err = run_cli(capsys, *args, "--overwrite")
     assert rc == 0, err
-    assert not (out / ".predict-staging.x1.tmp").exists()
+    assert not (out / ".predict-staging.k2j4x_9a.tmp").exists()
 
 
 def test_unicode_digit_file_names_do_not_crash_the_order(tmp_path, capsys):
@@ -380,3 +381,79 @@ def test_cross_validation_trains_finished_folds_on_and_overwrite_replaces_them_a
     for k in (1, 2, 3):
         assert json.loads((out / f"fold_{k}" / "config.json").read_text())["lr"] == 5e-4
     assert stray.read_text() == "mine"
+
+
+def test_the_data_reached_through_links_is_still_the_data(dataset, tmp_path, capsys):
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "images").symlink_to(dataset / "images")
+    (linked / "masks").symlink_to(dataset / "masks")
+    before = snapshot(dataset)
+    for out in (dataset / "images", dataset):
+        rc, _, err = run_cli(capsys, "--data-dir", linked, "--out-dir", out, *TINY_ARGS)
+        one_error(rc, err, "the data folder")
+    assert snapshot(dataset) == before
+
+
+def test_demo_data_is_never_deleted_to_make_another_size(tmp_path, capsys):
+    common = ["--demo", "--data-dir", tmp_path / "demo", *TINY_ARGS]
+    rc, _, err = run_cli(capsys, *common, "--demo-images", "12", "--out-dir", tmp_path / "a")
+    assert rc == 0, err
+    (tmp_path / "demo" / "NOTES.txt").write_text("mine")
+    before = snapshot(tmp_path / "demo")
+    rc, _, err = run_cli(capsys, *common, "--demo-images", "14", "--out-dir", tmp_path / "b")
+    one_error(rc, err, "holds 12", "never deleted")
+    assert snapshot(tmp_path / "demo") == before
+
+
+def test_a_fold_and_a_run_cannot_be_trained_back_or_apart(dataset, finished, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "--resume", "--out-dir", finished, "--epochs", "1")
+    one_error(rc, err, "finished run")  # metrics.json: finished, whatever the epochs
+    (finished / "metrics.json").unlink()
+    rc, _, err = run_cli(capsys, "--resume", "--out-dir", finished, "--epochs", "1")
+    one_error(rc, err, "--epochs 1", "trained 2 epochs already")
+    cv = tmp_path / "cv"
+    rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", cv, *TINY_ARGS, "--folds", "3", "--split", "random")
+    assert rc == 0, err
+    before = snapshot(cv, ignore=".lock")
+    rc, _, err = run_cli(capsys, "--resume", cv / "fold_1", "--epochs", "2")
+    one_error(rc, err, "fold 1 of a cross-validation", "--folds 3 --resume --epochs 2")
+    assert snapshot(cv, ignore=".lock") == before
+
+
+def test_a_resumed_run_keeps_the_warnings_of_its_split(dataset, tmp_path, capsys, monkeypatch):
+    groups = tmp_path / "groups.csv"
+    groups.write_text("image,patient_id\n" + "".join(f"{i},p{(i - 1) // 5}\n" for i in range(1, 21)))
+    real = bts.end_epoch
+
+    def stop_after_epoch_1(run, seconds):
+        real(run, seconds)
+        if run.epoch == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(bts, "end_epoch", stop_after_epoch_1)
+    out = tmp_path / "run"
+    rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", out, *TINY_ARGS, "--epochs", "3",
+                         "--groups", groups)
+    assert rc == 130, err
+    monkeypatch.setattr(bts, "end_epoch", real)
+    rc, _, err = run_cli(capsys, "--resume", "--out-dir", out)
+    assert rc == 0, err
+    assert "could not honour" in json.loads((out / "metrics.json").read_text())["warning"]
+
+
+def test_a_cross_validation_that_cannot_start_leaves_no_folder(dataset, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", tmp_path / "cv", *TINY_ARGS, "--folds", "40",
+                         "--split", "random")
+    one_error(rc, err, "too few for 40 folds")
+    assert not (tmp_path / "cv").exists()
+
+
+@pytest.mark.parametrize("entry", [".", "visualizations/", "model.pth\u0000x", ""])
+def test_a_record_that_lists_no_plain_file_is_refused_before_anything_is_deleted(entry, dataset, finished, capsys):
+    record = json.loads((finished / bts.MANIFEST).read_text())
+    (finished / bts.MANIFEST).write_text(json.dumps({**record, "files": [*record["files"], entry]}))
+    before = snapshot(finished, ignore=".lock")
+    rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", finished, *TINY_ARGS, "--overwrite")
+    one_error(rc, err, "is not a record of this script's outputs")
+    assert snapshot(finished, ignore=".lock") == before
