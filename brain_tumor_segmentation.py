@@ -2460,6 +2460,13 @@ def run_cli(entry, oom_hint=lambda: "a smaller --batch-size or --eval-batch-size
     return code
 
 
+def run_tool(kind, entry, description: str, prog: str, argv: list[str] | None) -> int:
+    """predict.py's and compare.py's command line: their settings dataclass, parsed and checked as
+    training's are, then the tool itself under run_cli."""
+    parser = build_parser(kind, description, prog=prog)
+    return run_cli(lambda: entry(kind(**vars(parser.parse_args(sys.argv[1:] if argv is None else argv)))))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["predict"], ["compare"]):  # the older spelling, `brain_tumor_segmentation.py predict ...`

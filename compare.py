@@ -288,9 +288,7 @@ def plot_comparison(path: Path, runs, labels, settings, differences) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = bts.build_parser(CompareConfig, __doc__.split("\n\n")[0], prog="compare.py")
-    return bts.run_cli(lambda: compare(CompareConfig(**vars(parser.parse_args(argv)))))
+    return bts.run_tool(CompareConfig, compare, __doc__.split("\n\n")[0], "compare.py", argv)
 
 
 if __name__ == "__main__":

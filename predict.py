@@ -205,9 +205,7 @@ def report_scores(scored: list[dict], size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = bts.build_parser(PredictConfig, __doc__.split("\n\n")[0], prog="predict.py")
-    return bts.run_cli(lambda: predict(PredictConfig(**vars(parser.parse_args(argv)))))
+    return bts.run_tool(PredictConfig, predict, __doc__.split("\n\n")[0], "predict.py", argv)
 
 
 if __name__ == "__main__":

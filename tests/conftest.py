@@ -67,6 +67,19 @@ def squares_dataset(folder, n: int, seed: int, size: int = 32, empty: int = 0) -
     return Path(folder)
 
 
+def make_dataset(folder, n: int = 20) -> Path:
+    """n pairs of 48x48 slices named 1..n with a bright square tumour (the hostile-input tests' data)."""
+    for i in range(1, n + 1):
+        k = (i - 1) % 20 + 1
+        write_pair(folder, str(i), *square_pair(top=4 + k, left=24 - k, side=8 + i % 5, seed=i))
+    return Path(folder)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(tmp_path / "data")
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path):
     """A data folder with 12 synthetic 48x48 pairs named 1..12 (pair 12 has no tumour)."""

@@ -20,19 +20,8 @@ import pytest
 import torch
 
 import brain_tumor_segmentation as bts
-from conftest import SCRIPT, TINY_ARGS, run_cli, snapshot, square_pair, without_root_override, write_pair
-
-
-def make_dataset(folder: Path) -> Path:
-    """20 pairs of 48x48 slices with a bright square tumour."""
-    for i in range(1, 21):
-        write_pair(folder, str(i), *square_pair(top=4 + i, left=24 - i, side=8 + i % 5, seed=i))
-    return folder
-
-
-@pytest.fixture
-def dataset(tmp_path):
-    return make_dataset(tmp_path / "data")
+from conftest import (SCRIPT, TINY_ARGS, make_dataset, run_cli, snapshot, square_pair, without_root_override,
+                      write_pair)
 
 
 @pytest.fixture(scope="module")

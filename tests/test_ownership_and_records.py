@@ -18,18 +18,7 @@ import pytest
 import torch
 
 import brain_tumor_segmentation as bts
-from conftest import REAL_DIR, SCRIPT, TINY_ARGS, run_cli, snapshot, square_pair, write_pair
-
-
-def make_dataset(folder: Path, n: int = 20) -> Path:
-    for i in range(1, n + 1):
-        write_pair(folder, str(i), *square_pair(top=4 + i % 20, left=24 - i % 20, side=8 + i % 5, seed=i))
-    return folder
-
-
-@pytest.fixture
-def dataset(tmp_path):
-    return make_dataset(tmp_path / "data")
+from conftest import REAL_DIR, SCRIPT, TINY_ARGS, make_dataset, run_cli, snapshot, square_pair, write_pair
 
 
 @pytest.fixture(scope="module")
