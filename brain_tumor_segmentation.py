@@ -231,7 +231,7 @@ def train(cfg: Config, typed: frozenset = frozenset()) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# The machine: device, processes, precision
+# The machine: the device and the processes
 
 
 @dataclass
@@ -279,30 +279,6 @@ def set_up_machine(cfg: Config) -> Machine:
     return Machine(device, rank=rank, world=world)
 
 
-def choose_precision(machine: Machine, cfg: Config) -> None:
-    """Precision and layout by fixed rules of the machine and the run's settings; logs the
-    configuration and what was chosen."""
-    if machine.device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned kernels differ run to run
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-    machine.dtype, why = precision(cfg.amp, machine.device)
-    # Channels-last trained 40% faster on an AVX-512 CPU (bf16 and float32) and 22% slower on an AVX2 one.
-    layout = machine.device.type == "cuda" or torch.backends.cpu.get_cpu_capability() == "AVX512"
-    machine.channels_last = cfg.channels_last and layout
-    log("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
-    log(f"device: {machine.device}" + (f" ({torch.cuda.get_device_name(machine.device)})" if machine.device.type ==
-                                       "cuda" else f" ({torch.get_num_threads()} threads)")
-        + (f", {machine.world} processes" if machine.world > 1 else ""))
-    log(f"precision: {precision_name(machine)} ({why}), channels-last: "
-        f"{machine.channels_last}")
-
-
-def precision_name(machine: Machine) -> str:
-    return str(machine.dtype or torch.float32).removeprefix("torch.")
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -333,26 +309,6 @@ def check_gpu_supported(name: str, capability: tuple[int, int], arch_list: list[
         raise UserError(f"{name} (compute capability {capability[0]}.{capability[1]}) is older than every GPU this "
                         f"PyTorch {torch.__version__} build supports (from {lowest // 10}.{lowest % 10}): install a "
                         f"PyTorch build for it (README, 'Which GPUs'), or use --device cpu")
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: where bf16 trained 2.2x faster than float32. oneDNN's own bf16 check
-    is also true on AVX-512 CPUs without them, which emulate bf16 slowly."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, str]:
-    """The autocast precision (None: float32) by a fixed rule of the machine and --amp, and why."""
-    if amp == "off":
-        return None, "--amp off"
-    if amp in ("bf16", "fp16"):
-        return (torch.bfloat16 if amp == "bf16" else torch.float16), f"--amp {amp}"
-    if device.type == "cuda":  # bf16 only where it is native (compute capability 8+), else fp16 with a scaler
-        native = torch.cuda.get_device_capability(device)[0] >= 8
-        return (torch.bfloat16, "a GPU with bf16") if native else (torch.float16, "a GPU without bf16")
-    if cpu_has_native_bf16():
-        return torch.bfloat16, "a CPU with native bf16; --amp off for float32"
-    return None, "a CPU without native bf16"
 
 
 @contextlib.contextmanager
@@ -930,6 +886,54 @@ def download_failure(e: BaseException) -> str:
 
 
 # -----------------------------------------------------------------------------
+# Precision and layout, by fixed rules
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: where bf16 trained 2.2x faster than float32. oneDNN's own bf16 check
+    is also true on AVX-512 CPUs without them, which emulate bf16 slowly."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The autocast precision (None: float32) by a fixed rule of the machine and --amp, and why."""
+    if amp == "off":
+        return None, "--amp off"
+    if amp in ("bf16", "fp16"):
+        return (torch.bfloat16 if amp == "bf16" else torch.float16), f"--amp {amp}"
+    if device.type == "cuda":  # bf16 only where it is native (compute capability 8+), else fp16 with a scaler
+        native = torch.cuda.get_device_capability(device)[0] >= 8
+        return (torch.bfloat16, "a GPU with bf16") if native else (torch.float16, "a GPU without bf16")
+    if cpu_has_native_bf16():
+        return torch.bfloat16, "a CPU with native bf16; --amp off for float32"
+    return None, "a CPU without native bf16"
+
+
+def choose_precision(machine: Machine, cfg: Config) -> None:
+    """Precision and layout by fixed rules of the machine and the run's settings; logs the
+    configuration and what was chosen."""
+    if machine.device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned kernels differ run to run
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+    machine.dtype, why = precision(cfg.amp, machine.device)
+    # Channels-last trained 40% faster on an AVX-512 CPU (bf16 and float32) and 22% slower on an AVX2 one.
+    layout = machine.device.type == "cuda" or torch.backends.cpu.get_cpu_capability() == "AVX512"
+    machine.channels_last = cfg.channels_last and layout
+    log("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    log(f"device: {machine.device}" + (f" ({torch.cuda.get_device_name(machine.device)})" if machine.device.type ==
+                                       "cuda" else f" ({torch.get_num_threads()} threads)")
+        + (f", {machine.world} processes" if machine.world > 1 else ""))
+    log(f"precision: {precision_name(machine)} ({why}), channels-last: "
+        f"{machine.channels_last}")
+
+
+def precision_name(machine: Machine) -> str:
+    return str(machine.dtype or torch.float32).removeprefix("torch.")
+
+
+# -----------------------------------------------------------------------------
 # Data: decode every pair once, keep the dataset as uint8 tensors
 
 
@@ -1501,8 +1505,43 @@ def compiled_if_it_works(model: nn.Module, cfg: Config, machine: Machine, x: tor
     return compiled if works else model
 
 
+def begin_outputs(run: Run, out: Outputs | None, resume: dict | None) -> None:
+    """Rank 0, once everything was checked: --overwrite removes the earlier run's files only now; a
+    resumed run that trains on removes its earlier test; then config.json and split.json."""
+    if out is None:
+        return
+    out.begin(replace=run.cfg.overwrite and not resume, remove=TEST_FILES if resume else ())
+    run.out = out
+    save_json(out / "config.json", dataclasses.asdict(run.cfg))
+    save_json(out / "split.json", run.split)
+
+
 # -----------------------------------------------------------------------------
 # The training loop
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: training stops at the end of the current step, the final test between
+    its parts. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # only the main thread can install handlers
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):  # no printing here: the signal may come while the loop prints
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def train_epoch(run: Run, stop: StopFlag) -> bool:
@@ -1666,60 +1705,8 @@ def check_steps(losses: torch.Tensor, since: int, last: int, run: Run, stop: Sto
     return float(window[-1]), bool(flags[-1])
 
 
-class StopFlag:
-    """Set by SIGINT/SIGTERM: training stops at the end of the current step, the final test between
-    its parts. A second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # only the main thread can install handlers
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):  # no printing here: the signal may come while the loop prints
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-class Interrupted(UserError):
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
-def interrupted(run: Run, stop: StopFlag, where: str = "") -> Interrupted:
-    """The stop's message: where the run stopped, and the command that continues it."""
-    launcher = f"torchrun --nproc_per_node={run.machine.world}" if run.machine.world > 1 else "python"
-    folds = f" --folds {run.cfg.folds}" if run.cfg.folds else ""
-    folder = Path(run.cfg.out_dir).parent if run.cfg.folds else Path(run.cfg.out_dir)
-    at = where or f"stopped at epoch {run.epoch + 1}, step {run.step}"
-    return Interrupted(f"{at}; {Path(run.cfg.out_dir) / 'last.pth'} holds the run. Continue it with:\n  {launcher} "
-                       f"{Path(sys.argv[0]).name} --resume --out-dir {folder}{folds}",
-                       code=130 if stop.signal == signal.SIGINT else 143)
-
-
 # -----------------------------------------------------------------------------
 # The end of an epoch: validation, checkpoints and plots (written in the background)
-
-
-def begin_outputs(run: Run, out: Outputs | None, resume: dict | None) -> None:
-    """Rank 0, once everything was checked: --overwrite removes the earlier run's files only now; a
-    resumed run that trains on removes its earlier test; then config.json and split.json."""
-    if out is None:
-        return
-    out.begin(replace=run.cfg.overwrite and not resume, remove=TEST_FILES if resume else ())
-    run.out = out
-    save_json(out / "config.json", dataclasses.asdict(run.cfg))
-    save_json(out / "split.json", run.split)
 
 
 def end_epoch(run: Run, seconds: float) -> None:
@@ -1762,6 +1749,23 @@ def save_last(run: Run) -> None:
     """last.pth: the state --resume continues from (rank 0 only)."""
     if run.out is not None:
         run.writer.submit(save_checkpoint, run.out / "last.pth", checkpoint_state(run, "last"))
+
+
+class Interrupted(UserError):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def interrupted(run: Run, stop: StopFlag, where: str = "") -> Interrupted:
+    """The stop's message: where the run stopped, and the command that continues it."""
+    launcher = f"torchrun --nproc_per_node={run.machine.world}" if run.machine.world > 1 else "python"
+    folds = f" --folds {run.cfg.folds}" if run.cfg.folds else ""
+    folder = Path(run.cfg.out_dir).parent if run.cfg.folds else Path(run.cfg.out_dir)
+    at = where or f"stopped at epoch {run.epoch + 1}, step {run.step}"
+    return Interrupted(f"{at}; {Path(run.cfg.out_dir) / 'last.pth'} holds the run. Continue it with:\n  {launcher} "
+                       f"{Path(sys.argv[0]).name} --resume --out-dir {folder}{folds}",
+                       code=130 if stop.signal == signal.SIGINT else 143)
 
 
 def checkpoint_state(run: Run, kind: str) -> dict:
@@ -2126,7 +2130,6 @@ def plot_test_results(vis: Path, pictures: tuple, dice: np.ndarray, names: list[
     ax.set(xlabel="Dice per test image", ylabel="images", title="Test Dice per image")
     ax.legend()
     save_figure(vis / "test_dice_histogram.png", fig)
-
 
 
 # -----------------------------------------------------------------------------
