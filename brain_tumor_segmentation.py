@@ -19,8 +19,8 @@ Measured on 2 cores of an AMD EPYC with AVX-512 BF16, PyTorch 2.14.1, 2026-11-29
     bench/bench.py             256x256, width 32, batch 16, bf16: 3.97 training images/s, 68.6% of the
                                bf16 matrix product, x2.73 the seed's float32 DataLoader loop
     --image-size 160 --base-width 16 --epochs 15 on the real data: 14 min 34 s, test Dice 0.700
-                               (95% CI 0.625-0.860); the full default run: see bench/RESULTS.md
-Not yet measured: anything on a GPU.
+                               (95% CI 0.625-0.860, 16 patients)
+Not yet measured: anything on a GPU, and the full default run (20 epochs at 256x256) on the real data.
 """
 from __future__ import annotations
 
