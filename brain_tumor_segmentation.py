@@ -369,7 +369,7 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
     if resumed.epochs != saved.epochs and saved.schedule == "onecycle":
         warn(f"--epochs {resumed.epochs} (was {saved.epochs}): the one-cycle schedule is stretched to the new length, "
              f"so the learning rate jumps to where that schedule is at this epoch")
-    cfg = dataclasses.replace(resumed, resume=str(path), out_dir=str(path.parent))
+    cfg = dataclasses.replace(resumed, resume=str(path), out_dir=str(path.parent), fold=saved.fold)  # a run's own
     check_best_model(state, path, cfg.epochs)
     log(f"resuming {path} at epoch {state['epoch'] + 1}, step {state['step']}")
     return cfg, state
@@ -2322,8 +2322,8 @@ def option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def field_rule(name: str, rule: str, kind=None):
-    return (kind or Config).__dataclass_fields__[name].metadata.get(rule)
+def field_rule(name: str, rule: str):
+    return Config.__dataclass_fields__[name].metadata.get(rule)
 
 
 def check_fields(obj) -> None:
