@@ -668,7 +668,7 @@ class Outputs:
         for name in listed if replace else [n for n in remove if n in listed]:
             if not (self.folder / name).is_dir() or (self.folder / name).is_symlink():  # files only, never a folder
                 (self.folder / name).unlink(missing_ok=True)
-        for name in sorted({str(Path(n).parent) for n in listed}, key=len, reverse=True):
+        for name in sorted({str(Path(n).parent) for n in listed} - {"."}, key=len, reverse=True):
             with contextlib.suppress(OSError):
                 (self.folder / name).rmdir()  # only if empty: a folder an earlier run made and emptied
         kept = [] if replace else listed
