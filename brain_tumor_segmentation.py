@@ -1367,8 +1367,6 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 NO_BEST = {"epoch": 0, "val_dice": -1.0}  # before the first epoch: any validation Dice is better
-HISTORY_KEYS = ("epoch", "train_loss", "val_loss", *(f"val_{m}" for m in ("dice", "iou")), "lr", "epoch_seconds",
-                "images_per_second", "precision")
 
 
 @dataclass
@@ -1387,7 +1385,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     writer: Writer
-    history: dict = field(default_factory=lambda: {k: [] for k in HISTORY_KEYS})
+    history: dict = field(default_factory=dict)  # a list per key of end_epoch's record
     best: dict = field(default_factory=lambda: dict(NO_BEST))
     epoch: int = 0
     step: int = 0
@@ -1721,8 +1719,8 @@ def end_epoch(run: Run, seconds: float) -> None:
     record = {"epoch": run.epoch + 1, "train_loss": float(run.losses.sum()) / run.epoch_steps, "val_loss": val["loss"],
               **{f"val_{k}": val[k] for k in EPOCH_METRICS}, "lr": run.optimizer.param_groups[0]["lr"],
               "epoch_seconds": seconds, "images_per_second": images / seconds, "precision": precision_name(m)}
-    for key in HISTORY_KEYS:
-        run.history.setdefault(key, []).append(record[key])
+    for key, value in record.items():
+        run.history.setdefault(key, []).append(value)
     improved = val["dice"] > run.best["val_dice"]
     if improved:
         run.best = {"epoch": run.epoch + 1, "val_loss": val["loss"], **{f"val_{k}": val[k] for k in EPOCH_METRICS}}
@@ -1940,7 +1938,8 @@ def plot_curves(path: Path, history: dict) -> None:
     ax1.plot(history["epoch"], history["val_loss"], "o-", label="validation loss")
     ax1.set(xlabel="epoch", ylabel="loss", title="Loss")
     for name in EPOCH_METRICS:
-        ax2.plot(history["epoch"], history[f"val_{name}"], "o-", label=f"validation {name}")
+        values = history.get(f"val_{name}", [])  # a metric added to EPOCH_METRICS after a resumed run began
+        ax2.plot(history["epoch"][len(history["epoch"]) - len(values):], values, "o-", label=f"validation {name}")
     ax2.set(xlabel="epoch", ylabel="score", title="Validation " + ", ".join(EPOCH_METRICS), ylim=(0, 1))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)

@@ -134,6 +134,36 @@ def test_defaults_edited_at_the_top_of_a_copy_of_the_script_drive_the_run(synthe
     assert max(state["history"]["lr"]) <= 7e-4
 
 
+HOW_TO_CHANGE_IT = [  # the README's "How to change it" rows for the loss and a metric, as a user would write them
+    ('LOSSES = {\n', 'LOSSES = {\n    "bce": lambda logits, target, cfg: F.binary_cross_entropy_with_logits(logits.float(), '
+                     'target.float()),\n'),
+    ('METRICS = {\n', 'METRICS = {\n    "f2": lambda tp, fp, fn: (5 * tp, 5 * tp + 4 * fn + fp),\n'),
+    ('EPOCH_METRICS = ("dice", "iou")', 'EPOCH_METRICS = ("dice", "iou", "f2")'),
+]
+
+
+@pytest.mark.slow
+def test_the_readmes_how_to_change_it_works_in_a_copy_of_the_script(synthetic, tmp_path):
+    """A loss and a metric added in one place each, as the README says: the loss is a valid --loss, the metric
+    is in the test summary, the per-image CSV, and, tracked after every epoch, in the history and the curves."""
+    source = SCRIPT.read_text()
+    for old, new in HOW_TO_CHANGE_IT:
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    copy = tmp_path / "edited.py"
+    copy.write_text(source)
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(copy), "--data-dir", str(synthetic), "--out-dir", str(out), *TINY,
+                             "--epochs", "2", "--loss", "bce"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert " f2 " in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "config.json").read_text())["loss"] == "bce" and 0 <= metrics["test"]["f2"] <= 1
+    assert len(metrics["history"]["val_f2"]) == 2
+    assert "f2" in (out / "test_per_image.csv").read_text().splitlines()[0].split(",")
+    assert (out / "visualizations" / "loss_curves.png").stat().st_size > 0
+
+
 def test_recipe_seed_overlays_only_the_fields_not_typed():
     seed, _ = bts.config_from_args(["--recipe", "seed", "--lr", "3e-4", "--augment"])
     assert seed.lr == 3e-4 and seed.augment and seed.loss == "dice" and seed.optimizer == "adam"
