@@ -139,13 +139,17 @@ HOW_TO_CHANGE_IT = [  # the README's "How to change it" rows for the loss and a 
                      'target.float()),\n'),
     ('METRICS = {\n', 'METRICS = {\n    "f2": lambda tp, fp, fn: (5 * tp, 5 * tp + 4 * fn + fp),\n'),
     ('EPOCH_METRICS = ("dice", "iou")', 'EPOCH_METRICS = ("dice", "iou", "f2")'),
+    ('    aug_gamma: float', '    aug_noise: float = setting(0.0, "sd of added Gaussian noise", low=0, high=1)\n    aug_gamma: float'),
+    ('    return x.clamp(0, 1).pow(gamma), y\n', '    noise = torch.randn(x.shape, device=x.device, generator=generator) * cfg.aug_noise\n'
+                                             '    return (x + noise).clamp(0, 1).pow(gamma), y\n'),
 ]
 
 
 @pytest.mark.slow
 def test_the_readmes_how_to_change_it_works_in_a_copy_of_the_script(synthetic, tmp_path):
-    """A loss and a metric added in one place each, as the README says: the loss is a valid --loss, the metric
-    is in the test summary, the per-image CSV, and, tracked after every epoch, in the history and the curves."""
+    """A loss, a metric and an augmentation added in one place each, as the README says: the loss is a valid
+    --loss, the augmentation's field a checked flag, and the metric is in the test summary, the per-image CSV,
+    and, tracked after every epoch, in the history and the curves."""
     source = SCRIPT.read_text()
     for old, new in HOW_TO_CHANGE_IT:
         assert source.count(old) == 1, old
@@ -154,14 +158,18 @@ def test_the_readmes_how_to_change_it_works_in_a_copy_of_the_script(synthetic, t
     copy.write_text(source)
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, str(copy), "--data-dir", str(synthetic), "--out-dir", str(out), *TINY,
-                             "--epochs", "2", "--loss", "bce"], capture_output=True, text=True, timeout=300)
+                             "--epochs", "2", "--loss", "bce", "--aug-noise", "0.05"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert " f2 " in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert json.loads((out / "config.json").read_text())["loss"] == "bce" and 0 <= metrics["test"]["f2"] <= 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["loss"] == "bce" and config["aug_noise"] == 0.05 and 0 <= metrics["test"]["f2"] <= 1
     assert len(metrics["history"]["val_f2"]) == 2
     assert "f2" in (out / "test_per_image.csv").read_text().splitlines()[0].split(",")
     assert (out / "visualizations" / "loss_curves.png").stat().st_size > 0
+    refused = subprocess.run([sys.executable, str(copy), "--data-dir", str(synthetic), "--out-dir", str(tmp_path / "x"),
+                              "--aug-noise", "2"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "--aug-noise" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_recipe_seed_overlays_only_the_fields_not_typed():
