@@ -2151,7 +2151,7 @@ def cross_validate(cfg: Config, typed: frozenset = frozenset()) -> dict:
 def run_folds(cfg: Config, root: Path, typed: frozenset) -> None:
     for k in range(cfg.folds) if cfg.fold < 0 else [cfg.fold]:
         fold_dir = root / f"fold_{k + 1}"
-        if cfg.resume and fold_results(fold_dir, cfg.epochs):
+        if cfg.resume and fold_results(fold_dir, cfg, k):
             log(f"fold {k + 1}: finished already, kept")
             continue
         resume = str(fold_dir / "last.pth") if cfg.resume and (fold_dir / "last.pth").is_file() else ""
@@ -2181,6 +2181,9 @@ def join_cross_validation(cfg: Config, typed: frozenset) -> Config:
                 cfg = dataclasses.replace(resumed_settings(saved, cfg, typed), out_dir=str(root))
             differ = sorted(k for k in learned_fields() if getattr(saved, k) != getattr(cfg, k)
                             and not (cfg.resume and field_rule(k, "resumable")))
+            if cfg.resume and (cfg.epochs < saved.epochs or cfg.fold >= 0 and cfg.epochs != saved.epochs):
+                raise UserError(f"{root}: its folds train {saved.epochs} epochs; --resume may add epochs to all "
+                                f"folds together (without --fold), never fewer")
             if record.get("folds") != cfg.folds or (differ and not (cfg.overwrite and cfg.fold < 0)):
                 raise UserError(f"{root} holds a {record.get('folds')}-fold cross-validation"
                                 + (f" with other settings ({', '.join(option(k) for k in differ)})" if differ else "")
@@ -2202,26 +2205,36 @@ def learned_fields() -> list[str]:
     return [f.name for f in dataclasses.fields(Config) if f.metadata.get("learns", True)]
 
 
-def fold_results(fold_dir: Path, epochs: int) -> dict | None:
-    """A fold's metrics.json when it finished with these epochs; None when it has yet to (train on)."""
+def fold_results(fold_dir: Path, cfg: Config, k: int) -> dict | None:
+    """Fold k's metrics.json when it finished with these epochs; None when it has yet to (train on).
+    A finished run there that is not fold k with these settings is refused, never counted as the fold."""
     if not is_finished(fold_dir):
         return None
     try:
         metrics = json.loads((fold_dir / "metrics.json").read_text())
-        done = len(metrics["history"]["epoch"]) == epochs
+        done = len(metrics["history"]["epoch"]) == cfg.epochs
         assert isinstance(metrics["test"]["dice"], float) and isinstance(metrics["test"]["iou"], float)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        raise UserError(f"{fold_dir / 'metrics.json'} is damaged; train that fold anew with --overwrite --fold N") \
-            from None
+        saved = saved_config(json.loads((fold_dir / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AssertionError, UserError):
+        raise UserError(f"{fold_dir} is damaged; train that fold anew with --overwrite --fold {k}") from None
+    differ = [f for f in learned_fields() if f != "epochs" and getattr(saved, f) != getattr(cfg, f)]
+    if differ or saved.fold != k:
+        raise UserError(f"{fold_dir} is not fold {k + 1} of this cross-validation (it differs in "
+                        f"{', '.join(option(f) for f in differ or ['fold'])}); train it anew with --overwrite --fold {k}")
     return metrics if done else None
 
 
 def summarize_cross_validation(root: Path, cfg: Config) -> dict:
     """cv_summary.json, once all K folds are finished: the mean and spread of their test Dice."""
-    done = [r for r in (fold_results(root / f"fold_{k + 1}", cfg.epochs) for k in range(cfg.folds)) if r]
+    done = [r for r in (fold_results(root / f"fold_{k + 1}", cfg, k) for k in range(cfg.folds)) if r]
     if len(done) < cfg.folds:
         log(f"cross-validation: {len(done)} of {cfg.folds} folds finished; the summary waits for the rest")
         return {}
+    data = [r.get("data") for r in done]
+    if len(set(data)) > 1:  # folds of one split must test disjoint patients of the same images
+        raise UserError(f"{root}: its folds were trained on different data (content fingerprints "
+                        f"{', '.join(f'fold {k + 1}: {d}' for k, d in enumerate(data))}); train the odd ones anew with "
+                        f"--overwrite --fold N on the data of the others")
     dice = np.array([r["test"]["dice"] for r in done])
     summary = {"folds": cfg.folds, "test_dice_per_fold": dice.tolist(), "test_dice_mean": float(dice.mean()),
                "test_dice_std": float(dice.std(ddof=1)), "test_iou_mean": float(np.mean([r["test"]["iou"] for r in done])),

@@ -47,10 +47,13 @@ def compare(cfg: CompareConfig) -> dict:
     runs = [read_run(folder) for folder in run_folders(cfg.runs)]
     if len(runs) < 2:
         raise UserError(f"{', '.join(cfg.runs)}: give at least two finished runs to compare")
-    twice = [f for f in {r["folder"].resolve() for r in runs} if [r["folder"].resolve() for r in runs].count(f) > 1]
-    if twice:
-        raise UserError(f"{twice[0]} is given twice: one run counted twice would look like two seeds")
     labels, names = run_labels(runs)
+    seen = {}
+    for r, name in zip(runs, names):  # one run given twice, or a copy of it, would look like two seeds
+        twin = seen.setdefault((name, r["config"]["seed"]), r["folder"])
+        if twin is not r["folder"]:
+            raise UserError(f"{twin} and {r['folder']} are the same setting with the same seed: one run counted twice "
+                            f"would look like two seeds; give each run once")
     settings = group_settings(runs, names)
     differences = paired_differences(settings)
     reads = {r["folder"]: (f"the run folder {r['folder']}", True) for r in runs}
@@ -97,8 +100,9 @@ def read_json(path: Path, keys: tuple) -> dict:
                         f"of this script") from None
 
 
-def read_fold(folder: Path) -> dict:
-    """One finished run: its settings, curves, test Dice and each test image's Dice and patient."""
+def read_fold(folder: Path, whole: bool = False) -> dict:
+    """One finished run: its settings, curves, test Dice and each test image's Dice and patient. A fold
+    of a cross-validation only as part of it (`whole`): alone, its test images are one fold's."""
     if not bts.is_finished(folder):
         raise UserError(f"{folder}: not a finished run (no metrics.json, nor a cross-validation's record)")
     metrics = read_json(folder / "metrics.json", ("test", "history", "best_val_dice", "test_split"))
@@ -114,11 +118,19 @@ def read_fold(folder: Path) -> dict:
         history = {k: [float(v) for v in metrics["history"][k]] for k in ("val_dice", "val_loss", "train_loss")}
         dice, interval = float(metrics["test"]["dice"]), metrics["test"]["dice_ci95"]
         interval = [float(v) for v in interval] if interval is not None else None
+        best_val_dice = float(metrics["best_val_dice"])
+        scores = [dice, best_val_dice, *(interval or []), *per_image.values()]
+        if not all(0 <= v <= 1 for v in scores) or interval and (len(interval) != 2 or not
+                                                                  interval[0] <= dice <= interval[1]):
+            raise ValueError("a Dice outside [0, 1], or outside its interval")
     except (OSError, KeyError, TypeError, ValueError, csv.Error):
         raise UserError(f"{folder}: its metrics.json or test_per_image.csv is not what a finished run writes") from None
+    if config["folds"] and not whole:
+        raise UserError(f"{folder}: one fold of a {config['folds']}-fold cross-validation; compare reads a "
+                        f"cross-validation whole: give its folder ({folder.parent})")
     return {"folder": folder, "config": config, "dice": dice, "interval": interval, "history": history,
-            "best_val_dice": float(metrics["best_val_dice"]), "test_split": str(metrics["test_split"]),
-            "per_image": per_image, "groups": groups}
+            "best_val_dice": best_val_dice, "test_split": str(metrics["test_split"]), "per_image": per_image,
+            "groups": groups, "data": str(metrics.get("data"))}
 
 
 def read_run(folder: Path) -> dict:
@@ -133,7 +145,10 @@ def read_run(folder: Path) -> dict:
     if not folds or unfinished:
         raise UserError(f"{folder}: a {k}-fold cross-validation with {len(unfinished)} folds unfinished "
                         f"({', '.join(unfinished)}); compare reads it once every fold is finished")
-    parts = [read_fold(f) for f in folds]
+    parts = [read_fold(f, whole=True) for f in folds]
+    if len({(p["data"], str(learned_settings({**p, "test_split": ""}))) for p in parts}) > 1:
+        raise UserError(f"{folder}: its folds were trained on different data or settings, so they are not one "
+                        f"cross-validation; train the odd folds anew (--overwrite --fold N) before comparing it")
     dice = np.array([p["dice"] for p in parts])
     epochs = min(len(p["history"]["val_dice"]) for p in parts)
     return {"folder": folder, "config": parts[0]["config"], "dice": float(dice.mean()), "folds": k,
@@ -146,18 +161,22 @@ def read_run(folder: Path) -> dict:
             "groups": {k: v for p in parts for k, v in p["groups"].items()}}
 
 
-def learned_settings(config: dict) -> dict:
-    """The fields that change what a run learns, but the training seed."""
-    fields = set(bts.learned_fields()) - {"seed"}
-    return {k: v for k, v in sorted(config.items()) if k in fields}
+def learned_settings(run: dict) -> dict:
+    """What makes runs one setting: the fields that change what a run learns, but the training seed
+    and the groups file's name (its content is in the split), and the test images they were tested on."""
+    fields = set(bts.learned_fields()) - {"seed", "groups"}
+    return {**{k: v for k, v in sorted(run["config"].items()) if k in fields}, "test_split": run["test_split"]}
 
 
 def run_labels(runs: list[dict]) -> tuple[list[str], list[str]]:
     """Each run's setting named by the fields in which the runs' settings differ, and each run by its
     setting, its seed where the setting has several, and its folder where that is still not enough."""
-    settings = [learned_settings(r["config"]) for r in runs]
-    keys = sorted({k for s in settings for o in settings for k in s if s.get(k) != o.get(k)})
-    setting = [", ".join(f"{k}={s.get(k)}" for k in keys) for s in settings]
+    settings = [learned_settings(r) for r in runs]
+    keys = sorted({k for s in settings for o in settings for k in s if s.get(k) != o.get(k)} - {"test_split"})
+    named = [", ".join(f"{k}={s.get(k)}" for k in keys) for s in settings]
+    # The test images are named only where they alone tell two settings apart.
+    setting = [n + (f"{', ' if n else ''}test images {s['test_split'][:8]}" if len({str(o) for o, m in zip(
+               settings, named) if m == n}) > 1 else "") for n, s in zip(named, settings)]
     labels = [", ".join(filter(None, [s, f"seed={r['config'].get('seed')}" if setting.count(s) > 1 else ""]))
               for s, r in zip(setting, runs)]
     labels = [f"{label} ({r['folder'].name})".lstrip() if not label or labels.count(label) > 1 else label
@@ -236,7 +255,7 @@ def print_table(runs, labels, settings, differences) -> str:
     setting_of = {id(r): s["label"] for s in settings for r in s["runs"]}
     for i, j in ((i, j) for i in range(len(runs)) for j in range(i + 1, len(runs))):
         a, b = runs[i], runs[j]
-        if setting_of[id(a)] == setting_of[id(b)] or {(setting_of[id(a)], setting_of[id(b)]),
+        if a["test_split"] == b["test_split"] or {(setting_of[id(a)], setting_of[id(b)]),
                                                      (setting_of[id(b)], setting_of[id(a)])} & compared:
             continue
         bts.log(f"{labels[i]} vs {labels[j]}: tested on different splits (other test images), so no paired difference")

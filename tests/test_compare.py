@@ -175,7 +175,10 @@ def test_one_setting_or_one_run_twice_is_not_called_a_difference(patients, tmp_p
     compare.compare(compare.CompareConfig([str(a), str(b)], str(tmp_path / "out")))
     assert "one setting" in (tmp_path / "out" / "differences.csv").read_text()
     rc, _, err = run_cli(capsys, "compare", a, tmp_path / "." / "a", "--out", tmp_path / "out2")
-    assert rc == 1 and "given twice" in err
+    assert rc == 1 and "counted twice" in err
+    shutil.copytree(a, tmp_path / "copy_of_a")  # a copy is the same run too, not a second seed
+    rc, _, err = run_cli(capsys, "compare", a, tmp_path / "copy_of_a", "--out", tmp_path / "out3")
+    assert rc == 1 and "counted twice" in err and not (tmp_path / "out3").exists()
 
 
 def test_runs_on_other_images_do_not_cancel_the_paired_differences_of_the_others(patients, tmp_path):
@@ -187,3 +190,31 @@ def test_runs_on_other_images_do_not_cancel_the_paired_differences_of_the_others
     (other / "metrics.json").write_text(json.dumps({**metrics, "test_split": "other-images"}))
     result = compare.compare(compare.CompareConfig([str(r) for r in (*runs, other)], str(tmp_path / "out")))
     assert [(d["setting"], d["verdict"]) for d in result["differences"]] == [("lr=0.001, split_seed=42", "better")]
+
+
+def test_what_makes_one_setting_is_what_it_learned_and_its_test_images(patients, tmp_path, capsys):
+    """The groups file's name is no setting; runs on other test images are never seeds of one setting; a
+    pair of settings on the same images is not said to be on different splits; a fold is read only with its
+    cross-validation; a Dice outside its own interval is refused in one sentence."""
+    groups, base = patients
+    a = fake_run(tmp_path / "a", 1, base, groups, groups="g.csv")
+    b = fake_run(tmp_path / "b", 2, base, groups, groups="./g.csv")
+    rc, out, err = run_cli(capsys, "compare", a, b, "--out", tmp_path / "o1")
+    assert rc == 0 and "one setting" in (tmp_path / "o1" / "differences.csv").read_text() and " vs " not in out
+    other = fake_run(tmp_path / "other-data", 2, base, groups)
+    metrics = json.loads((other / "metrics.json").read_text())
+    (other / "metrics.json").write_text(json.dumps({**metrics, "test_split": "other-images"}))
+    rc, out, err = run_cli(capsys, "compare", a, other, "--out", tmp_path / "o2")
+    assert rc == 0 and "tested on different splits" in out and "2 seeds" not in out
+    c = fake_run(tmp_path / "c", 1, np.clip(base + 0.02, 0, 1), groups, lr=1e-3)
+    d = fake_run(tmp_path / "d", 1, np.clip(base + 0.03, 0, 1), groups, lr=5e-4)
+    rc, out, err = run_cli(capsys, "compare", a, c, d, "--out", tmp_path / "o3")
+    assert rc == 0 and "different splits" not in out and out.count("BETTER") == 2
+    fold = fake_run(tmp_path / "fold", 1, base, groups, folds=3, fold=0)
+    rc, _, err = run_cli(capsys, "compare", a, fold, "--out", tmp_path / "o4")
+    assert rc == 1 and "cross-validation whole" in err and not (tmp_path / "o4").exists()
+    metrics = json.loads((c / "metrics.json").read_text())
+    for dice in (0.99, float("nan")):
+        (c / "metrics.json").write_text(json.dumps({**metrics, "test": {**metrics["test"], "dice": dice}}))
+        rc, _, err = run_cli(capsys, "compare", a, c, "--out", tmp_path / "o5")
+        assert rc == 1 and "metrics.json" in err and "Traceback" not in err and not (tmp_path / "o5").exists()

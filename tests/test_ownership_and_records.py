@@ -372,6 +372,27 @@ def test_cross_validation_trains_finished_folds_on_and_overwrite_replaces_them_a
     assert stray.read_text() == "mine"
 
 
+@pytest.mark.slow
+def test_a_cross_validation_holds_only_its_own_folds_on_its_own_data(dataset, tmp_path, capsys):
+    """Each fold is checked against the folder's settings and the others' data before it counts: a plain run
+    at fold_N, a fold on other images, fewer epochs or more epochs for one fold alone are refused."""
+    other = bts.make_synthetic_dataset(tmp_path / "other", n=40, size=48, seed=9)
+    out = tmp_path / "cv"
+    args = ["--out-dir", out, *TINY_ARGS, "--folds", "3", "--split", "random"]
+    for data, fold in ((dataset, "0"), (other, "1"), (dataset, "2")):
+        rc, _, err = run_cli(capsys, "--data-dir", data, *args, "--fold", fold)
+    one_error(rc, err, "different data")
+    assert not (out / "cv_summary.json").exists()
+    shutil.rmtree(out / "fold_2")  # a plain run put where fold 2 belongs is not fold 2
+    assert run_cli(capsys, "--data-dir", dataset, *TINY_ARGS, "--out-dir", out / "fold_2")[0] == 0
+    rc, _, err = run_cli(capsys, "--data-dir", dataset, *args, "--resume")
+    one_error(rc, err, "not fold 2 of this cross-validation")
+    record = (out / bts.MANIFEST).read_bytes()
+    rc, _, err = run_cli(capsys, "--data-dir", dataset, *args, "--resume", "--epochs", "2", "--fold", "0")
+    one_error(rc, err, "all folds together")
+    assert (out / bts.MANIFEST).read_bytes() == record
+
+
 def test_the_data_reached_through_links_is_still_the_data(dataset, tmp_path, capsys):
     linked = tmp_path / "linked"
     linked.mkdir()
