@@ -647,44 +647,55 @@ class Outputs:
 
     def __init__(self, folder: Path, program: str, targets: list[str], record: dict):
         self.folder, self.program, self.targets, self.record = folder, program, targets, record
+        self.earlier = set()  # what the earlier runs' record listed, when begin() kept it
 
     def __truediv__(self, name: str) -> Path:
         return self.folder / name
-
-    def prune(self) -> None:
-        """Delete the files of earlier runs that this run did not write again (its own record lists them)."""
-        for name in set(self.record["files"]) - set(self.targets):
-            if not (self.folder / name).is_dir() or (self.folder / name).is_symlink():
-                (self.folder / name).unlink(missing_ok=True)
-        self.record["files"] = sorted(self.targets)
-        save_json(self.folder / MANIFEST, self.record)
 
     def begin(self, replace: bool = False, remove: tuple = (), **facts) -> None:
         """Once every check has passed: delete the earlier run's files (all of them with `replace`,
         else those in `remove`) and the temporaries of writes a kill cut short, then record this
         run's targets (and `facts`) before any of them is written."""
         listed = self.record.get("files", [])
-        remove_stale_temporaries(self.folder, [*listed, MANIFEST])
+        remove_stale_temporaries(self.folder, [*listed, *self.targets, MANIFEST])
         for name in listed if replace else [n for n in remove if n in listed]:
             if not (self.folder / name).is_dir() or (self.folder / name).is_symlink():  # files only, never a folder
                 (self.folder / name).unlink(missing_ok=True)
         for name in sorted({str(Path(n).parent) for n in listed} - {"."}, key=len, reverse=True):
             with contextlib.suppress(OSError):
                 (self.folder / name).rmdir()  # only if empty: a folder an earlier run made and emptied
-        kept = [] if replace else listed
+        kept = self.earlier = set() if replace else set(listed)
         self.record = {**self.record, **facts, "program": self.program,
                        "files": sorted({*kept, *self.targets})}
+        save_json(self.folder / MANIFEST, self.record)
+
+    def settle(self, written: set[str], prune: bool) -> None:
+        """Once a run has written `written`: its record lists those, not the targets it planned and did
+        not write (a file a user puts there later is never taken for its own), and the earlier runs' files
+        still there, which `prune` deletes instead."""
+        earlier = self.earlier - written
+        for name in earlier if prune else ():
+            if not (self.folder / name).is_dir() or (self.folder / name).is_symlink():
+                (self.folder / name).unlink(missing_ok=True)
+        kept = {n for n in earlier if (self.folder / n).is_file()} if not prune else set()
+        staging = {t for t in self.targets if not Path(t).suffix}  # a staging folder's name stays this program's
+        self.record["files"] = sorted(written | kept | staging)
         save_json(self.folder / MANIFEST, self.record)
 
 
 def remove_stale_temporaries(folder: Path, names: list[str]) -> None:
     """The temporaries of writes a crash (kill -9) cut short, beside the files they were for: mkstemp
-    and mkdtemp name them .NAME.XXXXXXXX.tmp (eight of its letters), and nothing else is touched."""
+    and mkdtemp name them .NAME.XXXXXXXX.tmp (eight of its letters), and nothing else is touched. A
+    file's temporary is a file (atomic_write); only a staging folder's (a name without an extension,
+    as predict's) is a folder."""
     for name in names:
         path = folder / name
         for stale in path.parent.glob(f".{glob.escape(path.name)}.{'[a-z0-9_]' * 8}.tmp"):
             with contextlib.suppress(OSError):
-                shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
+                if stale.is_file() or stale.is_symlink():
+                    stale.unlink()
+                elif stale.is_dir() and not path.suffix:
+                    shutil.rmtree(stale)
 
 
 # -----------------------------------------------------------------------------

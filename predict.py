@@ -81,9 +81,8 @@ def predict(cfg: PredictConfig) -> list[dict]:
             rows = segment(model, machine, files, (size, threshold, flip), truth, cfg, stage)
             if not rows:
                 raise UserError("none of the inputs could be read; nothing was written")
-            move_into_place(stage, out.folder)
-            if cfg.overwrite:  # the earlier prediction's outputs of other scans go too, now that all is written
-                out.prune()
+            written = move_into_place(stage, out.folder)
+            out.settle(written, prune=cfg.overwrite)  # --overwrite: the earlier prediction's other outputs go
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     seconds = time.time() - t0
@@ -184,15 +183,18 @@ def make_overlay(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return overlay
 
 
-def move_into_place(stage: Path, out: Path) -> None:
-    """Each staged file replaces its namesake in `out` (a rename: no copy, no extra space)."""
+def move_into_place(stage: Path, out: Path) -> set[str]:
+    """Each staged file replaces its namesake in `out` (a rename: no copy, no extra space); returns
+    their names."""
+    written = set()
     for path in sorted(stage.rglob("*")):
         if path.is_file():
-            dest = out / path.relative_to(stage)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, dest)
+            written.add(path.relative_to(stage).as_posix())
+            (out / path.relative_to(stage)).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, out / path.relative_to(stage))
     for folder in (out, out / "masks", out / "overlays"):
         bts.fsync_folder(folder)
+    return written
 
 
 def report_scores(scored: list[dict], size: int) -> None:

@@ -48,7 +48,8 @@ def one_error(rc: int, err: str, *fragments: str) -> None:
 
 def test_cleanup_touches_only_its_own_temporaries_in_its_own_folder(dataset, finished, capsys):
     mine = [finished / ".notes.tmp", finished / "sub" / ".model.pth.x.tmp", finished / ".user-data.tmp" / "a.png",
-            finished / ".model.pth.backup.tmp" / "notes.txt", finished / ".metrics.json.old.tmp"]
+            finished / ".model.pth.backup.tmp" / "notes.txt", finished / ".metrics.json.old.tmp",
+            finished / ".model.pth.snapshot.tmp" / "weights_v1.txt"]  # eight letters, but a file's temporary is a file
     for path in mine:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"a user's file")
@@ -340,6 +341,23 @@ def test_predict_overwrite_leaves_one_prediction_in_the_folder(dataset, trained,
     assert rc == 0, err
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["3.png"]
     assert len((out / "predictions.csv").read_text().splitlines()) == 2
+
+
+def test_predict_records_only_what_it_wrote_so_a_file_put_at_a_skipped_name_survives(dataset, trained, tmp_path,
+                                                                                      capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(dataset / "images" / "3.png", scans)
+    (scans / "broken.png").write_bytes(b"")  # unreadable: skipped, so its outputs are never written
+    out = tmp_path / "p"
+    rc, _, err = run_cli(capsys, "predict", scans, "--model", trained / "model.pth", "--out", out, "--device", "cpu")
+    assert rc == 0 and "broken.png" in err, err
+    assert "masks/broken.png" not in json.loads((out / bts.MANIFEST).read_text())["files"]
+    (out / "masks" / "broken.png").write_text("my hand-drawn mask")
+    rc, _, err = run_cli(capsys, "predict", scans / "3.png", "--model", trained / "model.pth", "--out", out,
+                         "--device", "cpu", "--overwrite")
+    assert rc == 0, err
+    assert (out / "masks" / "broken.png").read_text() == "my hand-drawn mask"
 
 
 def test_a_model_pth_of_another_epoch_than_the_state_records_is_chosen_anew(dataset, finished, capsys):
