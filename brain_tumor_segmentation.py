@@ -710,7 +710,7 @@ def resolve_data_dir(cfg: Config) -> Path:
         return Path(cfg.data_dir)
     folder = Path(cfg.data_dir or DEFAULT_DATA_DIR)
     # The lock lives in the temporary folder, so that the data folder's parent holds nothing else.
-    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    key = hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:16]
     with FileLock(Path(tempfile.gettempdir()) / f"brain-tumor-segmentation-{key}.lock"):
         if cfg.demo:
             return generate_demo_data(folder, cfg.demo_images)
@@ -1335,7 +1335,7 @@ def split_indices(split: dict, data: dict) -> dict[str, torch.Tensor]:
 def split_fingerprint(split: dict, part: str = "test") -> str:
     """Runs whose test images are the same files share this, whatever their folder or image size."""
     files = split.get("files", {})
-    return hashlib.sha256("\n".join(sorted(f"{n}:{files.get(n, '')}" for n in split[part])).encode()).hexdigest()[:12]
+    return hashlib.sha256(utf8("\n".join(sorted(f"{n}:{files.get(n, '')}" for n in split[part])))).hexdigest()[:12]
 
 
 # -----------------------------------------------------------------------------
@@ -1927,15 +1927,20 @@ def save_panel(path: Path, pictures: tuple, title: str, labels: list[str] | None
         tiles = [cv2.resize(t.astype(np.uint8), None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
                  for t in (img, gt * 255, pred * 255)]
         if labels:
-            cv2.putText(tiles[0], labels[i], (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 255, 1, cv2.LINE_AA)
+            cv2.putText(tiles[0], ascii_text(labels[i]), (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 255, 1, cv2.LINE_AA)
         gap = np.full((tiles[0].shape[0], 4), 96, np.uint8)  # gray lines keep the black tiles apart
         rows += [np.hstack([tiles[0], gap, tiles[1], gap, tiles[2]]), np.full((4, 3 * tiles[0].shape[1] + 8), 96,
                                                                               np.uint8)]
     picture = np.vstack(rows[:-1])
     header = np.zeros((28, picture.shape[1]), np.uint8)
-    cv2.putText(header, title + "   (original | ground truth | prediction)", (6, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
-                255, 1, cv2.LINE_AA)
+    cv2.putText(header, ascii_text(title) + "   (original | ground truth | prediction)", (6, 19),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.5, 255, 1, cv2.LINE_AA)
     save_png(path, np.vstack([header, picture]))
+
+
+def ascii_text(text: str) -> str:
+    """What OpenCV's Hershey fonts can draw: ASCII (a file name that is not UTF-8 crashed putText)."""
+    return text.encode("ascii", "replace").decode()
 
 
 def plot_curves(path: Path, history: dict) -> None:
@@ -2064,8 +2069,8 @@ def evaluate_test(model, run: Run, threshold: float) -> dict:
 
 def data_fingerprint(split: dict) -> str:
     """All the images a run's split was made from, by content."""
-    return hashlib.sha256("\n".join(f"{n}:{h}" for n, h in sorted(split.get("files", {}).items())).encode()
-                          ).hexdigest()[:12]
+    files = sorted(split.get("files", {}).items())
+    return hashlib.sha256(utf8("\n".join(f"{n}:{h}" for n, h in files))).hexdigest()[:12]
 
 
 def summarize(scores: dict[str, np.ndarray], counts: np.ndarray) -> dict:
@@ -2231,7 +2236,8 @@ def fold_results(fold_dir: Path, cfg: Config, k: int) -> dict | None:
     differ = [f for f in learned_fields() if f != "epochs" and getattr(saved, f) != getattr(cfg, f)]
     if differ or saved.fold != k:
         raise UserError(f"{fold_dir} is not fold {k + 1} of this cross-validation (it differs in "
-                        f"{', '.join(option(f) for f in differ or ['fold'])}); train it anew with --overwrite --fold {k}")
+                        f"{', '.join(option(f) for f in differ or ['fold'])}); train it anew with --overwrite "
+                        f"--fold {k}")
     return metrics if done else None
 
 
@@ -2317,7 +2323,13 @@ def save_csv(path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+    atomic_write(path, lambda f: f.write(utf8(buf.getvalue())))
+
+
+def utf8(text: str) -> bytes:
+    """A file name that is not UTF-8 (Python holds its bytes as surrogates) as the bytes it has on disk,
+    in a CSV or a hash, rather than an error after a whole run."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def save_png(path, image: np.ndarray) -> None:

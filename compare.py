@@ -111,7 +111,7 @@ def read_fold(folder: Path, whole: bool = False) -> dict:
     except (UserError, TypeError) as e:
         raise UserError(f"{folder / 'config.json'}: not a configuration this script wrote ({e})") from None
     try:
-        with open(folder / "test_per_image.csv", newline="", encoding="utf-8") as f:
+        with open(folder / "test_per_image.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
             rows = list(csv.DictReader(f))
         per_image = {r["image"]: float(r["dice"]) for r in rows}
         groups = {r["image"]: r["patient"] for r in rows}

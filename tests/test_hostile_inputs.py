@@ -572,3 +572,26 @@ def test_predict_against_tumour_free_masks_says_the_scores_say_nothing(dataset, 
     rc, _, err = run_cli(capsys, "predict", dataset / "images", "--masks", empty, "--model", finished_run / "model.pth",
                          "--device", "cpu", "--out", tmp_path / "p")
     assert rc == 0 and "HOLD NO TUMOUR PIXEL" in err, err
+
+
+def test_file_names_that_are_not_utf8_train_predict_and_compare(dataset, tmp_path):
+    """Names as bytes on disk (Python holds them as surrogates): kept as they are in the CSVs, in every tool."""
+    odd = tmp_path / "odd"
+    shutil.copytree(dataset, odd)
+    for sub in ("images", "masks"):
+        for f in sorted((odd / sub).iterdir()):
+            os.rename(os.fsencode(f), os.fsencode(f.parent) + b"/scan\xff" + os.fsencode(f.name))
+    runs = []
+    for seed in ("1", "2"):
+        runs.append(tmp_path / f"run{seed}")
+        result = subprocess.run([sys.executable, str(SCRIPT), "--data-dir", str(odd), "--out-dir", str(runs[-1]),
+                                 *TINY_ARGS, "--seed", seed, "--test-fraction", "0.5", "--test-samples", "20"],
+                                capture_output=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert b"scan\xff" in (runs[0] / "test_per_image.csv").read_bytes()  # the name's bytes, as on disk
+    for tool in (["predict", str(odd / "images"), "--model", str(runs[0] / "model.pth"), "--out", str(tmp_path / "p"),
+                  "--device", "cpu"], ["compare", *map(str, runs), "--out", str(tmp_path / "c")]):
+        result = subprocess.run([sys.executable, str(SCRIPT), *tool], capture_output=True, timeout=300)
+        assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr[-2000:]
+    assert b"scan\xff" in (tmp_path / "p" / "predictions.csv").read_bytes()
+    assert any(b"scan\xff" in os.fsencode(p.name) for p in (tmp_path / "p" / "masks").iterdir())
