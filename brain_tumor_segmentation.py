@@ -125,7 +125,7 @@ class Config:
     tune_threshold: bool = setting(True, "after training, take the threshold with the best validation Dice")
     threshold_min: float = setting(0.2, "the lowest threshold tried", share=True)
     threshold_max: float = setting(0.8, "the highest threshold tried", share=True)
-    threshold_step: float = setting(0.05, "the step between thresholds tried", above=0)
+    threshold_step: float = setting(0.05, "the step between thresholds tried (rounded to 4 decimals)", low=0.001)
     tta: bool = setting(True, "average each prediction with its mirror image's (threshold choice, test, predict)")
     # machine: how fast, not what is learned
     device: str = setting("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N", **THIS_COMMAND)
@@ -1915,7 +1915,9 @@ def scores_from_counts(counts) -> dict[str, np.ndarray]:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+    buffer = io.BytesIO()  # torch.save into a file turns its OSError (a full disk) into a RuntimeError
+    torch.save(state, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def save_panel(path: Path, pictures: tuple, title: str, labels: list[str] | None = None) -> None:

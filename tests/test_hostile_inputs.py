@@ -595,3 +595,16 @@ def test_file_names_that_are_not_utf8_train_predict_and_compare(dataset, tmp_pat
         assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr[-2000:]
     assert b"scan\xff" in (tmp_path / "p" / "predictions.csv").read_bytes()
     assert any(b"scan\xff" in os.fsencode(p.name) for p in (tmp_path / "p" / "masks").iterdir())
+
+
+def test_a_disk_that_fills_during_a_checkpoint_write_is_one_sentence(dataset, tmp_path, capsys):
+    """A real full disk (a small tmpfs): torch.save would wrap the OSError in a RuntimeError."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", disk / "run", *TINY_ARGS, "--base-width", "8")
+        one_error(rc, err, "the disk is full")
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
