@@ -161,6 +161,9 @@ class Config:
             raise UserError(f"--folds {self.folds}: must be 0 (one split) or at least 3 (test, validation, training)")
         if not -1 <= self.fold < max(self.folds, 1) or (self.fold >= 0 and not self.folds):
             raise UserError(f"--fold {self.fold}: must be -1 (all folds) or from 0 to --folds minus 1, with --folds")
+        if self.groups and self.split == "random":
+            raise UserError("--groups names the patients of a --split patient; --split random would ignore it: "
+                            "drop one of them")
         if self.threshold_min > self.threshold_max:
             raise UserError("--threshold-min must not be above --threshold-max")
         check_batch_fits(self, self.batch_size)
@@ -2364,7 +2367,7 @@ def check_fields(obj) -> None:
     sentence naming the field. The type comes from the annotation, not from the default, so that a
     default edited at the top to the wrong type ("20", 16.0, "False") is refused; an int is a valid
     float."""
-    hints = get_type_hints(type(obj))
+    hints, where = get_type_hints(type(obj)), Path(sys.modules[type(obj).__module__].__file__).name
     for f in dataclasses.fields(obj):
         value, kind, rules, flag = getattr(obj, f.name), hints[f.name], f.metadata, option(f.name)
         choices = choices_of(kind, rules)
@@ -2373,13 +2376,14 @@ def check_fields(obj) -> None:
             setattr(obj, f.name, value)
         expected = str if choices else list if get_origin(kind) is list else kind
         if type(value) is not expected or (expected is list and not all(type(v) is str for v in value)):
-            where = Path(sys.modules[type(obj).__module__].__file__).name
             raise UserError(f"{flag} {value!r}: must be {'a list of text' if expected is list else expected.__name__},"
                             f" not {type(value).__name__} (edited at the top of {where}?)")
         if choices is not None and value not in choices:
             raise UserError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
         if kind is float and not math.isfinite(value):
             raise UserError(f"{flag} {value}: must be a finite number")
+        if any(type(rules[r]) not in (int, float) for r in ("above", "low", "high") if r in rules):
+            raise UserError(f"the bounds of {f.name} must be numbers, not {rules} (edited at the top of {where}?)")
         bound = [(rules.get("share") and not 0 <= value <= 1, "between 0 and 1"),
                  ("above" in rules and value <= rules["above"], f"above {rules.get('above')}"),
                  ("low" in rules and value < rules["low"], f"at least {rules.get('low')}"),
@@ -2433,6 +2437,11 @@ def config_from_args(argv: list[str]) -> tuple[Config, frozenset]:
     the names of the typed fields."""
     typed = vars(build_parser(Config, "Train a U-Net to segment brain tumours in MRI slices (predict.py segments "
                                       "new scans with a trained model; compare.py compares runs).").parse_args(argv))
+    for name, preset in (("DEMO_DEFAULTS", DEMO_DEFAULTS), ("SEED_RECIPE", SEED_RECIPE)):
+        unknown = sorted(set(preset) - {f.name for f in dataclasses.fields(Config)})
+        if unknown:
+            raise UserError(f"{name} sets {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not a "
+                            f"field of Config (edited at the top of {Path(__file__).name}?)")
     values = {**(DEMO_DEFAULTS if typed.get("demo", Config.demo) else {}),
               **(SEED_RECIPE if typed.get("recipe", Config.recipe) == "seed" else {}), **typed}
     return Config(**values), frozenset(typed)

@@ -216,15 +216,20 @@ def test_predict_with_last_pth_says_its_threshold_is_untuned(dataset, trained, t
 # C. One sentence, never a traceback
 
 
-@pytest.mark.parametrize("edit, message", [('epochs: int = setting(20,', '--epochs \'20\': must be int'),
-                                           ('batch_size: int = setting(16,', '--batch-size 16.0: must be int'),
-                                           ('augment: bool = setting(True,', "--augment 'False': must be bool")])
-def test_a_default_edited_to_the_wrong_type_is_one_sentence(edit, message, dataset, tmp_path):
+@pytest.mark.parametrize("old, new, message", [
+    ('epochs: int = setting(20,', 'epochs: int = setting("20",', "--epochs '20': must be int"),
+    ('batch_size: int = setting(16,', 'batch_size: int = setting(16.0,', "--batch-size 16.0: must be int"),
+    ('augment: bool = setting(True,', 'augment: bool = setting("False",', "--augment 'False': must be bool"),
+    ('low=16,\n                              high=4096)', 'low=16,\n                              high="4096")',
+     "bounds of image_size must be numbers"),  # the rules beside a field are edited too
+    ('SEED_RECIPE = dict(optimizer="adam", lr=1e-3,', 'SEED_RECIPE = dict(optimizer="adam", learning_rate=1e-3,',
+     "SEED_RECIPE sets learning_rate, which is not a field"),
+])
+def test_a_default_edited_to_the_wrong_type_is_one_sentence(old, new, message, dataset, tmp_path):
     source = SCRIPT.read_text()
-    wrong = {"epochs": '"20"', "batch_size": "16.0", "augment": '"False"'}[edit.split(":")[0]]
-    assert edit in source
+    assert source.count(old) == 1, old
     copy = tmp_path / "edited.py"
-    copy.write_text(source.replace(edit, edit.split("setting(")[0] + f"setting({wrong},", 1))
+    copy.write_text(source.replace(old, new))
     result = subprocess.run([sys.executable, str(copy), "--data-dir", str(dataset), "--out-dir", str(tmp_path / "o")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
