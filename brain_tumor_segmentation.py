@@ -586,15 +586,22 @@ def remove_if_only_records(folder: Path) -> None:
 def check_apart(folder: Path, reads: dict, program: str) -> None:
     """No output folder may be, hold, or lie inside a folder read as input (`reads`: path -> (what it
     is, whether it is read whole); the folder of an input file is not: the output may lie inside it)."""
-    out = folder.resolve()
+    out = [folder.resolve(), *folder.resolve().parents]
     for path, (what, whole) in reads.items():
-        read = Path(path).resolve()
-        if out == read or (read in out.parents and whole):
+        read = [Path(path).resolve(), *Path(path).resolve().parents]
+        if same(out[0], read[0]) or (whole and any(same(p, read[0]) for p in out[1:])):
             raise UserError(f"{folder} is or lies inside {what}: {program} never writes where it reads, with or "
                             f"without --overwrite. Choose an output folder outside it")
-        if out in read.parents:
+        if any(same(out[0], p) for p in read[1:]):
             raise UserError(f"{folder} holds {what}: {program} never writes around its inputs, with or without "
                             f"--overwrite. Choose an output folder outside it")
+
+
+def same(a: Path, b: Path) -> bool:
+    """One folder, by name or, where both exist, by device and inode (a bind mount is another name)."""
+    with contextlib.suppress(OSError):
+        return a == b or os.path.samefile(a, b)
+    return False
 
 
 def read_manifest(folder: Path, program: str) -> dict:

@@ -490,3 +490,18 @@ def test_a_record_that_lists_no_plain_file_is_refused_before_anything_is_deleted
     rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", finished, *TINY_ARGS, "--overwrite")
     one_error(rc, err, "is not a record of this script's outputs")
     assert snapshot(finished, ignore=".lock") == before
+
+
+def test_the_data_reached_through_a_bind_mount_is_still_the_data(dataset, tmp_path, capsys):
+    """Another name for the same folder that resolve() cannot see: compared by device and inode."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    if subprocess.run(["mount", "--bind", str(dataset), str(mirror)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here (needs root)")
+    try:
+        before = snapshot(dataset)
+        rc, _, err = run_cli(capsys, "--data-dir", dataset, "--out-dir", mirror / "images" / "run", *TINY_ARGS)
+        one_error(rc, err, "the data folder")
+        assert snapshot(dataset) == before
+    finally:
+        subprocess.run(["umount", str(mirror)], check=True)

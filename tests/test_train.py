@@ -355,25 +355,26 @@ def test_an_error_after_compile_worked_is_not_hidden(synthetic, tmp_path, monkey
         run(["--data-dir", synthetic, "--out-dir", tmp_path / "run", *TINY, "--compile", "on"])
 
 
-# A writer whose checkpoint writes block halfway: the torch.save it calls writes half of its bytes
-# into atomic_write's temporary file, flushes them, says "mid-write" and waits to be killed.
+# A writer whose checkpoint writes block halfway: atomic_write's temporary file gets half of the
+# checkpoint's bytes, flushed, then the writer says "mid-write" and waits to be killed.
 KILLER = """
-import os, sys, time, torch
+import io, os, sys, time, torch
 sys.path.insert(0, {root!r})
 import brain_tumor_segmentation as bts
-real_save = torch.save
-def half_then_wait(obj, f):
-    if obj["i"] == {block_at}:
-        import io
-        buf = io.BytesIO()
-        real_save(obj, buf)
-        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
-        f.flush()
-        os.fsync(f.fileno())
-        print("mid-write", flush=True)
-        time.sleep(600)
-    real_save(obj, f)
-torch.save = half_then_wait
+real_write = bts.atomic_write
+def half_then_wait(path, write):
+    if i == {block_at}:
+        def half(f):
+            buf = io.BytesIO()
+            write(buf)
+            f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            print("mid-write", flush=True)
+            time.sleep(600)
+        return real_write(path, half)
+    return real_write(path, write)
+bts.atomic_write = half_then_wait
 for i in range(1, {block_at} + 1):
     bts.save_checkpoint(bts.Path({path!r}), {{"format": bts.CHECKPOINT_FORMAT, "version": bts.CHECKPOINT_VERSION,
                         "i": i, "weights": torch.full((1_000_000,), float(i))}})
