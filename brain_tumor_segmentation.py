@@ -2451,6 +2451,9 @@ def config_from_args(argv: list[str]) -> tuple[Config, frozenset]:
                             f"field of Config (edited at the top of {Path(__file__).name}?)")
     values = {**(DEMO_DEFAULTS if typed.get("demo", Config.demo) else {}),
               **(SEED_RECIPE if typed.get("recipe", Config.recipe) == "seed" else {}), **typed}
+    if values.get("folds") and {"val_fraction", "test_fraction"} & set(typed):
+        raise UserError("--val-fraction and --test-fraction size the single split; with --folds K, test and "
+                        "validation are a K-th of the patients each: drop them")
     return Config(**values), frozenset(typed)
 
 

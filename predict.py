@@ -66,6 +66,8 @@ def predict(cfg: PredictConfig) -> list[dict]:
     reads.update({Path(i): (f"the input folder {i}", True) for i in cfg.inputs if Path(i).is_dir()})
     if cfg.masks:
         reads[Path(cfg.masks)] = (f"the --masks folder {cfg.masks}", True)
+    if (Path(cfg.model).parent / bts.MANIFEST).is_file():  # a training run's folder, not a model.pth copied anywhere
+        reads[Path(cfg.model).parent] = (f"the run folder of {cfg.model}", True)
     targets = [STAGE, "predictions.csv", *(f"{sub}/{name}.png" for name in files for sub in ("masks", "overlays"))]
     device = bts.pick_device(cfg.device)
     machine = bts.Machine(device, bts.precision(cfg.amp, device)[0])

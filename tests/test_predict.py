@@ -593,3 +593,12 @@ def test_checkpoint_from_before_tta_existed_predicts_without_mirroring(squares_m
         assert float(row["mean_probability"]) == pytest.approx(prob[prob > threshold].mean(), abs=2e-4)
         differs += abs(prob[prob > threshold].mean() - mirrored[mirrored > threshold].mean()) > 1e-3
     assert differs  # the two readings give different answers, so the check above can tell them apart
+
+
+@pytest.mark.parametrize("where", ["preds", "visualizations/x", ".."])
+def test_out_in_or_around_the_models_run_folder_is_refused(where, trained, scans, capsys):
+    run = Path(trained["model"]).parent
+    before = snapshot(run)
+    rc, _, err = run_predict(capsys, scans, "--model", trained["model"], "--out", run / where)
+    assert_one_clear_error(rc, err, "the run folder of")
+    assert snapshot(run) == before

@@ -182,7 +182,8 @@ def test_recipe_seed_overlays_only_the_fields_not_typed():
     (["--val-fraction", "0.6", "--test-fraction", "0.5"], "sum to less than 1"),
     (["--loss", "focal"], "choose one of"),
     (["--threshold-step", "1e-300"], "--threshold-step"),
-    (["--split", "random", "--groups", "patients.csv"], "would ignore it"),  # a grid of 1e300 thresholds, after the whole training
+    (["--split", "random", "--groups", "patients.csv"], "would ignore it"),
+    (["--folds", "3", "--test-fraction", "0.6"], "drop them"),  # a grid of 1e300 thresholds, after the whole training
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--epochs", "0"], "CUDA is not available"
      if not torch.cuda.is_available() else "at least 1"),
 ])
