@@ -2498,7 +2498,9 @@ def run_cli(entry, oom_hint=lambda: "a smaller --batch-size or --eval-batch-size
     except Interrupted as e:
         code, message = e.code, str(e)
     except KeyboardInterrupt:
-        code, message = 130, "aborted"
+        code, message = 130, ("aborted (Ctrl-C or SIGTERM) outside the training loop; files are written whole, so "
+                              "nothing is half-written: a run that had saved last.pth continues with the same command "
+                              "and --resume")
     except UserError as e:
         message = f"error: {e}"
     except OSError as e:

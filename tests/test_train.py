@@ -480,3 +480,11 @@ def test_the_defaults_the_benchmark_chose_are_in_effect_on_each_kind_of_cpu(capa
     assert bts.use_compile(long_run, machine, 1900) == native
     assert not bts.use_compile(demo, machine, 420)
     assert not bts.use_compile(bts.Config(compile="off"), machine, 1900)
+
+
+def test_a_stop_outside_the_training_loop_says_the_way_on(capsys):
+    def stopped_while_decoding():
+        raise KeyboardInterrupt
+    assert bts.run_cli(stopped_while_decoding) == 130
+    err = capsys.readouterr().err
+    assert "aborted" in err and "--resume" in err and "Traceback" not in err
