@@ -114,21 +114,23 @@ def test_a_stop_signal_while_the_writer_is_busy_still_writes_last_pth(dataset, t
 
 
 KILLED = """
-import sys, time, torch
+import io, sys, time
 sys.path.insert(0, {root!r})
 import brain_tumor_segmentation as bts
-real = torch.save
-def slow(obj, f, *args, **kwargs):
-    if obj.get("epoch") == 2:  # epoch 2's checkpoint: write half of it, then wait to be killed
-        import io
-        buf = io.BytesIO()
-        real(obj, buf)
-        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
-        f.flush()
-        print("mid-write", flush=True)
-        time.sleep(600)
-    return real(obj, f, *args, **kwargs)
-torch.save = slow
+real, writes = bts.atomic_write, []
+def slow(path, write):
+    writes.append(bts.Path(path).name)
+    if writes.count("last.pth") == 2 and writes[-1] == "last.pth":  # epoch 2's state: half of it, then be killed
+        def half(f):
+            buf = io.BytesIO()
+            write(buf)
+            f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+            f.flush()
+            print("mid-write", flush=True)
+            time.sleep(600)
+        return real(path, half)
+    return real(path, write)
+bts.atomic_write = slow
 sys.exit(bts.main(sys.argv[1:]))
 """
 
