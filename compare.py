@@ -146,7 +146,8 @@ def read_run(folder: Path) -> dict:
         raise UserError(f"{folder}: a {k}-fold cross-validation with {len(unfinished)} folds unfinished "
                         f"({', '.join(unfinished)}); compare reads it once every fold is finished")
     parts = [read_fold(f, whole=True) for f in folds]
-    if len({(p["data"], str(learned_settings({**p, "test_split": ""}))) for p in parts}) > 1:
+    if len({(p["data"], str(learned_settings({**p, "test_split": ""}))) for p in parts}) > 1 or \
+            parts[0]["config"]["folds"] != k:
         raise UserError(f"{folder}: its folds were trained on different data or settings, so they are not one "
                         f"cross-validation; train the odd folds anew (--overwrite --fold N) before comparing it")
     dice = np.array([p["dice"] for p in parts])

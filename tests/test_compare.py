@@ -166,6 +166,10 @@ def test_cross_validation_compares_as_mean_and_spread_over_folds_and_is_read_who
     rc, _, err = run_cli(capsys, "--data-dir", data, "--out-dir", tmp_path / "cv-a", *TINY_ARGS, "--folds", "3",
                          "--fold", "1", "--split", "random", "--lr", "1e-2")
     assert rc == 1 and "other settings (--lr)" in err
+    record = json.loads((tmp_path / "cv-a" / bts.MANIFEST).read_text())  # a record edited to fewer folds
+    (tmp_path / "cv-a" / bts.MANIFEST).write_text(json.dumps({**record, "folds": 2}))
+    rc, _, err = run_cli(capsys, "compare", tmp_path / "cv-a", tmp_path / "cv-b", "--out", tmp_path / "cv2")
+    assert rc == 1 and "not one cross-validation" in err and not (tmp_path / "cv2").exists()
 
 
 def test_one_setting_or_one_run_twice_is_not_called_a_difference(patients, tmp_path, capsys):
