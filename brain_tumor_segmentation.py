@@ -20,7 +20,8 @@ Measured on 2 cores of an AMD EPYC with AVX-512 BF16, PyTorch 2.14.1, 2026-11-29
                                bf16 matrix product, x2.73 the seed's float32 DataLoader loop
     --image-size 160 --base-width 16 --epochs 15 on the real data: 14 min 34 s, test Dice 0.700
                                (95% CI 0.625-0.860, 16 patients)
-Not yet measured: anything on a GPU, and the full default run (20 epochs at 256x256) on the real data.
+Not yet measured: anything on a GPU, and the full default run (20 epochs at 256x256) on the real data
+beyond its first epochs (about 550 s each on that CPU: some 3 hours for the twenty).
 """
 from __future__ import annotations
 

@@ -92,7 +92,11 @@ def predict(cfg: PredictConfig) -> list[dict]:
     bts.log(f"{len(rows)} images segmented in {seconds:.2f} s ({seconds / len(rows):.3f} s each) on {device}"
             + (f", {skipped} unreadable skipped" if skipped else "") + f"; masks, overlays and predictions.csv in "
             f"{cfg.out}/")
-    report_scores([r for r in rows if "dice" in r], size)
+    scored = [r for r in rows if "dice" in r]
+    report_scores(scored, size)
+    if cfg.masks and len(scored) < len(rows):
+        bts.warn(f"{len(rows) - len(scored)} of the {len(rows)} segmented scans are not scored: their mask is missing "
+                 f"from {cfg.masks}, unreadable, or of another size (warned above)")
     return rows
 
 

@@ -264,6 +264,7 @@ def test_unreadable_files_are_skipped_in_training_predict_and_masks(kind, datase
                          "--model", finished_run / "model.pth", "--out", tmp_path / "p")
     assert rc == 0 and "Traceback" not in err, err
     assert "5.png" in err and "6.png" in err
+    assert "1 of the 19 segmented scans are not scored" in err  # 6.png: its mask unreadable, said in the summary
     assert snapshot(dataset) == before
 
 
