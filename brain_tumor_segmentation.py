@@ -1624,7 +1624,9 @@ def epoch_order(run: Run) -> torch.Tensor:
     if run.step > len(order):
         raise UserError(f"{cfg.resume}: the resumed state is at step {run.step} of an epoch of {len(order)} steps: "
                         f"damaged, or saved with other data or batch size; start anew with --overwrite")
-    return run.idx["train"][order.to(m.device)]
+    if m.device.type == "cuda":  # a copy from pageable memory would make the host wait for the GPU
+        order = order.pin_memory()
+    return run.idx["train"][order.to(m.device, non_blocking=True)]
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:

@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
 # The GPU figures, planned for the time a lent GPU gives (15 minutes in all, start-up included; one
-# call at most 10 minutes). NOT YET RUN ON A GPU: run on a CPU at toy sizes only (SMOKE=1, see
-# tests/test_gpu_report.py), so time the first call before trusting the estimates below.
+# call at most 10 minutes). First run on an H200 on 2026-12-04 (bench/RESULTS.md): the speed phase
+# took 183 s, the default 20-epoch run 66 s, start-up about 30 s.
 #
 # The call plan (the data, ../shared/data, travels in two halves: bash ../shared/tools/gpu-data;
-# the machine stays warm only 30 s between calls, so make them back to back):
-#   call 1, about 1 min (start-up):  carry [".gpudata/a"]
-#       mkdir -p /root/data && cp -r .gpudata/a/. /root/data/
-#   call 2, about 7 min:  carry [".gpudata/b"], timeout_s 540
-#       cp -r .gpudata/b/. /root/data/ && OUT=$OUT bash bench/gpu_report.sh core /root/data
-#     the most valuable figures first: a step under CUDA's sync check; steady-state speed at batch 16
-#     and 32 with compile off and on, the seed loop in the same call; the default 20-epoch run start
-#     to finish with its test Dice (about 2 min: 1,900 images x 20 epochs at over 1,000 images/s,
-#     plus compiling, validation and the test)
-#   call 3, optional, about 8 min (warm, same data):  OUT=$OUT bash bench/gpu_report.sh extra /root/data
+# the machine stays warm only 30 s between calls, so make them back to back). The machine's Python
+# lacks torchsummary: carry its wheel (.whl, see the device README) and install it to /tmp/site.
+#   call 1, about 4 min with start-up:  carry [".gpudata/a", ".whl"]
+#       mkdir -p /root/data && cp -r .gpudata/a/. /root/data/ && OUT=$OUT bash bench/gpu_report.sh speed /root/data
+#     a step under CUDA's sync check; steady-state speed at batch 16 and 32 with compile off and on,
+#     the seed loop in the same call (the first half of the data is enough for all of them)
+#   call 2, about 2 min:  carry [".gpudata/b", ".whl"]
+#       cp -r .gpudata/b/. /root/data/ && OUT=$OUT bash bench/gpu_report.sh run /root/data
+#     the default 20-epoch run start to finish with its test Dice
+#   call 3, about 6 min (warm, same data):  OUT=$OUT bash bench/gpu_report.sh extra /root/data
 #     both recipes on seeds 1 and 2 (the same test images) and `compare`; then CUDA graphs
 #     (reduce-overhead) and channels-first at batch 32
+# `core` is `speed` then `run` in one call.
 #
 # Every command is logged with its output and exit code into $OUT/gpu_<phase>.txt; a command that
 # fails is recorded and the next one still runs. The script exits 1 if any command failed.
 set -u
-phase=${1:?"usage: gpu_report.sh core|extra DATA_DIR"}
-data=${2:?"usage: gpu_report.sh core|extra DATA_DIR"}
+phase=${1:?"usage: gpu_report.sh core|speed|run|extra DATA_DIR"}
+data=${2:?"usage: gpu_report.sh core|speed|run|extra DATA_DIR"}
 out=${OUT:-gpu-report}  # logs and figures: what comes back from the device
 runs=${RUNS:-/tmp/gpu-runs}  # the runs' own folders stay on the machine
 py=${PYTHON:-python3}
@@ -55,7 +56,8 @@ say "== $phase, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD
 if command -v nvidia-smi >/dev/null; then nvidia-smi -L | tee -a "$log"; else say "no nvidia-smi: $(uname -m) CPU"; fi
 
 case $phase in
-core)
+core|speed|run)
+  if [ "$phase" != run ]; then
     # No step may wait for the GPU (the loss check aside, every nan_check_every steps).
     run "$py" - "$data/brain-tumor-segmentation" "$size" <<'EOF'
 import sys, torch, brain_tumor_segmentation as bts
@@ -79,8 +81,11 @@ EOF
         run "${bench[@]}" --batch-size "$batch" --compile on --no-seed-loops
     done
     run "${bench[@]}" --batch-size "${batches%% *}" --compile off --seed-loops --workers 8
+  fi
+  if [ "$phase" != speed ]; then
     # The whole default run, start to finish (load, compile, train, validate, plots, test).
     run "${script[@]}" --epochs "$epochs" --out-dir "$runs/default" --overwrite
+  fi
     ;;
 extra)
     for seed in 1 2; do
@@ -96,7 +101,7 @@ extra)
     run "${bench[@]}" --batch-size "$top" --compile on --no-channels-last --no-seed-loops
     ;;
 *)
-    echo "unknown phase $phase: core or extra" >&2
+    echo "unknown phase $phase: core (= speed, then run) or extra" >&2
     exit 2
     ;;
 esac
