@@ -4,24 +4,23 @@
     python brain_tumor_segmentation.py --demo            # offline, synthetic data, seconds on a CPU
     python brain_tumor_segmentation.py                   # the Kaggle dataset (downloaded if needed)
     python brain_tumor_segmentation.py --data-dir DIR    # any folder with images/ and masks/
-    python predict.py --model outputs/model.pth SCAN.png --out predictions   # segment new scans
-    python compare.py outputs/run1 outputs/run2          # did my change help?
+    python predict.py --model outputs/RUN SCAN.png       # segment new scans with a finished run
+    python compare.py "outputs/*"                        # did my change help?
 
-Every constant is a field of `Config` below: edit a default there, or set it for one run on the
-command line (`--epochs 5 --batch-size 8`); `--help` lists them all. The file reads in the order it
-runs: `Config`, then `train()`, the whole run as named steps, then those steps in the order
-`train()` calls them, and the command line at the end. predict.py and compare.py beside it use a
-finished run and import what they need from here.
+Every run writes into a new folder of its own (outputs/DATE-TIME-NAME, or --out-dir, which must not
+exist yet), and its last line names it; nothing outside it is ever replaced or deleted. Every
+constant is a field of `Config` below: edit a default there, or set it for one run on the command
+line (`--epochs 5 --batch-size 8`); `--help` lists them all. The file reads in the order it runs:
+`Config`, `train()` (the whole run as named steps), then the steps that decide the numbers (data,
+split, model, loss, the training loop, evaluation, plots), then the machinery in a marked tail.
+predict.py and compare.py beside it use a finished run and import what they need from here.
 
-Measured on 2 cores of an AMD EPYC with AVX-512 BF16, PyTorch 2.14.1, 2026-11-29 (bench/RESULTS.md):
-    make demo                  synthetic slices, 64x64, width 16, 12 epochs: 39.9 s start to finish,
-                               test Dice 0.982 (95% CI 0.977-0.985)
-    bench/bench.py             256x256, width 32, batch 16, bf16: 3.97 training images/s, 68.6% of the
-                               bf16 matrix product, x2.73 the seed's float32 DataLoader loop
-    --image-size 160 --base-width 16 --epochs 15 on the real data: 14 min 34 s, test Dice 0.700
-                               (95% CI 0.625-0.860, 16 patients)
-Not yet measured: anything on a GPU, and the full default run (20 epochs at 256x256) on the real data
-beyond its first epochs (about 550 s each on that CPU: some 3 hours for the twenty).
+Measured (bench/RESULTS.md):
+    one NVIDIA H200, 2026-12-04     the default run (256x256, 20 epochs, compiled, bf16) start to
+                                    finish in 59 s, test Dice 0.712 (95% CI 0.637-0.858, 16 patients);
+                                    the seed recipe 0.576 on the same test images
+    2 cores of an AMD EPYC with     make demo (synthetic, 64x64, 12 epochs) in about 40 s, test Dice
+    AVX-512 BF16, 2026-11-29        0.98; the default run about 3 hours (500-585 s an epoch)
 """
 from __future__ import annotations
 
@@ -30,16 +29,15 @@ import contextlib
 import csv
 import dataclasses
 import errno
-import glob
 import hashlib
 import io
 import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -78,7 +76,11 @@ def training_setting(name: str, **rules):
 
 
 SEED_RANGE = dict(low=0, high=2 ** 31 - 1)
+
+
 HOW_IT_RUNS = dict(resumable=True, learns=False)  # machine and output settings: free to change on --resume
+
+
 THIS_COMMAND = dict(HOW_IT_RUNS, now=True)  # always this command's, never a resumed run's saved value
 
 
@@ -87,7 +89,8 @@ class Config:
     # data
     data_dir: str = setting("", "folder with images/ and masks/ (default: data/brain-tumor-segmentation, "
                                 "downloaded when missing)", **HOW_IT_RUNS)
-    out_dir: str = setting("outputs", "where model.pth, metrics, split and visualizations/ go", **THIS_COMMAND)
+    out_dir: str = setting("", "the run's folder, which the run creates (it must not exist yet); default: a new "
+                               "outputs/DATE-TIME-NAME", **THIS_COMMAND)
     demo: bool = setting(False, "train on generated synthetic slices (offline, seconds on a CPU)")
     demo_images: int = setting(600, "synthetic slices generated for --demo", low=10)
     limit: int = setting(0, "use only the first N image pairs (0: all)", low=0)
@@ -99,15 +102,16 @@ class Config:
     val_fraction: float = setting(0.2, "fraction of the data for validation", above=0)
     test_fraction: float = setting(0.1, "fraction of the data for the final test", above=0)
     split_seed: int = setting(42, "seed of the split alone: runs of other --seed test on the same images", **SEED_RANGE)
-    folds: int = setting(0, "K >= 3: K-fold cross-validation, one model per fold in OUT_DIR/fold_N", resumable=True)
-    fold: int = setting(-1, "with --folds: run only this fold (0-based); -1: all of them", **THIS_COMMAND)
+    folds: int = setting(0, "K >= 3: K-fold cross-validation, one model per fold in OUT_DIR/fold_1..fold_K",
+                         resumable=True)
+    fold: int = setting(0, "with --folds: train only fold N (1 to K); 0: all of them", low=0, **THIS_COMMAND)
     # model
     base_width: int = setting(32, "channels of the first encoder block; the U-Net doubles it 4 times", low=1)
     # training recipe
     recipe: Literal["improved", "seed"] = setting("improved", "seed: the original script's recipe exactly (fields "
                                                               "you set win; see SEED_RECIPE)")
     epochs: int = setting(20, "training epochs", low=1, resumable=True)
-    batch_size: int = setting(16, "images per training step (per process under torchrun)", low=1)
+    batch_size: int = setting(16, "images per training step", low=1)
     lr: float = setting(2e-3, "learning rate (the peak one with --schedule onecycle)", above=0)
     optimizer: Literal["adam", "adamw"] = setting("adamw", "adamw decouples the weight decay")
     weight_decay: float = setting(1e-4, "weight decay", low=0)
@@ -128,6 +132,8 @@ class Config:
     threshold_max: float = setting(0.8, "the highest threshold tried", share=True)
     threshold_step: float = setting(0.05, "the step between thresholds tried (rounded to 4 decimals)", low=0.001)
     tta: bool = setting(True, "average each prediction with its mirror image's (threshold choice, test, predict)")
+    postprocess: bool = setting(True, "after the threshold, try each step of POSTPROCESSING on validation and keep "
+                                      "those that raise its Dice (test and predict apply them)")
     # machine: how fast, not what is learned
     device: str = setting("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N", **THIS_COMMAND)
     amp: Literal["auto", "bf16", "fp16", "off"] = setting(
@@ -147,10 +153,8 @@ class Config:
     # outputs and run control
     panel_images: int = setting(4, "validation images in each epoch's prediction panel", low=0, **HOW_IT_RUNS)
     test_samples: int = setting(10, "random test images in the final panel", low=0, **HOW_IT_RUNS)
-    resume: str = setting("", "continue a run: --resume (OUT_DIR/last.pth), --resume FOLDER or FILE", const="auto",
+    resume: str = setting("", "continue the run (or cross-validation) in this folder, from its last.pth",
                           **THIS_COMMAND)
-    overwrite: bool = setting(False, "let a new run replace an earlier run's outputs in OUT_DIR (never other files)",
-                              **THIS_COMMAND)
 
     def __post_init__(self):
         check_fields(self)
@@ -160,8 +164,8 @@ class Config:
             raise UserError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
         if self.folds != 0 and self.folds < 3:
             raise UserError(f"--folds {self.folds}: must be 0 (one split) or at least 3 (test, validation, training)")
-        if not -1 <= self.fold < max(self.folds, 1) or (self.fold >= 0 and not self.folds):
-            raise UserError(f"--fold {self.fold}: must be -1 (all folds) or from 0 to --folds minus 1, with --folds")
+        if self.fold > self.folds and not (self.resume and not self.folds):  # --resume ROOT --fold N: ROOT's K
+            raise UserError(f"--fold {self.fold}: must be 0 (all folds) or from 1 to --folds, with --folds")
         if self.groups and self.split == "random":
             raise UserError("--groups names the patients of a --split patient; --split random would ignore it: "
                             "drop one of them")
@@ -178,8 +182,7 @@ class Config:
 SEED_RECIPE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", loss="dice",
                    augment=False, tune_threshold=False, tta=False)
 # --demo: a synthetic dataset small enough to train well in seconds on a CPU.
-DEMO_DEFAULTS = dict(image_size=64, base_width=16, epochs=12, batch_size=16, out_dir="outputs/demo",
-                     data_dir="data/synthetic-demo")
+DEMO_DEFAULTS = dict(image_size=64, base_width=16, epochs=12, batch_size=16, data_dir="data/synthetic-demo")
 KAGGLE_DATASET = "nikhilroxtomar/brain-tumor-segmentation"
 KAGGLE_PAIRS = 3064  # image/mask pairs in that dataset, as patients.csv lists them
 DEFAULT_DATA_DIR = "data/brain-tumor-segmentation"
@@ -188,7 +191,8 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 CHECKPOINT_FORMAT = "brain-tumor-segmentation-unet"
 CHECKPOINT_VERSION = 1
 # For checkpoints written before a field existed: the value that keeps their behaviour (not the
-# current default, which may differ). Used by --resume and predict.
+# current default, which may differ). Any other field that decides what a run learned or predicts
+# must be in a checkpoint's config: one that lacks it is refused, naming the file.
 BEFORE_FIELD_EXISTED = {"tta": False, "split_seed": 42}
 
 
@@ -200,24 +204,21 @@ class UserError(Exception):
 # The run, step by step
 
 
-def train(cfg: Config, typed: frozenset = frozenset()) -> dict:
-    """One training run, start to finish; each step is a function below, in this order. `typed`
-    names the fields given on the command line (a resumed run keeps its own settings otherwise).
-    Returns the test metrics."""
+def train(cfg: Config, typed: frozenset = frozenset(), made: bool = False) -> dict:
+    """One training run, start to finish; each step is a function below. `typed` names the fields
+    given on the command line (a resumed run keeps its own settings otherwise); `made`: the folder
+    OUT_DIR was just created for this run (a cross-validation's fold). Returns the test metrics."""
     t_start = time.time()
     RUN_WARNINGS.clear()
-    machine = set_up_machine(cfg)                                # the device; under torchrun, the processes
-    with contextlib.ExitStack() as stack:
-        with together(machine):                                  # an error in one process stops them all
-            cfg, resume = resumed_state(cfg, typed)              # --resume: the checkpoint and its settings
-            out = stack.enter_context(claim_run_folder(cfg, machine))  # refuses what it may not replace
-            data_dir = resolve_data_dir(cfg)                     # downloaded or generated once, if needed
-        choose_precision(machine, cfg)                           # by fixed rules; logged
+    cfg, resume = resumed_state(cfg, typed)                      # --resume: the checkpoint and its settings
+    with run_folder(cfg, resume, made) as folder:                # new (or the resumed run's own), locked
+        machine = set_up_machine(cfg)                            # device, precision and layout, by fixed rules
+        data_dir = resolve_data_dir(cfg)                         # downloaded or generated once, if needed
+        cfg = dataclasses.replace(cfg, out_dir=str(folder.resolve()), data_dir=str(data_dir))  # absolute: saved
         data = load_dataset(data_dir, cfg.image_size, cfg.limit, cfg.workers)  # decoded once, uint8 tensors
         split, idx = split_for(cfg, data, resume)                # by patient, from split_seed alone
         run = build_run(cfg, machine, data, split, idx, resume)  # model, optimizer, compiled if that works
-        with together(machine):
-            begin_outputs(run, out, resume)                      # only now: --overwrite removes the earlier run
+        start_records(folder, cfg, split, resume)               # config.json, split.json; an old test goes
         with StopFlag() as stop, run.writer:                     # checkpoints and plots in the background
             while run.epoch < cfg.epochs:
                 t_epoch = time.time()
@@ -228,14 +229,1281 @@ def train(cfg: Config, typed: frozenset = frozenset()) -> dict:
                     save_last(run)
                 if stopped and run.epoch < cfg.epochs:
                     raise interrupted(run, stop)
-            metrics = finish_run(run, stop, t_start) if machine.rank == 0 else {}  # threshold, test, metrics.json
-        if machine.world > 1:  # leave together: a process that exits early can abort the others' shutdown
-            torch.distributed.barrier()
-        return metrics
+            return finish_run(run, stop, t_start)                # threshold, post-processing, test, metrics.json
 
 
 # -----------------------------------------------------------------------------
-# The machine: the device and the processes
+# Data: decode every pair once, keep the dataset as uint8 tensors
+
+
+def load_dataset(data_dir: Path | str, size: int, limit: int = 0, workers: int = 0) -> dict:
+    """Every readable pair decoded once: names, images (N,1,S,S) uint8 0..255, masks (N,1,S,S) uint8 0/1,
+    and each pair's content hash (of the files' bytes, so runs at other sizes share it). Unreadable
+    files and size mismatches are skipped with a warning naming the file; nothing is ever written."""
+    pairs = find_pairs(data_dir)[:limit or None]
+    workers = workers or min(8, os.cpu_count() or 1)
+    names, images, masks, hashes, problems = [], [], [], [], 0
+
+    def load(pair):
+        name, image_path, mask_path = pair
+        try:
+            return name, read_pair(image_path, mask_path, size), ""
+        except ValueError as e:
+            return name, None, f"{e}; pair {name} skipped"
+
+    with ThreadPoolExecutor(workers) as pool:  # OpenCV releases the GIL while decoding
+        for name, pair, problem in tqdm(pool.map(load, pairs), total=len(pairs), desc="decoding", unit="img",
+                                        leave=False):
+            if pair is None:
+                warn(problem)
+                problems += 1
+                continue
+            if pair[3]:
+                warn(pair[3])
+            names.append(name)
+            images.append(pair[0])
+            masks.append(pair[1])
+            hashes.append(pair[2])
+    if not names:
+        raise UserError(f"{data_dir}: none of the {len(pairs)} image/mask pairs could be read")
+    if problems:
+        warn(f"{problems} of {len(pairs)} pairs skipped (see the warnings above)")
+    mostly = [n for n, m in zip(names, masks) if m.mean() > 0.5]
+    if mostly:
+        warn(f"{len(mostly)} of {len(names)} masks are more than half tumour (for example {mostly[0]}): inverted "
+             f"masks (tumour dark on a bright background)? Tumour must be the bright or coloured part")
+    if not any(m.any() for m in masks):
+        warn(f"NO TUMOUR PIXEL in any of the {len(names)} masks of {data_dir}: the model can only learn to predict "
+             f"nothing, and its Dice will say nothing. Check the masks (tumour non-zero on black, gray or colour)")
+    return {"names": names, "hashes": dict(zip(names, hashes)),
+            "images": torch.from_numpy(np.stack(images)).unsqueeze(1),
+            "masks": torch.from_numpy(np.stack(masks)).unsqueeze(1)}
+
+
+def find_pairs(data_dir: Path | str) -> list[tuple[str, Path, Path]]:
+    """(name, image path, mask path) for every image in images/ with a mask of the same name in masks/.
+    A missing or empty folder stops the run; an unpaired file is skipped with a warning."""
+    data_dir = Path(data_dir)
+    images_dir, masks_dir = data_dir / "images", data_dir / "masks"
+    for folder in (data_dir, images_dir, masks_dir):
+        if not folder.is_dir():
+            raise UserError(f"{folder}: folder not found. The data folder must hold images/ and masks/ with one "
+                            f"mask per image, of the same name.")
+    images, masks = list_images(images_dir), list_images(masks_dir)
+    for folder, found in ((images_dir, images), (masks_dir, masks)):
+        if not found:
+            raise UserError(f"{folder}: no {folder.name} found (PNG, JPEG, TIFF or BMP)")
+    for name in sorted(set(images) - set(masks), key=name_order):
+        warn(f"{images[name]}: no mask named {name}.* in {masks_dir}; image skipped")
+    for name in sorted(set(masks) - set(images), key=name_order):
+        warn(f"{masks[name]}: no image named {name}.* in {images_dir}; mask skipped")
+    names = sorted(set(images) & set(masks), key=name_order)
+    if not names:
+        raise UserError(f"{data_dir}: no image in images/ has a mask of the same name in masks/")
+    return [(name, images[name], masks[name]) for name in names]
+
+
+def list_images(folder: Path) -> dict[str, Path]:
+    """Image files of a folder by name (without the extension); other files are ignored. A folder
+    that cannot be read stops the run with one sentence."""
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except FileNotFoundError:
+        raise UserError(f"{folder}: folder not found") from None
+    except OSError as e:
+        raise UserError(f"{folder}: cannot read this folder ({e.strerror or type(e).__name__}); check its "
+                        f"permissions") from None
+    files = {}
+    for path in entries:
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
+            continue
+        if not path.is_file():
+            warn(f"{path}: not an image file; skipped")
+        elif image_name(path.name) in files:
+            warn(f"{path}: another file has the same name {image_name(path.name)!r} "
+                 f"({files[image_name(path.name)].name}); skipped, keep one of them")
+        else:
+            files[image_name(path.name)] = path
+    return files
+
+
+def image_name(file_name: str) -> str:
+    """A file's name without its image extension: what pairs an image with its mask (and a groups
+    CSV row with both). Other dots belong to the name ('scan.v2' stays 'scan.v2')."""
+    path = Path(file_name)
+    return path.stem if path.suffix.lower() in IMAGE_EXTENSIONS else path.name
+
+
+def name_order(name: str):
+    """Numbers in numeric order, then other names; int() reads exactly what isdecimal() accepts."""
+    return (0, int(name), name) if name.isdecimal() else (1, 0, name)
+
+
+def read_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray, np.ndarray, str, str]:
+    """An image and its mask as the model sees them: uint8 image, uint8 0/1 mask, the pair's content
+    hash, and a warning or ''. Raises ValueError naming the file when the pair cannot be used."""
+    gray, image_hash = decode_file(image_path, gray_in_unit_range)
+    mask, mask_hash = decode_file(mask_path, tumour_pixels)
+    if mask.shape != gray.shape[:2]:
+        raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                         f"{gray.shape[1]}x{gray.shape[0]}")
+    try:
+        image, resized = preprocess_image(gray, size), preprocess_mask(mask, size)
+    except MemoryError:
+        raise ValueError(f"{image_path}: too large to resize in the memory there is") from None
+    note = (f"{mask_path}: its {int(mask.sum())} tumour pixels vanish at {size}x{size} (re-binarized at 50% after "
+            f"resizing); it counts as tumour-free") if mask.any() and not resized.any() else ""
+    return image, resized, hashlib.sha256((image_hash + mask_hash).encode()).hexdigest()[:16], note
+
+
+def decode_file(path: Path | str, convert) -> tuple[np.ndarray, str]:
+    """`convert` of the pixels OpenCV decodes (any depth and channels), and the sha256 of the file's
+    bytes. Every way a read can fail (no permission, a folder, a corrupt or empty file, a header that
+    claims a size the decoder refuses, NaN or infinite pixels, pixels that memory cannot hold)
+    raises ValueError naming the file, so callers skip it with one warning."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # imdecode also copes with non-ASCII paths
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        if image is None or image.size == 0:
+            raise ValueError(f"{path}: not a readable image (corrupt, empty or unsupported format)")
+        if image.dtype.kind == "f" and not np.isfinite(image).all():
+            raise ValueError(f"{path}: holds NaN or infinite pixels, which no scaling can show")
+        return convert(image), hashlib.sha256(data).hexdigest()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    except (cv2.error, MemoryError) as e:
+        raise ValueError(f"{path}: the decoder refused it (too large, or a damaged header: {first_line(e)})") from None
+
+
+def read_image(path: Path | str) -> np.ndarray:
+    """Any PNG/JPEG/TIFF/BMP (gray, RGB, RGBA, 8 or 16 bit, float) -> float32 gray in [0, 1], original
+    size. Raises ValueError naming the file when unreadable."""
+    return decode_file(path, gray_in_unit_range)[0]
+
+
+def read_mask(path: Path | str) -> np.ndarray:
+    """A mask file -> bool array at its original size (tumour_pixels says how)."""
+    return decode_file(path, tumour_pixels)[0]
+
+
+def gray_in_unit_range(image: np.ndarray) -> np.ndarray:
+    """8-bit images divided by 255 as the seed did; 16-bit and float images by their own maximum,
+    because their value range depends on the scanner."""
+    if image.ndim == 3:
+        code = {4: cv2.COLOR_BGRA2GRAY, 3: cv2.COLOR_BGR2GRAY}.get(image.shape[2])
+        image = cv2.cvtColor(image, code) if code is not None else image[:, :, 0]
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    image = image.astype(np.float32)
+    image -= min(float(image.min()), 0.0)
+    peak = float(image.max())
+    return image / peak if peak > 0 else image
+
+
+def tumour_pixels(mask: np.ndarray) -> np.ndarray:
+    """A pixel's value is its strongest colour channel (gray, or the largest of red, green and blue;
+    fully transparent pixels count as 0). The mask's levels are the non-zero values that cover at
+    least a tenth of the area of the most common one, so a lone stray value (JPEG noise, a slip of
+    the brush) is not a level. A pixel is tumour when its value is above half the lowest level:
+    0/255 and 0/1 masks, noisy or not, 16-bit ones, and masks with several labels (all tumour)."""
+    if mask.ndim == 3:
+        value = mask[:, :, :3].max(axis=2)
+        mask = np.where(mask[:, :, 3] > 0, value, 0) if mask.shape[2] == 4 else value
+    values, counts = np.unique(mask[mask > 0], return_counts=True)
+    if not len(values):
+        return np.zeros(mask.shape, bool)
+    return mask > values[counts >= 0.1 * counts.max()].min() / 2
+
+
+def preprocess_image(gray: np.ndarray, size: int) -> np.ndarray:
+    """Float gray [0,1] at any size -> uint8 (size, size). Shared by training and prediction."""
+    interpolation = cv2.INTER_AREA if gray.shape[0] > size else cv2.INTER_LINEAR
+    resized = cv2.resize(gray, (size, size), interpolation=interpolation)
+    return np.clip(resized * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def preprocess_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Bool mask at any size -> uint8 0/1 (size, size): area resize, re-binarized at 50%."""
+    resized = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return (resized >= 0.5).astype(np.uint8)
+
+
+# -----------------------------------------------------------------------------
+# The split: whole patients in each part, from split_seed alone
+
+
+def make_split(cfg: Config, data: dict) -> dict:
+    """Train/val/test by patient (or --split random: by image), each tumour type spread evenly; with
+    --folds K, fold --fold is the test part and the next fold validation. It depends on the data, the
+    groups and split_seed only, so runs with other training seeds test on the same images."""
+    names = data["names"]
+    groups, strata, source, unit = find_groups(cfg, names, data["images"])
+    if cfg.folds:
+        fold = group_folds(groups, strata, cfg.folds, cfg.split_seed)
+        test, val = (cfg.fold - 1) % cfg.folds, cfg.fold % cfg.folds  # --fold N is 1..K
+        parts = {part: np.flatnonzero(members).tolist() for part, members in (
+            ("train", (fold != test) & (fold != val)), ("val", fold == val), ("test", fold == test))}
+        how = f"{source}; fold {test + 1} of {cfg.folds} is the test part"
+    else:
+        parts = split_by_group(groups, strata, (cfg.val_fraction, cfg.test_fraction), cfg.split_seed)
+        how = source
+    split = {"how": how, "unit": unit, "made_from": {k: getattr(cfg, k) for k in (
+             "split", "groups", "split_seed", "val_fraction", "test_fraction", "folds", "fold", "limit")}}
+    for part, members in parts.items():
+        split[part] = [names[i] for i in members]
+        split[f"{part}_patients"] = sorted({groups[i] for i in members})
+    split["fractions"] = {part: round(len(split[part]) / len(names), 4) for part in parts}
+    wanted = {"val": cfg.val_fraction, "test": cfg.test_fraction}
+    split["warnings"] = []
+    if not cfg.folds and any(abs(split["fractions"][p] - f) > 0.02 for p, f in wanted.items()):
+        split["warnings"].append(f"whole {unit} could not honour --val-fraction {cfg.val_fraction} and --test-fraction "
+                                 f"{cfg.test_fraction} within 0.02: the parts hold {split['fractions']} of the images")
+        warn(split["warnings"][-1])
+    split["groups"] = dict(zip(names, groups))
+    split["tumor_types"] = {n: s for n, s in zip(names, strata) if s}
+    split["files"] = {n: data["hashes"][n] for n in names}
+    return split
+
+
+def find_groups(cfg: Config, names: list[str], images: torch.Tensor) -> tuple[list[str], list[str], str, str]:
+    """The group (patient) and tumour type of each image, where they came from, and what a group is."""
+    if cfg.split == "random":
+        return list(names), [""] * len(names), "random split by image (--split random)", "images"
+    if cfg.groups:
+        table = read_groups_csv(cfg.groups)
+        missing = [n for n in names if n not in table]
+        if missing:
+            raise UserError(f"{cfg.groups}: no patient for {len(missing)} images, for example {missing[0]!r}")
+        return [table[n][0] for n in names], [table[n][1] for n in names], f"split by patient ({cfg.groups})", \
+            "patients"
+    table = read_groups_csv(PATIENTS_CSV) if PATIENTS_CSV.is_file() else {}
+    if table and all(n in table for n in names):
+        # Ids that differ only by a trailing letter (MR040240, MR040240B, ...) look like one patient scanned
+        # again (README, "Honest metrics"): one group, so that no re-scan crosses the split.
+        patients = [re.sub(r"(?<=\d)[A-Z]$", "", table[n][0]) for n in names]
+        if table_fits_images(images, names, patients):
+            return patients, [table[n][1] for n in names], "split by patient (patients.csv; re-scans kept " \
+                                                           "together)", "patients"
+    groups = group_by_similarity(images, names)
+    return groups, [""] * len(names), ("split by groups of similar neighbouring slices: APPROXIMATE, pass "
+                                       "--groups FILE.csv with the patient of each image for an exact one"), "groups"
+
+
+def read_groups_csv(path: Path | str) -> dict[str, tuple[str, str]]:
+    """image name -> (patient id, tumour type or '') from a CSV with image,patient_id[,tumor_type]."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets add a byte-order mark
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the groups file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: the groups file is not UTF-8 text; save it as CSV (UTF-8)") from None
+    if "\0" in text:
+        raise UserError(f"{path}: the groups file holds NUL bytes, so it is no text CSV; save it as CSV (UTF-8)")
+    try:
+        rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
+    except csv.Error as e:  # a field over the csv module's size limit
+        raise UserError(f"{path}: not a readable CSV groups file ({e}); save it as plain CSV") from None
+    header = [cell.strip() for cell in rows[0]] if rows else []
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice:
+        raise UserError(f"{path}: the column {twice[0]!r} appears twice in the header; keep one")
+    if not {"image", "patient_id"} <= set(header):
+        raise UserError(f"{path}: a groups file needs the columns image,patient_id (and optionally tumor_type)")
+    table, line_of = {}, {}
+    for line, row in enumerate(rows[1:], 2):
+        r = dict(zip(header, (cell.strip() for cell in row)))
+        if not r.get("image") or not r.get("patient_id"):
+            raise UserError(f"{path}: row {line} lacks an image or a patient_id; every row needs both")
+        name = image_name(r["image"])
+        if name in table:
+            raise UserError(f"{path}: image {r['image']!r} is listed twice (rows {line_of[name]} and {line}); keep one "
+                            f"row per image")
+        table[name], line_of[name] = (r["patient_id"], r.get("tumor_type") or ""), line
+    return table
+
+
+def neighbour_correlations(images: torch.Tensor, names: list[str]) -> tuple[list[int], np.ndarray]:
+    """Images in name order, and the correlation of each one's 64x64 thumbnail with the previous one's."""
+    order = sorted(range(len(names)), key=lambda i: name_order(names[i]))
+    thumbs = torch.cat([F.interpolate(images[order[i:i + 256]].float(), size=(64, 64), mode="area").flatten(1)
+                        for i in range(0, len(order), 256)])  # in chunks: the whole set in float32 can be GBs
+    thumbs = thumbs - thumbs.mean(1, keepdim=True)
+    thumbs = thumbs / thumbs.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    return order, (thumbs[1:] * thumbs[:-1]).sum(1).numpy()
+
+
+def table_fits_images(images: torch.Tensor, names: list[str], patients: list[str]) -> bool:
+    """Whether a patient table describes these pixels: in the Figshare data, neighbouring slices of
+    one patient correlate above 0.8 in 86% of cases, of two patients in 1%. Other data that merely
+    has numbered files (the demo's, a user's) shows no such difference."""
+    order, corr = neighbour_correlations(images, names)
+    same = np.array([patients[a] == patients[b] for a, b in zip(order[:-1], order[1:])])
+    if same.sum() < 2 or (~same).sum() < 1:
+        return bool(same.sum()) or len(names) < 3  # too few slices to tell: trust the names
+    return float((corr[same] > 0.8).mean() - (corr[~same] > 0.8).mean()) > 0.3
+
+
+def group_by_similarity(images: torch.Tensor, names: list[str], min_corr: float = 0.8) -> list[str]:
+    """Approximate patients: consecutive slices (by name) whose 64x64 thumbnails correlate above
+    `min_corr` are put in one group (neighbouring slices of one patient do so in most cases)."""
+    order, corr = neighbour_correlations(images, names)
+    groups = [""] * len(names)
+    for position, i in enumerate(order):
+        groups[i] = f"similar-{int((corr[:position] < min_corr).sum())}"
+    return groups
+
+
+def group_folds(groups: list[str], strata: list[str], n_folds: int, seed: int) -> np.ndarray:
+    """The fold (0..n_folds-1) of each image: whole groups, each stratum (tumour type) spread evenly
+    over the folds, by scikit-learn's StratifiedGroupKFold."""
+    from sklearn.model_selection import StratifiedGroupKFold
+    if len(set(groups)) < n_folds:
+        raise UserError(f"{len(set(groups))} patients/groups are too few for {n_folds} folds; add data"
+                        + (" or use --split random" if len(groups) >= n_folds > len(set(groups)) else ""))
+    if max(strata.count(s) for s in set(strata)) < n_folds:  # scikit-learn refuses: no type can be spread
+        strata = [""] * len(strata)
+    fold = np.zeros(len(groups), dtype=int)
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a type rarer than the folds: spread as evenly as it goes
+        for k, (_, members) in enumerate(splitter.split(np.zeros(len(groups)), strata, groups)):
+            fold[members] = k
+    return fold
+
+
+def split_by_group(groups: list[str], strata: list[str], fractions: tuple[float, float], seed: int) -> dict:
+    """Indices of train/val/test such that no group is in two parts and each stratum is split in the
+    same proportions: stratified group folds, the first ones test, the next ones validation. The fold
+    count is the first of 20, 50, 100 that expresses both fractions (val, test), at most one per group."""
+    val, test = fractions
+    folds = next((k for k in (20, 50, 100) if all(abs(round(f * k) - f * k) < 0.01 for f in (val, test))), 100)
+
+    def parts(units):  # test and validation folds, of `units` folds at most
+        k = min(folds, units)
+        return k, max(1, round(test * k)), max(1, round(val * k))
+
+    k, n_test, n_val = parts(len(set(groups)))
+    if n_test + n_val >= k:
+        by_image = sum(parts(len(groups))[1:]) < parts(len(groups))[0] and len(set(groups)) < len(groups)
+        raise UserError(f"{len(set(groups))} patients/groups are too few for a train/val/test split; add data"
+                        + (" or use --split random" if by_image else ""))
+    fold = group_folds(groups, strata, k, seed)
+    parts = {"train": fold >= n_test + n_val, "val": (fold >= n_test) & (fold < n_test + n_val), "test": fold < n_test}
+    return {part: np.flatnonzero(members).tolist() for part, members in parts.items()}
+
+
+def split_for(cfg: Config, data: dict, resume: dict | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The run's split (the checkpoint's on --resume) and each part's positions in the data."""
+    split = resume["split"] if resume else make_split(cfg, data)
+    for warning in split.get("warnings", []) if resume else []:  # what the split's numbers mean, again
+        warn(warning)
+    idx = split_indices(split, data)
+    log(f"data: {len(data['names'])} pairs at {cfg.image_size}x{cfg.image_size}; {split['how']}")
+    log("split: " + ", ".join(f"{part} {len(idx[part])} images ({len(split[f'{part}_patients'])} {split['unit']})"
+                              for part in ("train", "val", "test")))
+    return split, idx
+
+
+def split_indices(split: dict, data: dict) -> dict[str, torch.Tensor]:
+    """Each part's positions in the data, once every image of the split is known to be there with
+    the same bytes as when the split was made (the data identify a run, not their file names)."""
+    position = {n: i for i, n in enumerate(data["names"])}
+    recorded = split.get("files", {})
+    changed = [n for part in ("train", "val", "test") for n in split[part]
+               if n not in position or recorded.get(n) != data["hashes"][n]]
+    if changed:
+        raise UserError(f"the data changed since this run's split was made: {len(changed)} of its images are missing "
+                        f"or have other contents (for example {changed[0]!r}); resume with the same data, or start "
+                        f"a new run")
+    return {part: torch.tensor([position[n] for n in split[part]], dtype=torch.long) for part in ("train", "val", "test")}
+
+
+def split_fingerprint(split: dict, part: str = "test") -> str:
+    """Runs whose test images are the same files share this, whatever their folder or image size."""
+    files = split.get("files", {})
+    return hashlib.sha256(utf8("\n".join(sorted(f"{n}:{files.get(n, '')}" for n in split[part])))).hexdigest()[:12]
+
+
+def data_fingerprint(split: dict) -> str:
+    """All the images a run's split was made from, by content, with the patient (group) of each: runs
+    with another groups file's content are on other data."""
+    files, groups = split.get("files", {}), split.get("groups", {})
+    return hashlib.sha256(utf8("\n".join(f"{n}:{files[n]}:{groups.get(n, '')}" for n in sorted(files)))).hexdigest()[:12]
+
+
+# -----------------------------------------------------------------------------
+# The model, its optimizer, and torch.compile where it works
+
+
+class UNet(nn.Module):
+    """U-Net: 4 encoder blocks 1->w->2w->4w->8w with max pooling, a 16w bottleneck (512 channels
+    at 16x16 for w=32 and a 256x256 input), 4 decoder blocks that upsample with 2x2 transposed
+    convolutions and concatenate the encoder features, and a 1x1 convolution to one logit."""
+
+    def __init__(self, in_channels: int = 1, width: int = 32):
+        super().__init__()
+        widths = [width * 2 ** i for i in range(4)]
+        self.encoders = nn.ModuleList(conv_block(c, w) for c, w in zip([in_channels, *widths[:-1]], widths))
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = conv_block(widths[-1], widths[-1] * 2)
+        self.upsamples = nn.ModuleList(nn.ConvTranspose2d(w * 2, w, 2, stride=2) for w in reversed(widths))
+        self.decoders = nn.ModuleList(conv_block(w * 2, w) for w in reversed(widths))
+        self.head = nn.Conv2d(widths[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for encoder in self.encoders:
+            x = encoder(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for upsample, decoder, skip in zip(self.upsamples, self.decoders, reversed(skips)):
+            x = decoder(torch.cat([upsample(x), skip], dim=1))
+        return self.head(x)
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True))
+
+
+NO_BEST = {"epoch": 0, "val_dice": -1.0}  # before the first epoch: any validation Dice is better
+
+
+@dataclass
+class Run:
+    """What training carries from step to step; `epoch` and `step` say where it resumes."""
+    cfg: Config
+    machine: Machine
+    out: Path  # the run's folder
+    names: list[str]
+    images: torch.Tensor  # uint8 (N,1,S,S) on the training device
+    masks: torch.Tensor
+    split: dict
+    idx: dict[str, torch.Tensor]  # positions of each part's images, on the training device
+    model: nn.Module  # the raw model: checkpoints and evaluation
+    train_model: nn.Module  # what the steps call: compiled where that works
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    writer: Writer
+    history: dict = field(default_factory=dict)  # a list per key of end_epoch's record
+    best: dict = field(default_factory=lambda: dict(NO_BEST))
+    epoch: int = 0
+    step: int = 0
+    epoch_steps: int = 0
+    seen: int = 0  # training images of this epoch in this session (for the images/s)
+    losses: torch.Tensor | None = None  # this epoch's per-step training losses (summed whole, in one order)
+    compile_seconds: float = 0.0
+    curves_drawn: float = 0.0  # when the loss curves were last handed to the writer
+    script: str = field(default_factory=lambda: hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12])
+
+
+def build_run(cfg: Config, machine: Machine, data: dict, split: dict, idx: dict, resume: dict | None) -> Run:
+    """The model (the checkpoint's weights on --resume), its optimizer, and the handle the training
+    steps call: compiled when that works here."""
+    check_batch_fits(cfg, len(idx["train"]))
+    torch.manual_seed(cfg.seed)
+    model = UNet(width=cfg.base_width).to(machine.device)
+    model_summary(model, cfg, machine.device)
+    if machine.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(machine.device.type, enabled=machine.dtype == torch.float16)
+    if resume:
+        try:
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            if resume.get("scaler"):
+                scaler.load_state_dict(resume["scaler"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{cfg.resume}: its saved weights or optimizer state do not fit this model "
+                            f"({type(e).__name__}); it cannot be continued: start a new run") from None
+    images, masks = data["images"].to(machine.device), data["masks"].to(machine.device)
+    idx = {part: i.to(machine.device) for part, i in idx.items()}
+    first, t0, train_model = idx["train"][:cfg.batch_size], time.time(), model
+    if use_compile(cfg, machine, len(idx["train"])):
+        train_model = compiled_if_it_works(model, cfg, machine, to_input(images[first], machine), masks[first].float())
+    compile_seconds = time.time() - t0 if train_model is not model else 0.0
+    run = Run(cfg, machine, Path(cfg.out_dir), data["names"], images, masks, split, idx, model, train_model, optimizer,
+              scaler, Writer(), compile_seconds=compile_seconds)
+    if resume:
+        run.history, run.best = resume["history"], resume["best"]
+        run.epoch, run.step, run.losses = resume["epoch"], resume["step"], resume["epoch_losses"].to(machine.device)
+        steps = max(1, len(idx["train"]) // cfg.batch_size)
+        if run.step > steps:
+            raise UserError(f"{cfg.resume}: the resumed state is at step {run.step} of an epoch of {steps} steps: "
+                            f"damaged, or saved with other data or batch size; start a new run")
+    return run
+
+
+def model_summary(model: nn.Module, cfg: Config, device: torch.device) -> None:
+    """The parameter count on the console; torchsummary's layer table in train.log only."""
+    log(f"model: U-Net, width {cfg.base_width}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
+        f"(layer table in train.log)")
+    try:
+        from torchsummary import summary  # its device argument must match the model's (see NOTES)
+    except ImportError:
+        return log("(no layer table: torchsummary is not installed)", console=False)
+    model.eval()  # its forward pass must not update the batch-norm statistics
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as text, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchsummary 1.5.1 reads tensors that require grad
+            summary(model, (1, cfg.image_size, cfg.image_size), device=device.type)
+    finally:
+        model.train()
+    log(text.getvalue().rstrip(), console=False)
+
+
+def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    # One kernel for all parameters (CPU and CUDA, the devices pick_device allows): on a 2-core CPU 9 ms a
+    # step instead of 34 ms for the foreach version.
+    return opt_class(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
+def use_compile(cfg: Config, machine: Machine, train_images: int) -> bool:
+    """--compile auto: on CUDA (Triton needs compute capability 7.0); on a CPU in bf16 when the run
+    is long enough to repay a first compile of about a minute (bench/RESULTS.md)."""
+    if cfg.compile != "auto":
+        return cfg.compile == "on"
+    if machine.device.type == "cuda":
+        return torch.cuda.get_device_capability(machine.device) >= (7, 0)
+    pixels = cfg.epochs * train_images * cfg.image_size ** 2
+    return machine.dtype == torch.bfloat16 and pixels >= CPU_COMPILE_FROM
+
+
+# Training pixels (epochs x training images x image size^2) from which a CPU run in bf16 compiles: a first
+# compile took 25-60 s there, and then the default recipe trained 4% faster (bench/RESULTS.md), so from here
+# on (an hour of training at 256x256) it saves over twice what it costs. The demo does not compile.
+CPU_COMPILE_FROM = 1e9
+
+
+def compiled_if_it_works(model: nn.Module, cfg: Config, machine: Machine, x: torch.Tensor, y: torch.Tensor):
+    """torch.compile(model) when it is wanted and works here: a forward and backward pass on a real
+    batch compile it now, before the loop, and the batch-norm statistics and gradients they touched
+    are put back. Where it fails (no compiler, an unsupported GPU), a warning, and the model itself."""
+    compiled = torch.compile(model, mode=cfg.compile_mode)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with machine.autocast():
+            logits = compiled(x)
+        compute_loss(logits, y, cfg).backward()
+        works = True
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        warn(f"the first compiled step failed ({type(e).__name__}: {first_line(e)}); training without "
+             f"torch.compile. Pass --compile off to skip the attempt.")
+        works = False
+    model.load_state_dict(saved)
+    model.zero_grad(set_to_none=True)
+    log(f"torch.compile ({cfg.compile_mode}): " + ("compiled and warmed up" if works else "not used"))
+    return compiled if works else model
+
+
+# -----------------------------------------------------------------------------
+# The loss
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, per_image: bool = False):
+    """The seed's loss, 1 - (2*sum(p*t) + smooth) / (sum(p^2) + sum(t^2) + smooth), on sigmoid
+    probabilities; sums over the whole batch, or per image and then averaged."""
+    p, t = torch.sigmoid(logits.float()), target.float()
+    dims = (1, 2, 3) if per_image else (0, 1, 2, 3)
+    intersection = (p * t).sum(dims)
+    denominator = (p * p).sum(dims) + (t * t).sum(dims)
+    return (1 - (2 * intersection + smooth) / (denominator + smooth)).mean()
+
+
+# The training losses `--loss` chooses from: name -> function(logits, target, cfg), computed in float32.
+# Adding a loss is one entry here (its name becomes a valid --loss).
+LOSSES = {
+    "dice": lambda logits, target, cfg: dice_loss(logits, target, cfg.smooth),
+    "dice+bce": lambda logits, target, cfg: (dice_loss(logits, target, cfg.smooth, per_image=True)
+                                             + F.binary_cross_entropy_with_logits(logits.float(), target.float())),
+}
+
+
+def compute_loss(logits, target, cfg: Config) -> torch.Tensor:
+    return LOSSES[cfg.loss](logits, target, cfg)
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: training stops at the end of the current step, the final test between
+    its parts. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # only the main thread can install handlers
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):  # no printing here: the signal may come while the loop prints
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def train_epoch(run: Run, stop: StopFlag) -> bool:
+    """The steps of epoch `run.epoch` from `run.step` on; returns whether a stop signal came. Nothing
+    in a step waits for the device, but the loss check (on a GPU every nan_check_every steps)."""
+    cfg, m, first = run.cfg, run.machine, run.step
+    order = epoch_order(run)
+    if run.losses is None or len(run.losses) != len(order):
+        run.losses = torch.zeros(len(order), device=m.device)
+    losses, batch_size = run.losses, order.shape[1]
+    bar = tqdm(total=len(order) * batch_size, initial=first * batch_size, desc=f"epoch {run.epoch + 1}/{cfg.epochs}",
+               unit="img", dynamic_ncols=True, leave=False, mininterval=1)
+    run.model.train()
+    stopped, checked = False, first
+    for step in range(first, len(order)):
+        global_step = run.epoch * len(order) + step
+        for group in run.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, global_step, cfg.epochs * len(order))
+        batch = order[step]
+        x, y = to_input(run.images[batch], m), run.masks[batch].float()
+        if cfg.augment:  # seeded by the step, so that a resumed run draws the same augmentations
+            generator = torch.Generator(device=m.device).manual_seed(cfg.seed * 7919 + global_step)
+            x, y = augment_batch(x, y, generator, cfg)
+        with m.autocast():
+            logits = run.train_model(x)
+        loss = compute_loss(logits, y, cfg)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        # A non-finite gradient turns the recorded loss NaN too (a grad scaler skips such steps itself).
+        grads = [] if run.scaler.is_enabled() else [p.grad for p in run.model.parameters() if p.grad is not None]
+        losses[step] = loss.detach() + (0 * nn.utils.get_total_norm(grads) if grads else 0)
+        # Reading the loss waits for the device: on a GPU only every nan_check_every steps and at the end of
+        # the epoch; on a CPU every step, so that bad numbers never reach the weights.
+        if m.device.type == "cpu" or step % cfg.nan_check_every == 0 or step == len(order) - 1:
+            bar.set_postfix(loss=f"{check_steps(losses, checked, step, run):.4f}", refresh=False)
+            checked = step + 1
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.step = step + 1
+        bar.update(batch_size)
+        if stop.signal is not None:
+            stopped = True
+            break
+    bar.close()
+    if stopped:
+        log(f"{signal.Signals(stop.signal).name} received: stopped after step {run.step}")
+    run.seen = (run.step - first) * batch_size
+    return stopped
+
+
+def epoch_order(run: Run) -> torch.Tensor:
+    """The training images of the epoch, as (steps, batch) positions on the device: one copy to the
+    device per epoch, so that no step waits for one."""
+    cfg, m = run.cfg, run.machine
+    order = batch_order(len(run.idx["train"]), cfg.batch_size, cfg.seed, run.epoch)
+    run.epoch_steps = len(order)
+    if m.device.type == "cuda":  # a copy from pageable memory would make the host wait for the GPU
+        order = order.pin_memory()
+    return run.idx["train"][order.to(m.device, non_blocking=True)]
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> torch.Tensor:
+    """Shuffled indices of one epoch, as (steps, batch): deterministic in (seed, epoch), so a resumed
+    run sees the same batches. The ragged remainder is dropped (a different one each epoch) to keep
+    shapes fixed."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    if n < batch_size:  # tiny datasets: one smaller batch
+        return perm.view(1, -1)
+    steps = n // batch_size
+    return perm[:steps * batch_size].view(steps, batch_size)
+
+
+def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
+    """Constant, or one-cycle: linear warm-up over `warmup_fraction` of the steps to lr, cosine down to lr/1e4."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    warmup = max(1, int(cfg.warmup_fraction * total_steps))
+    if step < warmup:
+        return cfg.lr / 25 + (cfg.lr - cfg.lr / 25) * step / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return cfg.lr / 1e4 + (cfg.lr - cfg.lr / 1e4) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def to_input(images_u8: torch.Tensor, machine: Machine) -> torch.Tensor:
+    """uint8 images already on the device -> the model's float input in [0, 1] and layout."""
+    x = images_u8.float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if machine.channels_last else x
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, cfg: Config):
+    """Random left-right flip, rotation, scaling and gamma per image, on the device (the ranges are
+    the aug_* fields). Left-right flips keep anatomy plausible; vertical ones would not. Written by
+    hand because torchvision's transforms draw one set of parameters per call, not per image."""
+    n = x.shape[0]
+
+    def uniform(low, high):
+        return torch.rand(n, device=x.device, generator=generator) * (high - low) + low
+
+    angle = uniform(-math.radians(cfg.aug_rotation), math.radians(cfg.aug_rotation))
+    scale = torch.exp(uniform(-cfg.aug_scale, cfg.aug_scale))
+    flip = torch.where(uniform(0, 1) < cfg.aug_flip, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos * flip, -sin, zero], 1), torch.stack([sin * flip, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    gamma = torch.exp(uniform(-cfg.aug_gamma, cfg.aug_gamma)).view(n, 1, 1, 1)
+    return x.clamp(0, 1).pow(gamma), y
+
+
+def check_steps(losses: torch.Tensor, since: int, last: int, run: Run) -> float:
+    """The step loop's one wait for the device: stop, naming the first bad step, when a loss or gradient
+    of steps since..last is NaN or inf; else the last loss."""
+    window = losses[since:last + 1].cpu()  # one copy to the host
+    bad = (~torch.isfinite(window)).nonzero()
+    if len(bad):
+        run.writer.drain()  # what is saved is what the message says
+        saved = [name for name in ("model.pth", "last.pth") if (run.out / name).is_file()]
+        kept = (f"{' and '.join(str(run.out / n) for n in saved)} {'are' if len(saved) > 1 else 'is'} from before it"
+                if saved else "no checkpoint had been written, so the run's folder is removed")
+        raise UserError(f"the loss or its gradient became {float(window[int(bad[0])])} at epoch {run.epoch + 1}, "
+                        f"step {since + int(bad[0]) + 1}; nothing was saved after that ({kept}). Start a new run "
+                        f"with a lower --lr, or --amp off")
+    return float(window[-1])
+
+
+# -----------------------------------------------------------------------------
+# The end of an epoch: validation, checkpoints and plots (written in the background)
+
+
+def end_epoch(run: Run, seconds: float) -> None:
+    """Validate, record the epoch, keep the best model.pth, write last.pth, history.csv and the plots,
+    all by the background writer, so that the next epoch starts at once."""
+    cfg, m = run.cfg, run.machine
+    val, panel = evaluate(run.model, m, run.images, run.masks, run.idx["val"], cfg, cfg.threshold, cfg.panel_images)
+    images = run.seen
+    record = {"epoch": run.epoch + 1, "train_loss": float(run.losses.sum()) / run.epoch_steps, "val_loss": val["loss"],
+              **{f"val_{k}": val[k] for k in EPOCH_METRICS}, "lr": run.optimizer.param_groups[0]["lr"],
+              "epoch_seconds": seconds, "images_per_second": images / seconds, "precision": precision_name(m)}
+    for key, value in record.items():
+        run.history.setdefault(key, []).append(value)
+    improved = val["dice"] > run.best["val_dice"]
+    if improved:
+        run.best = {"epoch": run.epoch + 1, "val_loss": val["loss"], **{f"val_{k}": val[k] for k in EPOCH_METRICS}}
+    log(f"epoch {run.epoch + 1:3d}/{cfg.epochs}  train loss {record['train_loss']:.4f} | val loss {val['loss']:.4f} "
+        + " ".join(f"{k} {val[k]:.4f}" for k in EPOCH_METRICS) + f" | {seconds:.1f} s, {images / seconds:.1f} img/s"
+        + ("  * best, saved" if improved else ""))
+    run.epoch, run.step, run.losses = run.epoch + 1, 0, None
+    if improved:
+        run.writer.submit(save_checkpoint, run.out / "model.pth", checkpoint_state(run, "best"))
+    save_last(run)
+    history = copied(run.history)
+    run.writer.submit(save_csv, run.out / "history.csv", history_rows(history))
+    if len(panel["images"]):
+        run.writer.submit(save_panel, run.out / f"visualizations/epochs/epoch_{run.epoch:03d}.png",
+                          (panel["images"], panel["masks"], panel["probs"] > cfg.threshold),
+                          f"epoch {run.epoch}: val Dice {val['dice']:.3f}")
+    # The curves take a CPU a few tenths of a second: redrawn at most every 20 s, and after the last epoch.
+    if time.time() - run.curves_drawn > 20 or run.epoch == cfg.epochs:
+        run.curves_drawn = time.time()
+        run.writer.submit(plot_curves, run.out / "visualizations/loss_curves.png", history, run.best["epoch"])
+
+
+def history_rows(history: dict) -> list[dict]:
+    """One row per epoch; a key that joined later (a metric added on --resume) is blank before it."""
+    n = len(history["epoch"])
+    return [{k: v[i - n + len(v)] if i >= n - len(v) else "" for k, v in history.items()} for i in range(n)]
+
+
+def save_last(run: Run) -> None:
+    """last.pth: the state --resume continues from."""
+    run.writer.submit(save_checkpoint, run.out / "last.pth", checkpoint_state(run, "last"))
+
+
+class Interrupted(UserError):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def interrupted(run: Run, stop: StopFlag, where: str = "") -> Interrupted:
+    """The stop's message: where the run stopped, and the command that continues it."""
+    at = where or f"stopped at epoch {run.epoch + 1}, step {run.step}"
+    return Interrupted(f"{at}; {run.out / 'last.pth'} holds the run. Continue it with:\n  "
+                       f"{continue_command(run.cfg)}", code=130 if stop.signal == signal.SIGINT else 143)
+
+
+def continue_command(cfg: Config) -> str:
+    """The command that continues a run (or its cross-validation), to copy and run from any folder."""
+    folder = Path(cfg.out_dir).resolve()
+    args = [sys.executable, str(Path(__file__).resolve()), "--resume", str(folder.parent if cfg.folds else folder)]
+    return shlex.join(args)
+
+
+def checkpoint_state(run: Run, kind: str) -> dict:
+    """Everything needed to use ("best") or resume ("last") a model, copied now (training goes on
+    while the writer saves it), as tensors and plain Python types only, so that
+    torch.load(weights_only=True) can read it."""
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": kind,
+             "model": copied(run.model.state_dict()), "config": dataclasses.asdict(run.cfg), "split": run.split,
+             "history": copied(run.history), "epoch": run.epoch, "step": run.step, "best": dict(run.best),
+             # the threshold in use: config's, until --tune-threshold replaces it after training
+             "threshold": run.cfg.threshold, "precision": precision_name(run.machine)}
+    if kind == "last":
+        state.update(optimizer=copied(run.optimizer.state_dict()),
+                     epoch_losses=copied(run.losses) if run.losses is not None else torch.zeros(0),
+                     scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None)
+    return state
+
+
+def copied(obj):
+    """A copy of nested dicts and lists whose tensors are copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: copied(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(copied(v) for v in obj)
+    return obj
+
+
+class Writer(ThreadPoolExecutor):
+    """Writes checkpoints and draws plots in one background thread, in the order given, while training
+    goes on. Leaving its `with` block waits for them all, so a stop signal or an error still writes the
+    last good state; a failed write raises at the next submit or drain. Each file is written whole
+    (atomic_write): a kill at any moment leaves the previous version readable."""
+
+    def __init__(self):
+        super().__init__(1, thread_name_prefix="writer")
+        self.jobs = []
+
+    def submit(self, fn, *args):
+        self.drain(wait=False)
+        self.jobs.append(super().submit(fn, *args))
+
+    def drain(self, wait: bool = True) -> None:
+        done = [job for job in self.jobs if wait or job.done()]
+        self.jobs = [job for job in self.jobs if job not in done]
+        for job in done:
+            job.result()  # raises the job's error here
+
+    def __exit__(self, kind, error, traceback):
+        self.shutdown(wait=True)
+        if kind is None:
+            self.drain()
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: the metrics, the threshold, the test
+
+
+# The overlap metrics, as (numerator, denominator) of an image's true positive, false positive and
+# false negative pixel counts. Each is scored per image in the test (metrics.json, the per-image CSV,
+# the by-type table) and in predict --masks; those in EPOCH_METRICS also after every epoch on
+# validation (the log, the history, the curves). Adding a metric is one entry here.
+METRICS = {
+    "dice": lambda tp, fp, fn: (2 * tp, 2 * tp + fp + fn),
+    "iou": lambda tp, fp, fn: (tp, tp + fp + fn),
+    "precision": lambda tp, fp, fn: (tp, tp + fp),
+    "recall": lambda tp, fp, fn: (tp, tp + fn),
+}
+
+
+EPOCH_METRICS = ("dice", "iou")  # "dice" must stay: the best epoch is the one with the best validation Dice
+
+
+@torch.no_grad()
+def evaluate(model, machine: Machine, images, masks, indices, cfg: Config, threshold: float, keep: int = 0):
+    """Loss and the EPOCH_METRICS of one split part, each the mean over its images; and the first `keep`
+    images with their probabilities."""
+    targets = masks[indices]
+    sums = dict.fromkeys(("loss", *EPOCH_METRICS), 0.0)
+    kept = []
+    for start, logits in logits_in_batches(model, images[indices], cfg.eval_batch_size, machine):
+        y = targets[start:start + len(logits)]
+        sums["loss"] += float(compute_loss(logits, y, cfg)) * len(y)
+        probs = torch.sigmoid(logits.float())
+        scores = scores_from_counts(confusion_counts(probs > threshold, y).cpu())
+        for name in EPOCH_METRICS:
+            sums[name] += scores[name].sum()
+        kept.append(probs[:max(0, keep - start)])
+    n = max(len(indices), 1)
+    panel = {"images": images[indices[:keep]].cpu().numpy()[:, 0], "masks": targets[:keep].cpu().numpy()[:, 0],
+             "probs": torch.cat(kept).cpu().numpy()[:, 0] if kept else np.zeros((0, 1, 1))}
+    return {name: float(total) / n for name, total in sums.items()}, panel
+
+
+@torch.no_grad()
+def logits_in_batches(model, images_u8: torch.Tensor, batch_size: int, machine: Machine):
+    """Eval-mode logits of uint8 images, one batch at a time: yields (first index, logits). The model
+    is back in the mode it was in when the loop ends."""
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(images_u8), batch_size):
+            x = to_input(images_u8[start:start + batch_size].to(machine.device, non_blocking=True), machine)
+            with machine.autocast():
+                yield start, model(x)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"the GPU ran out of memory evaluating {batch_size} images at a time: try --eval-batch-size "
+                        f"{max(1, batch_size // 2)}") from None
+    finally:
+        model.train(was_training)
+
+
+def predict_probabilities(model, images_u8: torch.Tensor, batch_size: int, machine: Machine, flip: bool = False):
+    """Sigmoid probabilities (N,1,S,S) float32 of uint8 images, in batches; with `flip`, the mean of
+    each image's and its left-right mirror's (test-time augmentation)."""
+    probs = torch.cat([torch.sigmoid(logits.float()) for _, logits in
+                       logits_in_batches(model, images_u8, batch_size, machine)])
+    if flip:
+        mirrored = predict_probabilities(model, images_u8.flip(-1), batch_size, machine)
+        probs = (probs + mirrored.flip(-1)) / 2
+    return probs
+
+
+def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per image (N, 3): true positives, false positives, false negatives of binary masks."""
+    pred, target = pred.flatten(1).bool(), target.flatten(1).bool()
+    return torch.stack([(pred & target).sum(1), (pred & ~target).sum(1), (~pred & target).sum(1)], 1).double()
+
+
+def scores_from_counts(counts) -> dict[str, np.ndarray]:
+    """Per-image scores of every metric in METRICS from (N, 3) counts. An empty ground truth with an
+    empty prediction scores 1 on every metric; any other zero denominator scores 0 (a prediction on a
+    tumour-free slice, or a missed tumour, is a full miss). No image is skipped."""
+    c = np.asarray(counts, dtype=np.float64).reshape(-1, 3)
+    tp, fp, fn = c[:, 0], c[:, 1], c[:, 2]
+    both_empty = (tp + fp + fn) == 0
+
+    def ratio(num, den):
+        return np.where(both_empty, 1.0, np.divide(num, den, out=np.zeros_like(num), where=den > 0))
+
+    return {name: ratio(*fraction(tp, fp, fn)) for name, fraction in METRICS.items()}
+
+
+def finish_run(run: Run, stop: StopFlag, t_start: float) -> dict:
+    """The best epoch's model: the threshold chosen on validation, then one evaluation on the test
+    part. A stop signal here leaves a state that --resume finishes; metrics.json, written last, marks
+    the run finished."""
+    cfg, out = run.cfg, run.out
+    run.writer.drain()
+    state = load_checkpoint(out / "model.pth")
+    model = model_from_checkpoint(state, out / "model.pth", run.machine.device)
+    threshold, steps = choose_on_validation(model, run.machine, run.images, run.masks, run.idx["val"], cfg)
+    save_checkpoint(out / "model.pth", {**state, "threshold": threshold, "postprocess": steps,
+                                        "precision": precision_name(run.machine)})
+    if stop.signal is not None:
+        raise interrupted(run, stop, "stopped after training, before the test")
+    metrics = evaluate_test(model, run, threshold, steps)
+    metrics.update(best_epoch=state["best"]["epoch"], best_val_dice=state["best"]["val_dice"],
+                   total_seconds=time.time() - t_start, history=run.history, precision=precision_name(run.machine),
+                   images_per_second=steady_speed(run.history), compile_seconds=run.compile_seconds,
+                   script_sha256=run.script)  # the file as it was when the run began
+    if RUN_WARNINGS:
+        metrics["warning"] = "; ".join(dict.fromkeys(RUN_WARNINGS))
+    run.writer.drain()
+    if stop.signal is not None:
+        raise interrupted(run, stop, "stopped after training, in the test")
+    save_json(out / "metrics.json", metrics)
+    t, unit = metrics["test"], run.split["unit"]
+    interval = f"95% CI {t['dice_ci95'][0]:.4f}-{t['dice_ci95'][1]:.4f}" if t["dice_ci95"] else "no interval"
+    log(f"test ({t['images']} images, {t['patients']} {unit}): Dice {t['dice']:.4f} [{interval}], "
+        + ", ".join(f"{name} {t[name]:.4f}" for name in METRICS if name != "dice")
+        + (f", HD95 {t['hd95']:.1f} px" if t["hd95"] is not None else ", HD95 undefined (no image where both masks "
+                                                                       "have tumour)"))
+    log(f"done in {time.time() - t_start:.1f} s; segment new scans with:\n  "
+        f"{shlex.join([sys.executable, str(Path(__file__).resolve().parent / 'predict.py'), '--model', str(out.resolve())])} "
+        f"SCAN.png ...\nrun folder: {out}")
+    return metrics
+
+
+def model_from_checkpoint(state: dict, path, device) -> nn.Module:
+    model = UNet(width=state["config"]["base_width"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError):
+        raise UserError(f"{path}: its weights do not fit this U-Net (saved with other channel widths or another "
+                        f"architecture)") from None
+    return model.to(device).eval()
+
+
+def choose_on_validation(model, machine: Machine, images, masks, val_idx, cfg: Config) -> tuple[float, list[str]]:
+    """The threshold of the grid threshold_min..threshold_max with the best validation Dice (with
+    --tune-threshold), then the POSTPROCESSING steps that raise it further (with --postprocess)."""
+    probs = predict_probabilities(model, images[val_idx], cfg.eval_batch_size, machine, flip=cfg.tta)
+    targets, threshold = masks[val_idx].bool(), cfg.threshold
+    if cfg.tune_threshold:
+        candidates = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + cfg.threshold_step / 2,
+                                        cfg.threshold_step), 4)
+        dice = [scores_from_counts(confusion_counts(probs > t, targets).cpu())["dice"].mean() for t in candidates]
+        threshold = float(candidates[int(np.argmax(dice))])
+        log(f"threshold chosen on validation: {threshold:.2f}")
+    if not cfg.postprocess:
+        return threshold, []
+    probs, targets = probs.cpu().numpy()[:, 0], targets.cpu().numpy()[:, 0]
+    chosen, best = [], mean_dice(postprocess(probs, threshold, []), targets)
+    for step in POSTPROCESSING:
+        dice = mean_dice(postprocess(probs, threshold, [*chosen, step]), targets)
+        log(f"post-processing on validation: {step} {'kept' if dice > best else 'left out'} (Dice {best:.4f} with "
+            f"the steps before it, {dice:.4f} with it)")
+        if dice > best:
+            chosen, best = [*chosen, step], dice
+    return threshold, chosen
+
+
+def largest_component(mask: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) if count > 2 else mask
+
+
+def fill_holes(mask: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import binary_fill_holes
+    return binary_fill_holes(mask)
+
+
+def never_empty(mask: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    """An empty mask becomes the most probable region: the pixels connected to the most probable one
+    with at least half its probability."""
+    if mask.any():
+        return mask
+    _, labels = cv2.connectedComponents((prob >= prob.max() / 2).astype(np.uint8), connectivity=8)
+    return labels == labels.flat[int(np.argmax(prob))]
+
+
+# The post-processing steps (nnU-Net's way): after the threshold is chosen, each is tried on the validation
+# images in this order and kept only if it raises their mean Dice; model.pth keeps the choice, which the test
+# and predict.py apply. Adding a step is one entry: name -> function(mask, probabilities) -> mask.
+POSTPROCESSING = {"largest_component": largest_component, "fill_holes": fill_holes, "never_empty": never_empty}
+
+
+def postprocess(probs: np.ndarray, threshold: float, steps: list[str]) -> np.ndarray:
+    """Boolean masks (N,H,W) of probabilities (N,H,W): the threshold, then each step in turn."""
+    masks = probs > threshold
+    for step in steps:
+        masks = np.stack([POSTPROCESSING[step](m, p) for m, p in zip(masks, probs)])
+    return masks
+
+
+def mean_dice(pred: np.ndarray, target: np.ndarray) -> float:
+    counts = confusion_counts(torch.from_numpy(pred), torch.from_numpy(target))
+    return float(scores_from_counts(counts)["dice"].mean())
+
+
+def evaluate_test(model, run: Run, threshold: float, steps: list[str]) -> dict:
+    """Per-image and pooled scores of every metric and HD95 on the test part (at the threshold, after
+    the post-processing steps), a 95% bootstrap interval over patients, the same by tumour type, a
+    per-image CSV, and the test plots."""
+    cfg, idx = run.cfg, run.idx["test"]
+    probs = predict_probabilities(model, run.images[idx], cfg.eval_batch_size, run.machine, flip=cfg.tta)
+    pred_np = postprocess(probs.cpu().numpy()[:, 0], threshold, steps)
+    target_np = run.masks[idx].bool().cpu().numpy()[:, 0]
+    counts = confusion_counts(torch.from_numpy(pred_np), torch.from_numpy(target_np)).numpy()
+    scores = {**scores_from_counts(counts), "hd95": np.array([hd95(p, t) for p, t in zip(pred_np, target_np)])}
+    names = [run.names[i] for i in idx.tolist()]
+    groups = [run.split["groups"].get(n, n) for n in names]
+    types = np.array([run.split.get("tumor_types", {}).get(n, "") for n in names])
+    summary = {**summarize(scores, counts), "patients": len(set(groups)),
+               "dice_ci95": bootstrap_interval(scores["dice"], groups, seed=cfg.split_seed)}
+    if summary["dice_ci95"] is None:
+        warn(f"the test part holds {len(set(groups))} {run.split['unit']}: too few for a 95% interval over them "
+             f"(at least {MIN_GROUPS}), so none is given")
+    by_type = {t: summarize({k: v[types == t] for k, v in scores.items()}, counts[types == t])
+               for t in sorted(set(types)) if t}
+    save_csv(run.out / "test_per_image.csv", [
+        {"image": n, "patient": g, "tumor_type": t, "gt_pixels": int(c[0] + c[2]), "pred_pixels": int(c[0] + c[1]),
+         **{k: round(float(scores[k][i]), 5) for k in (*METRICS, "hd95")}}
+        for i, (n, g, t, c) in enumerate(zip(names, groups, types, counts))])
+    run.writer.submit(plot_test_results, run.out / "visualizations", (run.images[idx].cpu().numpy()[:, 0], target_np,
+                      pred_np), scores["dice"], names, cfg)
+    if not target_np.any():
+        warn(f"THE TEST SET HOLDS NO TUMOUR PIXEL: its {len(names)} images hold no tumour pixel at all, so the Dice "
+             f"only says whether anything was predicted, not how well tumours are outlined")
+    return {"test": summary, "by_tumor_type": by_type, "threshold": threshold, "postprocess": steps, "tta": cfg.tta,
+            "split": run.split["how"], "test_split": split_fingerprint(run.split), "data": data_fingerprint(run.split),
+            "empty_masks": "an empty ground truth with an empty prediction scores 1 on every metric; otherwise a "
+                           "zero denominator scores 0; HD95 is averaged over images where both masks are non-empty, "
+                           "and is null when there is no such image",
+            "hd95_unit": f"pixels at {cfg.image_size}x{cfg.image_size}"}
+
+
+def summarize(scores: dict[str, np.ndarray], counts: np.ndarray) -> dict:
+    """Means over images of every metric; HD95 over the images where it is defined (None if none)."""
+    hd = scores["hd95"][np.isfinite(scores["hd95"])]
+    c = counts.sum(0)
+    return {"images": int(len(counts)), **{k: float(scores[k].mean()) for k in METRICS},
+            "hd95": float(hd.mean()) if len(hd) else None, "hd95_images": int(len(hd)),
+            "pooled_dice": float(2 * c[0] / max(2 * c[0] + c[1] + c[2], 1))}
+
+
+def steady_speed(history: dict) -> float | None:
+    """Training images/s once warm: the median over the epochs after the first (cuDNN autotuning,
+    caches), or the first alone."""
+    speeds = history.get("images_per_second", [])
+    return float(np.median(speeds[1:] if len(speeds) > 1 else speeds)) if speeds else None
+
+
+def hd95(pred: np.ndarray, target: np.ndarray) -> float:
+    """95th-percentile symmetric Hausdorff distance in pixels between two binary masks (as MONAI:
+    the larger of the two directed 95th percentiles). NaN when both are empty, inf when one is."""
+    pred, target = pred.astype(bool), target.astype(bool)
+    if not pred.any() and not target.any():
+        return float("nan")
+    if not pred.any() or not target.any():
+        return float("inf")
+
+    def border(m):  # pixels outside the image count as background, so edge pixels are border
+        eroded = cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        return m & ~eroded.astype(bool)
+
+    def distances_to(m):  # distance of each pixel to the nearest border pixel of m
+        return cv2.distanceTransform((~border(m)).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+
+    return float(max(np.percentile(distances_to(target)[border(pred)], 95),
+                     np.percentile(distances_to(pred)[border(target)], 95)))
+
+
+MIN_GROUPS = 5  # fewer patients (groups) than this give no 95% interval: it would claim more than they hold
+
+
+def bootstrap_interval(values: np.ndarray, groups: list[str], n: int = 2000, seed: int = 0) -> list[float] | None:
+    """95% interval of the mean over images, resampling whole groups (patients) with replacement;
+    None for fewer than MIN_GROUPS groups."""
+    keys, g = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    if len(keys) < MIN_GROUPS:
+        return None
+    sums = np.bincount(g, weights=values, minlength=len(keys))
+    counts = np.bincount(g, minlength=len(keys)).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(keys), size=(n, len(keys)))
+    means = sums[draws].sum(1) / counts[draws].sum(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+# -----------------------------------------------------------------------------
+# Plots
+
+
+def save_panel(path: Path, pictures: tuple, title: str, labels: list[str] | None = None) -> None:
+    """One row per image: Original | Ground truth | Prediction (uint8 images, 0/1 masks), a label on
+    each row, drawn with OpenCV in milliseconds (an epoch can take a second on a GPU)."""
+    scale = max(1, 256 // pictures[0].shape[-1])
+    rows = []
+    for i, (img, gt, pred) in enumerate(zip(*pictures)):
+        tiles = [cv2.resize(t.astype(np.uint8), None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+                 for t in (img, gt * 255, pred * 255)]
+        if labels:
+            cv2.putText(tiles[0], ascii_text(labels[i]), (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 255, 1, cv2.LINE_AA)
+        gap = np.full((tiles[0].shape[0], 4), 96, np.uint8)  # gray lines keep the black tiles apart
+        rows += [np.hstack([tiles[0], gap, tiles[1], gap, tiles[2]]), np.full((4, 3 * tiles[0].shape[1] + 8), 96,
+                                                                              np.uint8)]
+    picture = np.vstack(rows[:-1])
+    header = np.zeros((28, picture.shape[1]), np.uint8)
+    cv2.putText(header, ascii_text(title) + "   (original | ground truth | prediction)", (6, 19),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.5, 255, 1, cv2.LINE_AA)
+    save_png(path, np.vstack([header, picture]))
+
+
+def save_contours(path: Path, pictures: tuple, title: str, names: list[str], dice: np.ndarray, columns: int = 5):
+    """A grid of scans (uint8) with the true tumour (0/1 mask) outlined in green and the prediction in
+    red, each under its Dice and name, drawn at 256 pixels or more so the text reads at normal zoom."""
+    tiles = []
+    for img, truth, pred, name, d in zip(*pictures, names, dice):
+        scale = max(1, -(-256 // img.shape[-1]))
+        tile = cv2.cvtColor(cv2.resize(img.astype(np.uint8), None, fx=scale, fy=scale), cv2.COLOR_GRAY2BGR)
+        for mask, colour in ((truth, (0, 200, 0)), (pred, (0, 0, 255))):
+            big = cv2.resize(mask.astype(np.uint8), tile.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+            cv2.drawContours(tile, cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)[0], -1, colour, 2)
+        label = np.zeros((44, tile.shape[1], 3), np.uint8)
+        cv2.putText(label, f"Dice {d:.3f}", (4, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.putText(label, ascii_text(name)[:tile.shape[1] // 10], (4, 38), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    (200, 200, 200), 1, cv2.LINE_AA)
+        tiles.append(cv2.copyMakeBorder(np.vstack([label, tile]), 3, 3, 3, 3, cv2.BORDER_CONSTANT, value=(96, 96, 96)))
+    tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % columns)
+    grid = np.vstack([np.hstack(tiles[i:i + columns]) for i in range(0, len(tiles), columns)])
+    header = np.zeros((32, grid.shape[1], 3), np.uint8)
+    cv2.putText(header, ascii_text(title) + "   (green: ground truth, red: prediction)", (6, 22),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
+    save_png(path, np.vstack([header, grid]))
+
+
+def ascii_text(text: str) -> str:
+    """What OpenCV's Hershey fonts can draw: ASCII (a file name that is not UTF-8 crashed putText)."""
+    return text.encode("ascii", "replace").decode()
+
+
+def plot_curves(path: Path, history: dict, best_epoch: int = 0) -> None:
+    """Loss, the validation metrics and the learning rate per epoch, the best epoch marked."""
+    fig = figure(15, 4)
+    axes = fig.subplots(1, 3)
+    epochs = history["epoch"]
+    axes[0].plot(epochs, history["train_loss"], "o-", label="training loss")
+    axes[0].plot(epochs, history["val_loss"], "o-", label="validation loss")
+    axes[0].set(xlabel="epoch", ylabel="loss", title="Loss")
+    for name in EPOCH_METRICS:
+        values = history.get(f"val_{name}", [])  # a metric added to EPOCH_METRICS after a resumed run began
+        axes[1].plot(epochs[len(epochs) - len(values):], values, "o-", label=f"validation {name}")
+    axes[1].set(xlabel="epoch", ylabel="score", title="Validation " + ", ".join(EPOCH_METRICS), ylim=(0, 1))
+    axes[2].plot(epochs, history["lr"], "o-", color="tab:green", label="learning rate")
+    axes[2].set(xlabel="epoch", ylabel="learning rate", title="Learning rate (at each epoch's end)")
+    for ax in axes:
+        if best_epoch:
+            ax.axvline(best_epoch, color="gray", ls="--", lw=1, label=f"best epoch ({best_epoch})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(path, fig)
+
+
+def figure(width: float, height: float):
+    """A matplotlib figure that needs no screen and no pyplot state, so the writer thread can draw it."""
+    if "matplotlib.figure" not in sys.modules:  # a bad MPLBACKEND fails the import, and no backend is used
+        backend = os.environ.pop("MPLBACKEND", None)
+        try:
+            import matplotlib.figure  # noqa: F401
+        finally:
+            if backend is not None:
+                os.environ["MPLBACKEND"] = backend
+    from matplotlib.figure import Figure
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def plot_test_results(vis: Path, pictures: tuple, dice: np.ndarray, names: list[str], cfg: Config) -> None:
+    """Random test images, the worst ones, and the Dice histogram."""
+    count = min(cfg.test_samples, len(names))
+    sample = np.random.default_rng(cfg.seed).choice(len(names), size=count, replace=False)
+    for path, which, title in ((vis / "test_samples.png", sample, f"{count} random test images"),
+                               (vis / "worst_predictions.png", np.argsort(dice, kind="stable")[:count],
+                                f"the {count} test images with the lowest Dice")):
+        if count:
+            save_contours(path, tuple(p[which] for p in pictures), title, [names[i] for i in which], dice[which])
+    fig = figure(6, 4)
+    ax = fig.subplots()
+    ax.hist(dice, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
+    ax.axvline(float(dice.mean()), color="tab:red", label=f"mean {dice.mean():.3f}")
+    ax.set(xlabel="Dice per test image", ylabel="images", title="Test Dice per image")
+    ax.legend()
+    save_figure(vis / "test_dice_histogram.png", fig)
+
+
+# =============================================================================
+# The machinery: what runs the pipeline above, but decides none of its numbers
+# =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# Device, precision and layout, by fixed rules
 
 
 @dataclass
@@ -244,21 +1512,22 @@ class Machine:
     device: torch.device
     dtype: torch.dtype | None = None  # autocast precision; None: float32
     channels_last: bool = False
-    rank: int = 0
-    world: int = 1
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
 
-def process_rank() -> int:
-    """This process's rank under torchrun (0 otherwise): the one notion of 'the first process'."""
-    return int(os.environ.get("RANK", "0"))
+LOG_FILES: list = []  # the run's open train.log: log() and warn() write there too
 
 
-def log(*args) -> None:
-    if process_rank() == 0:
-        print(*args, flush=True)
+def log(*args, console: bool = True) -> None:
+    text = " ".join(str(a) for a in args)
+    if console:
+        tqdm.write(text, file=sys.stdout)  # above a progress bar, never on its line
+        sys.stdout.flush()
+    for f in LOG_FILES:
+        f.write(text + "\n")
+        f.flush()
 
 
 RUN_WARNINGS: list[str] = []  # this run's warnings, kept in metrics.json beside the numbers they qualify
@@ -266,21 +1535,16 @@ RUN_WARNINGS: list[str] = []  # this run's warnings, kept in metrics.json beside
 
 def warn(message: str) -> None:
     RUN_WARNINGS.append(message)
-    if process_rank() == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+    for f in LOG_FILES:
+        f.write(f"warning: {message}\n")
 
 
 def set_up_machine(cfg: Config) -> Machine:
-    """This command's device (a resumed run trains where it is resumed) and, under torchrun, the
-    process group."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), process_rank()
-    device = pick_device(cfg.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = pick_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Machine(device, rank=rank, world=world)
+    """This command's device (a resumed run trains where it is resumed), its precision and layout."""
+    machine = Machine(pick_device(cfg.device))
+    choose_precision(machine, cfg)
+    return machine
 
 
 def pick_device(name: str) -> torch.device:
@@ -298,42 +1562,52 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
     if device.type == "cuda":
         device = torch.device("cuda", device.index or 0)
-        check_gpu_supported(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
-                            torch.cuda.get_arch_list())
         torch.cuda.set_device(device)  # libraries that say just "cuda" (torchsummary) mean this one
     return device
 
 
-def check_gpu_supported(name: str, capability: tuple[int, int], arch_list: list[str]) -> None:
-    """A PyTorch build carries GPU code for some compute capabilities (`sm_75` ...): a GPU older than
-    all of them fails at its first kernel with a traceback, so say it before."""
-    built = [int(m.group(1)) for m in (re.match(r"sm_(\d+)", a) for a in arch_list) if m]  # sm_90a too
-    if built and capability[0] * 10 + capability[1] < min(built):
-        lowest = min(built)
-        raise UserError(f"{name} (compute capability {capability[0]}.{capability[1]}) is older than every GPU this "
-                        f"PyTorch {torch.__version__} build supports (from {lowest // 10}.{lowest % 10}): install a "
-                        f"PyTorch build for it (README, 'Which GPUs'), or use --device cpu")
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: where bf16 trained 2.2x faster than float32. oneDNN's own bf16 check
+    is also true on AVX-512 CPUs without them, which emulate bf16 slowly."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-@contextlib.contextmanager
-def together(machine: Machine):
-    """Under torchrun, an error that one process meets in this block (a download, a folder it may
-    not write) stops every process with the same sentence, instead of leaving the others waiting."""
-    error = None
-    try:
-        yield
-    except Exception as e:
-        error = e
-    if machine.world > 1:
-        messages = [None] * machine.world
-        sent = None if error is None else str(error) if isinstance(error, UserError) else f"{type(error).__name__}: " \
-            f"{error}"
-        torch.distributed.all_gather_object(messages, sent)
-        first = next((m for m in messages if m is not None), None)
-        if first is not None and error is None:
-            raise UserError(first)
-    if error is not None:
-        raise error
+def precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The autocast precision (None: float32) by a fixed rule of the machine and --amp, and why."""
+    if amp == "off":
+        return None, "--amp off"
+    if amp in ("bf16", "fp16"):
+        return (torch.bfloat16 if amp == "bf16" else torch.float16), f"--amp {amp}"
+    if device.type == "cuda":  # bf16 only where it is native (compute capability 8+), else fp16 with a scaler
+        native = torch.cuda.get_device_capability(device)[0] >= 8
+        return (torch.bfloat16, "a GPU with bf16") if native else (torch.float16, "a GPU without bf16")
+    if cpu_has_native_bf16():
+        return torch.bfloat16, "a CPU with native bf16; --amp off for float32"
+    return None, "a CPU without native bf16"
+
+
+def choose_precision(machine: Machine, cfg: Config) -> None:
+    """Precision and layout by fixed rules of the machine and the run's settings; logs the settings
+    that differ from the defaults (config.json holds them all) and what was chosen."""
+    if machine.device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned kernels differ run to run
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+    machine.dtype, why = precision(cfg.amp, machine.device)
+    # Channels-last trained 40% faster on an AVX-512 CPU (bf16 and float32) and 22% slower on an AVX2 one.
+    layout = machine.device.type == "cuda" or torch.backends.cpu.get_cpu_capability() == "AVX512"
+    machine.channels_last = cfg.channels_last and layout
+    changed = [f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items() if v != getattr(Config(), k)
+               and k not in ("out_dir", "data_dir", "resume")]
+    log(f"settings: {', '.join(changed) or 'the defaults'} (all of them in config.json)")
+    log(f"device: {machine.device}" + (f" ({torch.cuda.get_device_name(machine.device)})" if machine.device.type ==
+                                       "cuda" else f" ({torch.get_num_threads()} threads)")
+        + f"; precision: {precision_name(machine)} ({why}); channels-last: {machine.channels_last}")
+
+
+def precision_name(machine: Machine) -> str:
+    return str(machine.dtype or torch.float32).removeprefix("torch.")
 
 
 # -----------------------------------------------------------------------------
@@ -345,21 +1619,22 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
     typed fields that may change on a resume replace theirs; else (cfg, None)."""
     if not cfg.resume:
         return cfg, None
-    path = Path(cfg.out_dir) / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
-    path = path / "last.pth" if path.is_dir() else path
-    anew = "start anew there with --overwrite (without --resume), or pick another --out-dir"
-    if "out_dir" in typed and cfg.resume != "auto" and Path(cfg.out_dir).resolve() != path.parent.resolve():
+    path = Path(cfg.resume)
+    path = path if path.suffix == ".pth" else path / "last.pth"
+    if "out_dir" in typed and Path(cfg.out_dir).resolve() != path.parent.resolve():
         raise UserError(f"--out-dir {cfg.out_dir} and --resume {cfg.resume} name two folders: a resumed run continues "
                         f"in its own folder, {path.parent}. Leave out --out-dir, or start a new run there")
-    if not path.exists():  # on a machine that does not share --out-dir, too: all processes stop
-        hint = (f"; {path.parent} holds only model.pth, which cannot be continued: {anew}"
+    if not path.parent.is_dir():
+        raise UserError(f"{path.parent}: no such run folder to resume")
+    if not path.exists():
+        hint = (f"; {path.parent} holds only model.pth, which cannot be continued: start a new run"
                 if (path.parent / "model.pth").exists() else "; start a new run without --resume")
         raise UserError(f"{path}: no resumable state (last.pth) to continue" + hint)
     try:
         state = load_checkpoint(path, resumable=True)
     except UserError as e:
-        raise UserError(f"{e}. It cannot be continued: {anew}") from None
-    saved = saved_config(state["config"])
+        raise UserError(f"{e}. It cannot be continued: start a new run") from None
+    saved = saved_config(state["config"], path)
     resumed = resumed_settings(saved, cfg, typed)
     if is_finished(path.parent) and resumed.epochs <= state["epoch"]:
         raise UserError(finished_message(path.parent))
@@ -367,9 +1642,8 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
         raise UserError(f"--epochs {resumed.epochs}: {path} has trained {state['epoch']} epochs already"
                         f"{' and part of the next' if state['step'] else ''}; pass more")
     if saved.folds and resumed.epochs != saved.epochs and not cfg.folds:  # its cross-validation decides, for all
-        raise UserError(f"{path.parent} is fold {saved.fold + 1} of a cross-validation, whose folds share their "
-                        f"epochs: train them all further with --out-dir {path.parent.parent} --folds {saved.folds} "
-                        f"--resume --epochs {resumed.epochs}")
+        raise UserError(f"{path.parent} is fold {saved.fold} of a cross-validation, whose folds share their "
+                        f"epochs: train them all further with --resume {path.parent.parent} --epochs {resumed.epochs}")
     if resumed.epochs != saved.epochs and saved.schedule == "onecycle":
         warn(f"--epochs {resumed.epochs} (was {saved.epochs}): the one-cycle schedule is stretched to the new length, "
              f"so the learning rate jumps to where that schedule is at this epoch")
@@ -398,12 +1672,12 @@ def is_finished(folder: Path) -> bool:
 
 def finished_message(folder: Path) -> str:
     return (f"{folder} holds a finished run (metrics.json): nothing is left to do. Train it further with --resume "
-            f"--epochs N (N above its epochs), pick another --out-dir, or replace it with --overwrite")
+            f"{folder} --epochs N (N above its epochs), or start a new run")
 
 
 def check_best_model(state: dict, path: Path, epochs: int) -> None:
-    """A resumed run needs the model.pth its state says was saved: if a crash or a user removed or
-    damaged it, the best model is chosen anew from the epochs still to run."""
+    """A resumed run needs the model.pth its state records: if a crash between the two writes or a
+    user removed or damaged it, the best model is chosen anew from the epochs still to run."""
     if state["best"]["epoch"] < 1:
         return
     try:
@@ -414,19 +1688,14 @@ def check_best_model(state: dict, path: Path, epochs: int) -> None:
         problem = f"{path.parent / 'model.pth'} is missing or damaged"
     if state["epoch"] >= epochs:
         raise UserError(f"{problem}, and its run has no epoch left to choose a best model from: train on with "
-                        f"--resume --epochs {state['epoch'] + 1} or more, start anew with --overwrite (without "
-                        f"--resume), or pick another --out-dir")
+                        f"--resume {path.parent} --epochs {state['epoch'] + 1} or more, or start a new run")
     warn(f"{problem}: the best model is chosen anew from the epochs still to run")
     state["best"] = dict(NO_BEST)
 
 
-# What every checkpoint holds, and of which type; a resumable state (last.pth) holds RESUMABLE too.
-CHECKPOINT = {"model": {str: torch.Tensor}, "config": dict, "split": {"train": list, "val": list, "test": list},
-              "history": {str: list}, "threshold": float, "epoch": int, "step": int,
-              "best": {"epoch": int, "val_dice": float}}
-RESUMABLE = {"optimizer": dict, "epoch_losses": torch.Tensor, "world": int,
-             "split": {"train": list, "val": list, "test": list, "how": str, "unit": str, "groups": dict, "files": dict,
-                       **{f"{part}_patients": list for part in ("train", "val", "test")}}}
+# What every checkpoint holds; a resumable state (last.pth) holds RESUMABLE too.
+CHECKPOINT = ("model", "config", "split", "history", "threshold", "epoch", "step", "best")
+RESUMABLE = ("optimizer", "epoch_losses")
 
 
 def load_checkpoint(path: Path | str, resumable: bool = False) -> dict:
@@ -441,23 +1710,16 @@ def load_checkpoint(path: Path | str, resumable: bool = False) -> dict:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
         raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
-    except Exception as e:  # torch raises many kinds for damaged or foreign files
-        import pickle
-        with open(path, "rb") as f:
-            bare_pickle = f.read(1) == b"\x80"  # not torch.save's zip: it may hold code
-        if bare_pickle or "Unsupported global" in str(e):  # torch says "holds code" only in its message
-            raise UserError(f"{path}: refused, it holds Python objects that could run code when loaded; only "
-                            f"checkpoints written by this script can be used") from None
-        kind = "not a PyTorch checkpoint" if isinstance(e, pickle.UnpicklingError) else "not a readable PyTorch " \
-            f"checkpoint (truncated or another kind of file: {first_line(e)})"
-        raise UserError(f"{path}: {kind}") from None
-    problem = checkpoint_problem(state, resumable)
+    except Exception:  # torch raises many kinds for damaged or foreign files
+        raise UserError(f"{path}: not a checkpoint this script can load (damaged, truncated, another kind of file, "
+                        f"or one holding Python objects, which could run code when loaded)") from None
+    problem = checkpoint_problem(state, resumable, path)
     if problem:
         raise UserError(f"{path}: {problem}")
     return state
 
 
-def checkpoint_problem(state, resumable: bool) -> str:
+def checkpoint_problem(state, resumable: bool, path: Path) -> str:
     """What makes a loaded checkpoint unusable, or ''."""
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         return "not a checkpoint of this script's U-Net"
@@ -466,247 +1728,227 @@ def checkpoint_problem(state, resumable: bool) -> str:
                 f"{CHECKPOINT_VERSION}; use the script version that wrote it")
     if resumable and state.get("optimizer") is None:
         return "a best-model file, not a resumable state (that is last.pth, beside it)"
-    wrong = mismatches(state, {**CHECKPOINT, **(RESUMABLE if resumable else {})})
-    if wrong:
-        return f"damaged checkpoint, {', '.join(wrong)} missing or of the wrong type; use another checkpoint"
+    missing = [k for k in CHECKPOINT + (RESUMABLE if resumable else ()) if k not in state]
+    if missing:
+        return f"damaged checkpoint, {', '.join(missing)} missing; use another checkpoint"
     try:
-        saved_config(state["config"])
-    except (UserError, TypeError) as e:
-        return f"damaged checkpoint, its settings are invalid: {e}"
-    values = {"threshold not between 0 and 1": not 0 <= state["threshold"] <= 1,
-              "epoch or step below 0": min(state["epoch"], state["step"]) < 0,
-              "weights that are not finite": not all(torch.isfinite(v).all() for v in state["model"].values())}
+        saved_config(state["config"], path)
+    except UserError as e:
+        return str(e).removeprefix(f"{path}: ")
+    try:
+        values = {"threshold not between 0 and 1": not 0 <= state["threshold"] <= 1,
+                  "epoch or step below 0": min(state["epoch"], state["step"]) < 0,
+                  "best epoch unknown": not 0 <= state["best"]["epoch"] <= state["epoch"] + 1,
+                  "split parts missing": not all(isinstance(state["split"][p], list) for p in ("train", "val", "test"))
+                  or resumable and not {"how", "unit", "groups", "files"} <= set(state["split"]),
+                  "history not a table of lists": not all(isinstance(v, list) for v in state["history"].values()),
+                  "the epoch's losses missing": resumable and not isinstance(state["epoch_losses"], torch.Tensor),
+                  "weights that are not finite": not all(torch.isfinite(v).all() for v in state["model"].values())}
+    except (TypeError, KeyError, AttributeError):
+        return "damaged checkpoint, a part of it of the wrong type; use another checkpoint"
     return next((f"damaged checkpoint, {what}" for what, bad in values.items() if bad), "")
 
 
-def mismatches(value, schema, name: str = "") -> list[str]:
-    """The parts of `value` whose type is not the one `schema` gives (`{str: kind}`: every value of a
-    dict; float accepts int; a bool is no number)."""
-    if isinstance(schema, dict):
-        if not isinstance(value, dict):
-            return [name]
-        if str in schema:
-            return [name] if any(mismatches(v, schema[str]) for v in value.values()) else []
-        return [m for k, kind in schema.items() for m in mismatches(value.get(k), kind, f"{name}.{k}".lstrip("."))]
-    kinds = (int, float) if schema is float else schema
-    return [] if isinstance(value, kinds) and not isinstance(value, bool) else [name]
+def saved_config(config: dict, path: Path | str) -> Config:
+    """A run's saved configuration (checkpoint or config.json at `path`) as a Config, checked as any
+    Config is. Every field that decides what the run learned or predicts must be there, but those in
+    BEFORE_FIELD_EXISTED; the others (the machine, the outputs) get their defaults."""
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: its settings are not a table of fields")
+    missing = [k for k in learned_fields() if k not in config and k not in BEFORE_FIELD_EXISTED]
+    if missing:
+        raise UserError(f"{path}: its settings lack {', '.join(missing)}, which decide what it learned or predicts "
+                        f"(written by another version of this script?); use that version, or train anew")
+    try:
+        return Config(**{**BEFORE_FIELD_EXISTED, **{k: v for k, v in config.items() if k in Config.__dataclass_fields__}})
+    except UserError as e:
+        raise UserError(f"{path}: its settings are invalid: {e}") from None
 
 
-def saved_config(config: dict) -> Config:
-    """A checkpoint's configuration as a Config (checked as any Config is); fields it predates get
-    BEFORE_FIELD_EXISTED's values."""
-    return Config(**{**BEFORE_FIELD_EXISTED, **{k: v for k, v in config.items() if k in Config.__dataclass_fields__}})
+def save_checkpoint(path: Path, state: dict) -> None:
+    buffer = io.BytesIO()  # torch.save into a file turns its OSError (a full disk) into a RuntimeError
+    torch.save(state, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 # -----------------------------------------------------------------------------
-# Files: a program replaces or deletes only what its own record in a folder lists
+# Files: each program writes only into a folder it creates, each file whole
 
 
-MANIFEST = ".outputs.json"  # in each output folder: which program wrote there, and which files
-LOCK = ".lock"  # held while a program writes into the folder; names the holder
-RUN_FILES = ("config.json", "split.json", "model.pth", "last.pth")
+@contextlib.contextmanager
+def run_folder(cfg: Config, resume: dict | None, made: bool = False):
+    """The run's folder, locked while the run writes into it, with the console copied to its train.log:
+    a new folder (os.mkdir: a folder that exists is refused, so nothing in it can be replaced), the
+    fold folder its cross-validation just made, or with --resume the run's own. A new run that stops
+    before its first checkpoint removes the files it wrote there and the folder."""
+    folder = Path(cfg.out_dir) if resume or made else new_folder(cfg.out_dir, "outputs", run_name(cfg), "training")
+    lock = FileLock(folder / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"{folder} is in use by another run; wait for it to end") from None
+    log_file = open(folder / "train.log", "a", encoding="utf-8", errors="backslashreplace")
+    LOG_FILES.append(log_file)
+    log(f"run folder: {folder}" + (" (resumed)" if resume else ""))
+    keep = True
+    try:
+        yield folder
+    except BaseException as e:
+        log(f"error: {e}" if isinstance(e, UserError) else f"stopped by {type(e).__name__}: {first_line(e)}",
+            console=False)
+        keep = bool(resume) or (folder / "last.pth").exists()
+        raise
+    finally:
+        LOG_FILES.remove(log_file)
+        log_file.close()
+        lock.release()
+        if not keep:  # its own files only: an epoch's plots may be written before a checkpoint fails
+            plots = [p.relative_to(folder) for p in folder.glob("visualizations/epochs/epoch_[0-9][0-9][0-9].png")]
+            discard(folder, ["train.log", "config.json", "split.json", "history.csv", ".lock",
+                             "visualizations/loss_curves.png", *plots])
+
+
+def start_records(folder: Path, cfg: Config, split: dict, resume: dict | None) -> None:
+    """What the run is (its settings, its split), once everything was checked; a resumed run trains on,
+    so its earlier test, which would no longer describe model.pth, goes."""
+    save_json(folder / "config.json", dataclasses.asdict(cfg))
+    save_json(folder / "split.json", split)
+    for name in TEST_FILES if resume else ():
+        (folder / name).unlink(missing_ok=True)
+
+
 TEST_FILES = ("metrics.json", "test_per_image.csv", "visualizations/test_samples.png",
               "visualizations/worst_predictions.png", "visualizations/test_dice_histogram.png")
 
 
-def claim_run_folder(cfg: Config, machine: Machine):
-    """The output folder of a training run, owned while it runs (rank 0 writes; the others do not)."""
-    if machine.rank != 0:
-        return contextlib.nullcontext()
-    return claim_folder(Path(cfg.out_dir), "train", run_files(cfg), run_reads(cfg),
-                        replace=bool(cfg.resume or cfg.overwrite), earlier=earlier_run)
+def run_name(cfg: Config) -> str:
+    """The default folder name after the date and time: what was trained, so that a listing reads."""
+    return "-".join(["demo" if cfg.demo else cfg.recipe, f"seed{cfg.seed}", *([f"cv{cfg.folds}"] if cfg.folds else [])])
 
 
-def run_reads(cfg: Config) -> dict:
-    """What training reads, for the output folder to keep apart from: the data folder, and its images/
-    and masks/ wherever links lead them."""
-    data = Path(cfg.data_dir or DEFAULT_DATA_DIR)
-    return {folder: (f"the data folder {folder}", True) for folder in (data, data / "images", data / "masks")}
+def new_folder(given: str, parent: str, name: str, program: str) -> Path:
+    """The output folder of this command, which it creates: `given`, or PARENT/DATE-TIME-NAME (with -2,
+    -3 ... if that exists). os.mkdir is atomic, so creating the folder is also the claim on it."""
+    if given:
+        return create_folder(Path(given), program)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        path = Path(parent) / f"{stamp}-{name}{f'-{n}' if n > 1 else ''}"
+        with contextlib.suppress(FileExistsError):
+            if not path.exists():
+                return create_folder(path, program, quiet=True)
+    raise UserError(f"{parent}: no free folder name for {stamp}-{name}; choose one with --out-dir or --out")
 
 
-def run_files(cfg: Config) -> list[str]:
-    return [*RUN_FILES, *TEST_FILES, "visualizations/loss_curves.png",
-            *(f"visualizations/epochs/epoch_{e:03d}.png" for e in range(1, cfg.epochs + 1))]
-
-
-def earlier_run(out: Path, found: list[Path]) -> str:
-    """What to do about an earlier run's outputs: each state a crash can leave has a way on."""
-    names = {p.name for p in found}
-    if "last.pth" in names and is_finished(out):
-        return finished_message(out)
-    if "last.pth" in names:
-        return (f"{out} already holds the outputs of an earlier run (last.pth). Continue it with --resume, pick "
-                f"another --out-dir, or replace it with --overwrite")
-    return (f"{out} holds outputs of an earlier run ({found[0].name}) but no last.pth, so --resume cannot continue "
-            f"it. Keep it and pick another --out-dir, or replace it with --overwrite")
-
-
-@contextlib.contextmanager
-def claim_folder(folder: Path, program: str, targets: list[str], reads: dict, replace: bool = False,
-                 earlier=None, inputs: tuple = ()):
-    """Own `folder` for one run of `program`, after refusing, before anything is written: an output
-    folder that is, holds or lies inside a folder read as input (`reads`: path -> (what it is, whether
-    it is read whole), however either is named), a link that would carry writes elsewhere, a target
-    that exists but is not in this program's record there or is an input file (`inputs`), and unless
-    `replace`, its own earlier outputs (`earlier(folder, found)` says what to do about them). Yields
-    the folder's Outputs, holding its lock. A run that fails in a folder it made leaves no trace."""
-    check_apart(folder, reads, program)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder} is a file, not a folder; choose another output folder")
-    check_targets(folder, program, targets, replace, earlier, inputs)  # before the lock: a refusal leaves no trace
-    made = [p for p in (folder, *folder.parents) if not p.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(folder / LOCK)
+def create_folder(path: Path, program: str, quiet: bool = False) -> Path:
+    """Create `path` (and missing parents); an existing path of any kind is refused in one sentence."""
+    made = [p for p in path.parents if not p.exists()]
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        owner = (folder / LOCK).read_text(errors="replace").strip() or "another process"
-        raise UserError(f"{folder} is in use by another run ({owner}); wait for it to end, or choose another output "
-                        f"folder") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot create the folder {path}: a file stands where one of its folders should be; "
+                        f"choose another") from None
+    except PermissionError:
+        raise UserError(f"cannot create the folder {path}: no permission to write in a folder above it; choose "
+                        f"another") from None
     try:
-        (folder / LOCK).write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
-                                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        yield Outputs(folder, program, targets, check_targets(folder, program, targets, replace, earlier, inputs))
-    except BaseException:
-        for path in made:  # still holding the lock: only this program's lock and record, and the folders made
-            remove_if_only_records(path)
-        raise
-    finally:
-        lock.release()
+        path.mkdir()
+    except FileExistsError:
+        if quiet:
+            raise
+        way = f"; to continue that run, pass --resume {path}" if program in ("training", "cross-validation") else ""
+        raise UserError(f"{path} exists already: {program} writes only into a folder it creates, so it never changes "
+                        f"what is there. Name a new folder, or leave the option out for a new time-stamped one{way}") \
+            from None
+    except PermissionError:
+        raise UserError(f"cannot create the folder {path}: no permission to write in {path.parent}; choose "
+                        f"another") from None
+    MADE_PARENTS[path] = made
+    return path
 
 
-def remove_if_only_records(folder: Path) -> None:
-    """A folder that holds nothing but a program's lock and record goes, with them."""
-    with contextlib.suppress(OSError):
-        if {p.name for p in folder.iterdir()} <= {LOCK, MANIFEST}:
-            (folder / MANIFEST).unlink(missing_ok=True)
-            (folder / LOCK).unlink(missing_ok=True)
-            folder.rmdir()
+MADE_PARENTS: dict = {}  # the parents each new folder of this command needed, for discard()
 
 
-def check_apart(folder: Path, reads: dict, program: str) -> None:
-    """No output folder may be, hold, or lie inside a folder read as input (`reads`: path -> (what it
-    is, whether it is read whole); the folder of an input file is not: the output may lie inside it)."""
-    out = [folder.resolve(), *folder.resolve().parents]
-    for path, (what, whole) in reads.items():
-        read = [Path(path).resolve(), *Path(path).resolve().parents]
-        if same(out[0], read[0]) or (whole and any(same(p, read[0]) for p in out[1:])):
-            raise UserError(f"{folder} is or lies inside {what}: {program} never writes where it reads, with or "
-                            f"without --overwrite. Choose an output folder outside it")
-        if any(same(out[0], p) for p in read[1:]):
-            raise UserError(f"{folder} holds {what}: {program} never writes around its inputs, with or without "
-                            f"--overwrite. Choose an output folder outside it")
-
-
-def same(a: Path, b: Path) -> bool:
-    """One folder, by name or, where both exist, by device and inode (a bind mount is another name)."""
-    with contextlib.suppress(OSError):
-        return a == b or os.path.samefile(a, b)
-    return False
-
-
-def read_manifest(folder: Path, program: str) -> dict:
-    """The record of what `program` wrote into `folder` ({} when there is none)."""
-    path = folder / MANIFEST
-    if not path.exists():
-        return {}
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        files = record["files"]
-        assert record["program"] in ("train", "cross-validation", "predict", "compare") and isinstance(files, list)
-        assert all(isinstance(f, str) and "\0" not in f and not f.endswith("/") and not Path(f).is_absolute()
-                   and Path(f).name not in ("", ".") and ".." not in Path(f).parts for f in files)  # plain files
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        raise UserError(f"{path} is not a record of this script's outputs: {folder} is not used, and nothing in it is "
-                        f"changed. Choose another output folder") from None
-    if record["program"] != program:
-        raise UserError(f"{folder} holds the outputs of {record['program']}, and {program} writes only into a folder "
-                        f"of its own: choose another output folder")
-    return record
-
-
-def check_targets(folder, program, targets, replace, earlier, inputs) -> dict:
-    """The folder's record, once every target is known to be new or this program's own."""
-    record = read_manifest(folder, program)
-    listed, found = set(record.get("files", [])), []
-    lock = folder / LOCK
-    if lock.is_symlink() or (lock.exists() and not (lock.is_file() and lock.read_text(errors="replace")[:4] in
-                                                      ("", "pid "))):
-        raise UserError(f"{lock} is not a lock file of this script; choose another output folder")
-    for name in [*targets, *listed]:  # the files it may write or delete
-        for part in [folder / p for p in Path(name).parents][-2::-1]:  # their subfolders, outermost first
-            if part.is_symlink():
-                raise UserError(f"{part} is a link to {part.resolve()}; {program} writes only into real folders "
-                                f"inside {folder}. Choose another output folder")
-    for name in targets:
-        path = folder / name
-        if path.resolve() in inputs:
-            raise UserError(f"{path} is an input of this {program}; choose another output folder")
-        if path.exists() or path.is_symlink():
-            if name not in listed:
-                raise UserError(f"{path}: {program} did not write this file (it is not in {folder / MANIFEST}), so it "
-                                f"is never replaced or deleted, with or without --overwrite. Choose another output "
-                                f"folder")
-            found.append(path)
-    if found and not replace:
-        raise UserError(earlier(folder, found))
-    return record
-
-
-class Outputs:
-    """A folder a program owns while it runs: it writes its targets there, after recording them."""
-
-    def __init__(self, folder: Path, program: str, targets: list[str], record: dict):
-        self.folder, self.program, self.targets, self.record = folder, program, targets, record
-        self.earlier = set()  # what the earlier runs' record listed, when begin() kept it
-
-    def __truediv__(self, name: str) -> Path:
-        return self.folder / name
-
-    def begin(self, replace: bool = False, remove: tuple = (), **facts) -> None:
-        """Once every check has passed: delete the earlier run's files (all of them with `replace`,
-        else those in `remove`) and the temporaries of writes a kill cut short, then record this
-        run's targets (and `facts`) before any of them is written."""
-        listed = self.record.get("files", [])
-        remove_stale_temporaries(self.folder, [*listed, *self.targets, MANIFEST])
-        for name in listed if replace else [n for n in remove if n in listed]:
-            if not (self.folder / name).is_dir() or (self.folder / name).is_symlink():  # files only, never a folder
-                (self.folder / name).unlink(missing_ok=True)
-        for name in sorted({str(Path(n).parent) for n in listed} - {"."}, key=len, reverse=True):
-            with contextlib.suppress(OSError):
-                (self.folder / name).rmdir()  # only if empty: a folder an earlier run made and emptied
-        kept = self.earlier = set() if replace else set(listed)
-        self.record = {**self.record, **facts, "program": self.program,
-                       "files": sorted({*kept, *self.targets})}
-        save_json(self.folder / MANIFEST, self.record)
-
-    def settle(self, written: set[str], prune: bool) -> None:
-        """Once a run has written `written`: its record lists those, not the targets it planned and did
-        not write (a file a user puts there later is never taken for its own), and the earlier runs' files
-        still there, which `prune` deletes instead."""
-        earlier = self.earlier - written
-        for name in earlier if prune else ():
-            if not (self.folder / name).is_dir() or (self.folder / name).is_symlink():
-                (self.folder / name).unlink(missing_ok=True)
-        kept = {n for n in earlier if (self.folder / n).is_file()} if not prune else set()
-        staging = {t for t in self.targets if not Path(t).suffix}  # a staging folder's name stays this program's
-        self.record["files"] = sorted(written | kept | staging)
-        save_json(self.folder / MANIFEST, self.record)
-
-
-def remove_stale_temporaries(folder: Path, names: list[str]) -> None:
-    """The temporaries of writes a crash (kill -9) cut short, beside the files they were for: mkstemp
-    and mkdtemp name them .NAME.XXXXXXXX.tmp (eight of its letters), and nothing else is touched. A
-    file's temporary is a file (atomic_write); only a staging folder's (a name without an extension,
-    as predict's) is a folder."""
+def discard(folder: Path, names: list[str]) -> None:
+    """Remove the files of `names` that this command wrote into the folder it created, then the folder
+    and its subfolders if that leaves them empty: anything else put there is never touched."""
     for name in names:
-        path = folder / name
-        for stale in path.parent.glob(f".{glob.escape(path.name)}.{'[a-z0-9_]' * 8}.tmp"):
-            with contextlib.suppress(OSError):
-                if stale.is_file() or stale.is_symlink():
-                    stale.unlink()
-                elif stale.is_dir() and not path.suffix:
-                    shutil.rmtree(stale)
+        with contextlib.suppress(OSError):
+            (folder / name).unlink()
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    for made in [folder, *MADE_PARENTS.pop(folder, [])]:
+        with contextlib.suppress(OSError):
+            made.rmdir()
+
+
+def atomic_write(path: Path | str, write) -> None:
+    """Write through `write(file)` to a temporary file beside `path` (.NAME.*.tmp), fsync, then rename
+    it over `path`: a crash at any moment leaves either the old file or the new one, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)  # a long name fits too
+    try:
+        with contextlib.suppress(AttributeError, OSError):  # no fchmod on Windows
+            os.fchmod(fd, 0o666 & ~UMASK)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and not e.filename:  # a write's error names no file: name the one meant
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+
+
+UMASK = os.umask(0o022)  # read once (reading sets it, so it is put back at once) for mkstemp's private files
+os.umask(UMASK)
+
+
+def save_json(path, obj) -> None:
+    """Strict JSON: NaN and infinity, which strict readers reject, become null."""
+    def strict(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        return [strict(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    text = json.dumps(strict(obj), indent=2, allow_nan=False)
+    atomic_write(path, lambda f: f.write((text + "\n").encode()))
+
+
+def save_csv(path, rows: list[dict]) -> None:
+    """Rows as CSV; the columns are every key that appears, in order of first appearance."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(utf8(buf.getvalue())))
+
+
+def utf8(text: str) -> bytes:
+    """A file name that is not UTF-8 (Python holds its bytes as surrogates) as the bytes it has on disk,
+    in a CSV or a hash, rather than an error after a whole run."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def save_png(path, image: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise RuntimeError(f"could not encode {path} as PNG")
+    atomic_write(path, lambda f: f.write(buf.tobytes()))
+
+
+def save_figure(path, fig) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 # -----------------------------------------------------------------------------
@@ -715,20 +1957,20 @@ def remove_stale_temporaries(folder: Path, names: list[str]) -> None:
 
 def resolve_data_dir(cfg: Config) -> Path:
     """The data folder: --data-dir as given; --demo's synthetic slices, generated once; else the
-    Kaggle dataset in ./data, downloaded once. Every process of every machine resolves it for itself
-    under a lock, before any of them waits for another (a slow download then times nothing out)."""
+    Kaggle dataset in ./data, downloaded once (under a lock, so that runs started together fetch it
+    once). Absolute, so that a saved run resumes from any working folder."""
     if cfg.data_dir and not cfg.demo:
-        return Path(cfg.data_dir)
+        return Path(cfg.data_dir).resolve()
     folder = Path(cfg.data_dir or DEFAULT_DATA_DIR)
     # The lock lives in the temporary folder, so that the data folder's parent holds nothing else.
     key = hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:16]
     with FileLock(Path(tempfile.gettempdir()) / f"brain-tumor-segmentation-{key}.lock"):
         if cfg.demo:
-            return generate_demo_data(folder, cfg.demo_images)
+            return generate_demo_data(folder, cfg.demo_images).resolve()
         if folder.is_dir():  # downloaded by an earlier run: checked, never fetched again
             check_kaggle_download(folder)
-            return folder
-        return download_dataset(folder)
+            return folder.resolve()
+        return download_dataset(folder).resolve()
 
 
 DEMO_MARKER = ".synthetic-demo"  # marks a folder --demo generated, and so may regenerate
@@ -815,70 +2057,44 @@ def check_kaggle_download(root: Path) -> None:
 
 
 def download_dataset(dest: Path) -> Path:
-    """Download the Kaggle dataset into a temporary folder beside `dest`, check it, then move it into
-    place: kagglehub first (no account needed), then the kaggle client (needs credentials)."""
+    """Download the Kaggle dataset with kagglehub (no account needed: it is public) into a temporary
+    folder beside `dest`, check it, then move it into place."""
     made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
-    causes = []
     try:
-        for way, fetch in (("kagglehub", fetch_with_kagglehub), ("kaggle", fetch_with_kaggle)):
-            log(f"downloading {KAGGLE_DATASET} with {way} into {tmp} ...")
-            try:
-                fetch(tmp / way)
-            except (Exception, SystemExit) as e:
-                causes.append(f"{way}: {download_failure(e)}")
-                if isinstance(e, network_errors()):
-                    break  # the other way needs the network too
-                continue
-            roots = [p.parent for p in sorted((tmp / way).rglob("images"))
-                     if p.is_dir() and (p.parent / "masks").is_dir()]
-            if not roots:
-                raise UserError(f"the download of {KAGGLE_DATASET} has no images/ and masks/ folders; download it "
-                                f"by hand and pass --data-dir")
-            check_kaggle_download(roots[0])
-            if not dest.exists():  # another machine that shares this folder may have been first
-                os.replace(roots[0], dest)
-            check_kaggle_download(dest)
-            log(f"dataset ready in {dest}")
-            return dest
+        log(f"downloading {KAGGLE_DATASET} with kagglehub into {tmp} ...")
+        try:
+            fetch_with_kagglehub(tmp / "kagglehub")
+        except Exception as e:
+            raise UserError(f"the dataset is not at {dest} and could not be downloaded: {download_failure(e)}.\n"
+                            f"Ways forward:\n"
+                            f"  1. with network, run again: kagglehub downloads {KAGGLE_DATASET} without an account\n"
+                            f"  2. download it by hand from https://www.kaggle.com/datasets/{KAGGLE_DATASET} and pass "
+                            f"--data-dir DIR (a folder with images/ and masks/)\n"
+                            f"  3. --demo: train on generated synthetic data, offline") from None
+        roots = [p.parent for p in sorted((tmp / "kagglehub").rglob("images"))
+                 if p.is_dir() and (p.parent / "masks").is_dir()]
+        if not roots:
+            raise UserError(f"the download of {KAGGLE_DATASET} has no images/ and masks/ folders; download it "
+                            f"by hand and pass --data-dir")
+        check_kaggle_download(roots[0])
+        if not dest.exists():  # another machine that shares this folder may have been first
+            os.replace(roots[0], dest)
+        check_kaggle_download(dest)
+        log(f"dataset ready in {dest}")
+        return dest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in made:  # a failed download leaves no trace, not even the folder
             with contextlib.suppress(OSError):
                 folder.rmdir()
-    raise UserError(f"the dataset is not at {dest} and could not be downloaded:\n  " + "\n  ".join(causes) +
-                    f"\nWays forward:\n"
-                    f"  1. with network, run again: kagglehub downloads {KAGGLE_DATASET} without an account\n"
-                    f"  2. Kaggle credentials (kaggle.json in ~/.kaggle/, or KAGGLE_USERNAME and KAGGLE_KEY) for the "
-                    f"kaggle client\n"
-                    f"  3. download it by hand from https://www.kaggle.com/datasets/{KAGGLE_DATASET} and pass "
-                    f"--data-dir DIR (a folder with images/ and masks/)\n"
-                    f"  4. --demo: train on generated synthetic data, offline")
 
 
 def fetch_with_kagglehub(folder: Path) -> None:
     """Way 1: kagglehub, no account needed for this public dataset."""
     import kagglehub
     kagglehub.dataset_download(KAGGLE_DATASET, output_dir=str(folder))
-
-
-def fetch_with_kaggle(folder: Path) -> None:
-    """Way 2: the kaggle client, which needs credentials (NOTES: env vars, token, kaggle.json)."""
-    found = os.environ.get("KAGGLE_API_TOKEN") or (os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"))
-    folders = [os.environ.get("KAGGLE_CONFIG_DIR", ""), Path.home() / ".kaggle", Path.home() / ".config" / "kaggle"]
-    if not found and not any(f and (Path(f) / name).is_file() for f in folders for name in ("kaggle.json",
-                                                                                           "access_token")):
-        raise PermissionError("no Kaggle credentials (kaggle.json in ~/.kaggle, or KAGGLE_USERNAME and KAGGLE_KEY)")
-    # `import kaggle` authenticates at import and calls exit(1) on failure, printing help.
-    with contextlib.redirect_stdout(io.StringIO()):
-        try:
-            from kaggle.api.kaggle_api_extended import KaggleApi
-            api = KaggleApi()
-            api.authenticate()
-        except SystemExit:
-            raise PermissionError("the Kaggle credentials were not accepted") from None
-    api.dataset_download_files(KAGGLE_DATASET, path=str(folder), unzip=True, quiet=False)
 
 
 def network_errors() -> tuple:
@@ -890,17 +2106,16 @@ def network_errors() -> tuple:
 
 
 def download_failure(e: BaseException) -> str:
-    """Why a download client failed, in words a user can act on."""
+    """Why the download failed, in words a user can act on."""
     if isinstance(e, ImportError):
         return (f"the Python package {e.name or 'it needs'} is missing: install the project's requirements "
                 f"(pip install -r requirements.txt)")
-    if isinstance(e, PermissionError):  # no or refused credentials, or a folder that cannot be written
-        return str(e)
     if isinstance(e, network_errors()):
         return "no network: Kaggle could not be reached (name lookup or connection failed)"
     status = getattr(getattr(e, "response", None), "status_code", None)
     if status in (401, 403):
-        return f"refused by Kaggle (HTTP {status}): the dataset asks for an account or for consent"
+        return (f"refused by Kaggle (HTTP {status}): the dataset asks for an account or for consent; kagglehub "
+                f"reads Kaggle credentials (~/.kaggle/kaggle.json, or KAGGLE_USERNAME and KAGGLE_KEY)")
     if status is not None:
         return f"Kaggle answered HTTP {status}"
     detail = first_line(e)
@@ -908,1327 +2123,67 @@ def download_failure(e: BaseException) -> str:
 
 
 # -----------------------------------------------------------------------------
-# Precision and layout, by fixed rules
+# Cross-validation: one folder, one run per fold inside it
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: where bf16 trained 2.2x faster than float32. oneDNN's own bf16 check
-    is also true on AVX-512 CPUs without them, which emulate bf16 slowly."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, str]:
-    """The autocast precision (None: float32) by a fixed rule of the machine and --amp, and why."""
-    if amp == "off":
-        return None, "--amp off"
-    if amp in ("bf16", "fp16"):
-        return (torch.bfloat16 if amp == "bf16" else torch.float16), f"--amp {amp}"
-    if device.type == "cuda":  # bf16 only where it is native (compute capability 8+), else fp16 with a scaler
-        native = torch.cuda.get_device_capability(device)[0] >= 8
-        return (torch.bfloat16, "a GPU with bf16") if native else (torch.float16, "a GPU without bf16")
-    if cpu_has_native_bf16():
-        return torch.bfloat16, "a CPU with native bf16; --amp off for float32"
-    return None, "a CPU without native bf16"
-
-
-def choose_precision(machine: Machine, cfg: Config) -> None:
-    """Precision and layout by fixed rules of the machine and the run's settings; logs the
-    configuration and what was chosen."""
-    if machine.device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned kernels differ run to run
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-    machine.dtype, why = precision(cfg.amp, machine.device)
-    # Channels-last trained 40% faster on an AVX-512 CPU (bf16 and float32) and 22% slower on an AVX2 one.
-    layout = machine.device.type == "cuda" or torch.backends.cpu.get_cpu_capability() == "AVX512"
-    machine.channels_last = cfg.channels_last and layout
-    log("configuration:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
-    log(f"device: {machine.device}" + (f" ({torch.cuda.get_device_name(machine.device)})" if machine.device.type ==
-                                       "cuda" else f" ({torch.get_num_threads()} threads)")
-        + (f", {machine.world} processes" if machine.world > 1 else ""))
-    log(f"precision: {precision_name(machine)} ({why}), channels-last: "
-        f"{machine.channels_last}")
-
-
-def precision_name(machine: Machine) -> str:
-    return str(machine.dtype or torch.float32).removeprefix("torch.")
-
-
-# -----------------------------------------------------------------------------
-# Data: decode every pair once, keep the dataset as uint8 tensors
-
-
-def load_dataset(data_dir: Path | str, size: int, limit: int = 0, workers: int = 0) -> dict:
-    """Every readable pair decoded once: names, images (N,1,S,S) uint8 0..255, masks (N,1,S,S) uint8 0/1,
-    and each pair's content hash (of the files' bytes, so runs at other sizes share it). Unreadable
-    files and size mismatches are skipped with a warning naming the file; nothing is ever written."""
-    pairs = find_pairs(data_dir)[:limit or None]
-    workers = workers or min(8, os.cpu_count() or 1)
-    names, images, masks, hashes, problems = [], [], [], [], 0
-
-    def load(pair):
-        name, image_path, mask_path = pair
-        try:
-            return name, read_pair(image_path, mask_path, size), ""
-        except ValueError as e:
-            return name, None, f"{e}; pair {name} skipped"
-
-    with ThreadPoolExecutor(workers) as pool:  # OpenCV releases the GIL while decoding
-        for name, pair, problem in tqdm(pool.map(load, pairs), total=len(pairs), desc="decoding", unit="img",
-                                        leave=False, disable=process_rank() != 0):
-            if pair is None:
-                warn(problem)
-                problems += 1
-                continue
-            if pair[3]:
-                warn(pair[3])
-            names.append(name)
-            images.append(pair[0])
-            masks.append(pair[1])
-            hashes.append(pair[2])
-    if not names:
-        raise UserError(f"{data_dir}: none of the {len(pairs)} image/mask pairs could be read")
-    if problems:
-        warn(f"{problems} of {len(pairs)} pairs skipped (see the warnings above)")
-    mostly = [n for n, m in zip(names, masks) if m.mean() > 0.5]
-    if mostly:
-        warn(f"{len(mostly)} of {len(names)} masks are more than half tumour (for example {mostly[0]}): inverted "
-             f"masks (tumour dark on a bright background)? Tumour must be the bright or coloured part")
-    if not any(m.any() for m in masks):
-        warn(f"NO TUMOUR PIXEL in any of the {len(names)} masks of {data_dir}: the model can only learn to predict "
-             f"nothing, and its Dice will say nothing. Check the masks (tumour non-zero on black, gray or colour)")
-    return {"names": names, "hashes": dict(zip(names, hashes)),
-            "images": torch.from_numpy(np.stack(images)).unsqueeze(1),
-            "masks": torch.from_numpy(np.stack(masks)).unsqueeze(1)}
-
-
-def find_pairs(data_dir: Path | str) -> list[tuple[str, Path, Path]]:
-    """(name, image path, mask path) for every image in images/ with a mask of the same name in masks/.
-    A missing or empty folder stops the run; an unpaired file is skipped with a warning."""
-    data_dir = Path(data_dir)
-    images_dir, masks_dir = data_dir / "images", data_dir / "masks"
-    for folder in (data_dir, images_dir, masks_dir):
-        if not folder.is_dir():
-            raise UserError(f"{folder}: folder not found. The data folder must hold images/ and masks/ with one "
-                            f"mask per image, of the same name.")
-    images, masks = list_images(images_dir), list_images(masks_dir)
-    for folder, found in ((images_dir, images), (masks_dir, masks)):
-        if not found:
-            raise UserError(f"{folder}: no {folder.name} found (PNG, JPEG, TIFF or BMP)")
-    for name in sorted(set(images) - set(masks), key=name_order):
-        warn(f"{images[name]}: no mask named {name}.* in {masks_dir}; image skipped")
-    for name in sorted(set(masks) - set(images), key=name_order):
-        warn(f"{masks[name]}: no image named {name}.* in {images_dir}; mask skipped")
-    names = sorted(set(images) & set(masks), key=name_order)
-    if not names:
-        raise UserError(f"{data_dir}: no image in images/ has a mask of the same name in masks/")
-    return [(name, images[name], masks[name]) for name in names]
-
-
-def list_images(folder: Path) -> dict[str, Path]:
-    """Image files of a folder by name (without the extension); other files are ignored. A folder
-    that cannot be read stops the run with one sentence."""
-    try:
-        entries = sorted(Path(folder).iterdir())
-    except OSError as e:
-        raise UserError(f"{folder}: cannot read this folder ({e.strerror or type(e).__name__}); check its "
-                        f"permissions") from None
-    files = {}
-    for path in entries:
-        if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
-            continue
-        if not path.is_file():
-            warn(f"{path}: not an image file; skipped")
-        elif image_name(path.name) in files:
-            warn(f"{path}: another file has the same name {image_name(path.name)!r} "
-                 f"({files[image_name(path.name)].name}); skipped, keep one of them")
-        else:
-            files[image_name(path.name)] = path
-    return files
-
-
-def image_name(file_name: str) -> str:
-    """A file's name without its image extension: what pairs an image with its mask (and a groups
-    CSV row with both). Other dots belong to the name ('scan.v2' stays 'scan.v2')."""
-    path = Path(file_name)
-    return path.stem if path.suffix.lower() in IMAGE_EXTENSIONS else path.name
-
-
-def name_order(name: str):
-    """Numbers in numeric order, then other names; int() reads exactly what isdecimal() accepts."""
-    return (0, int(name), name) if name.isdecimal() else (1, 0, name)
-
-
-def read_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray, np.ndarray, str, str]:
-    """An image and its mask as the model sees them: uint8 image, uint8 0/1 mask, the pair's content
-    hash, and a warning or ''. Raises ValueError naming the file when the pair cannot be used."""
-    gray, image_hash = decode_file(image_path, gray_in_unit_range)
-    mask, mask_hash, note = mask_for(mask_path, gray.shape, size)
-    try:
-        image = preprocess_image(gray, size)
-    except MemoryError:
-        raise ValueError(f"{image_path}: too large to resize in the memory there is") from None
-    return image, mask, hashlib.sha256((image_hash + mask_hash).encode()).hexdigest()[:16], note
-
-
-def mask_for(mask_path: Path, shape: tuple, size: int) -> tuple[np.ndarray, str, str]:
-    """The mask of an image of `shape`, at the model's size: uint8 0/1, its file's hash, and a warning
-    when its tumour vanishes at that size. Training and predict --masks score through this one check."""
-    mask, digest = decode_file(mask_path, tumour_pixels)
-    if mask.shape != tuple(shape[:2]):
-        raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                         f"{shape[1]}x{shape[0]}")
-    try:
-        resized = preprocess_mask(mask, size)
-    except MemoryError:
-        raise ValueError(f"{mask_path}: too large to resize in the memory there is") from None
-    note = ""
-    if mask.any() and not resized.any():
-        note = (f"{mask_path}: its {int(mask.sum())} tumour pixels vanish at {size}x{size} (re-binarized at 50% "
-                f"after resizing); it counts as tumour-free")
-    return resized, digest, note
-
-
-def decode_file(path: Path | str, convert) -> tuple[np.ndarray, str]:
-    """`convert` of the pixels OpenCV decodes (any depth and channels), and the sha256 of the file's
-    bytes. Every way a read can fail (no permission, a folder, a corrupt or empty file, a header that
-    claims a size the decoder refuses, NaN or infinite pixels, pixels that memory cannot hold or
-    convert) raises ValueError naming the file, so callers skip it with one warning."""
-    path = Path(path)
-    try:
-        data = np.fromfile(path, dtype=np.uint8)  # imdecode also copes with non-ASCII paths
-        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
-    except (cv2.error, MemoryError) as e:
-        raise ValueError(f"{path}: the decoder refused it (too large, or a damaged header: {first_line(e)})") from None
-    if image is None or image.size == 0:
-        raise ValueError(f"{path}: not a readable image (corrupt, empty or unsupported format)")
-    if image.dtype.kind == "f" and not np.isfinite(image).all():
-        raise ValueError(f"{path}: holds NaN or infinite pixels, which no scaling can show")
-    try:
-        return convert(image), hashlib.sha256(data).hexdigest()
-    except MemoryError:
-        raise ValueError(f"{path}: too large to convert in the memory there is") from None
-
-
-def read_image(path: Path | str) -> np.ndarray:
-    """Any PNG/JPEG/TIFF/BMP (gray, RGB, RGBA, 8 or 16 bit, float) -> float32 gray in [0, 1], original
-    size. Raises ValueError naming the file when unreadable."""
-    return decode_file(path, gray_in_unit_range)[0]
-
-
-def read_mask(path: Path | str) -> np.ndarray:
-    """A mask file -> bool array at its original size (tumour_pixels says how)."""
-    return decode_file(path, tumour_pixels)[0]
-
-
-def gray_in_unit_range(image: np.ndarray) -> np.ndarray:
-    """8-bit images divided by 255 as the seed did; 16-bit and float images by their own maximum,
-    because their value range depends on the scanner."""
-    if image.ndim == 3:
-        code = {4: cv2.COLOR_BGRA2GRAY, 3: cv2.COLOR_BGR2GRAY}.get(image.shape[2])
-        image = cv2.cvtColor(image, code) if code is not None else image[:, :, 0]
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    image = image.astype(np.float32)
-    image -= min(float(image.min()), 0.0)
-    peak = float(image.max())
-    return image / peak if peak > 0 else image
-
-
-def tumour_pixels(mask: np.ndarray) -> np.ndarray:
-    """A pixel's value is its strongest colour channel (gray, or the largest of red, green and blue;
-    fully transparent pixels count as 0). The mask's levels are the non-zero values that cover at
-    least a tenth of the area of the most common one, so a lone stray value (JPEG noise, a slip of
-    the brush) is not a level. A pixel is tumour when its value is above half the lowest level:
-    0/255 and 0/1 masks, noisy or not, 16-bit ones, and masks with several labels (all tumour)."""
-    if mask.ndim == 3:
-        value = mask[:, :, :3].max(axis=2)
-        mask = np.where(mask[:, :, 3] > 0, value, 0) if mask.shape[2] == 4 else value
-    values, counts = np.unique(mask[mask > 0], return_counts=True)
-    if not len(values):
-        return np.zeros(mask.shape, bool)
-    return mask > values[counts >= 0.1 * counts.max()].min() / 2
-
-
-def preprocess_image(gray: np.ndarray, size: int) -> np.ndarray:
-    """Float gray [0,1] at any size -> uint8 (size, size). Shared by training and prediction."""
-    interpolation = cv2.INTER_AREA if gray.shape[0] > size else cv2.INTER_LINEAR
-    resized = cv2.resize(gray, (size, size), interpolation=interpolation)
-    return np.clip(resized * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
-def preprocess_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Bool mask at any size -> uint8 0/1 (size, size): area resize, re-binarized at 50%."""
-    resized = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
-    return (resized >= 0.5).astype(np.uint8)
-
-
-# -----------------------------------------------------------------------------
-# The split: whole patients in each part, from split_seed alone
-
-
-def make_split(cfg: Config, data: dict) -> dict:
-    """Train/val/test by patient (or --split random: by image), each tumour type spread evenly; with
-    --folds K, fold --fold is the test part and the next fold validation. It depends on the data, the
-    groups and split_seed only, so runs with other training seeds test on the same images."""
-    names = data["names"]
-    groups, strata, source, unit = find_groups(cfg, names, data["images"])
-    if cfg.folds:
-        fold = group_folds(groups, strata, cfg.folds, cfg.split_seed)
-        test, val = cfg.fold % cfg.folds, (cfg.fold + 1) % cfg.folds
-        parts = {part: np.flatnonzero(members).tolist() for part, members in (
-            ("train", (fold != test) & (fold != val)), ("val", fold == val), ("test", fold == test))}
-        how = f"{source}; fold {test + 1} of {cfg.folds} is the test part"
-    else:
-        parts = split_by_group(groups, strata, (cfg.val_fraction, cfg.test_fraction), cfg.split_seed)
-        how = source
-    split = {"how": how, "unit": unit, "made_from": {k: getattr(cfg, k) for k in (
-             "split", "groups", "split_seed", "val_fraction", "test_fraction", "folds", "fold", "limit")}}
-    for part, members in parts.items():
-        split[part] = [names[i] for i in members]
-        split[f"{part}_patients"] = sorted({groups[i] for i in members})
-    split["fractions"] = {part: round(len(split[part]) / len(names), 4) for part in parts}
-    wanted = {"val": cfg.val_fraction, "test": cfg.test_fraction}
-    split["warnings"] = []
-    if not cfg.folds and any(abs(split["fractions"][p] - f) > 0.02 for p, f in wanted.items()):
-        split["warnings"].append(f"whole {unit} could not honour --val-fraction {cfg.val_fraction} and --test-fraction "
-                                 f"{cfg.test_fraction} within 0.02: the parts hold {split['fractions']} of the images")
-        warn(split["warnings"][-1])
-    split["groups"] = dict(zip(names, groups))
-    split["tumor_types"] = {n: s for n, s in zip(names, strata) if s}
-    split["files"] = {n: data["hashes"][n] for n in names}
-    return split
-
-
-def find_groups(cfg: Config, names: list[str], images: torch.Tensor) -> tuple[list[str], list[str], str, str]:
-    """The group (patient) and tumour type of each image, where they came from, and what a group is."""
-    if cfg.split == "random":
-        return list(names), [""] * len(names), "random split by image (--split random)", "images"
-    if cfg.groups:
-        table = read_groups_csv(cfg.groups)
-        missing = [n for n in names if n not in table]
-        if missing:
-            raise UserError(f"{cfg.groups}: no patient for {len(missing)} images, for example {missing[0]!r}")
-        return [table[n][0] for n in names], [table[n][1] for n in names], f"split by patient ({cfg.groups})", \
-            "patients"
-    table = read_groups_csv(PATIENTS_CSV) if PATIENTS_CSV.is_file() else {}
-    if table and all(n in table for n in names):
-        # Ids that differ only by a trailing letter (MR040240, MR040240B, ...) look like one patient scanned
-        # again (README, "Honest metrics"): one group, so that no re-scan crosses the split.
-        patients = [re.sub(r"(?<=\d)[A-Z]$", "", table[n][0]) for n in names]
-        if table_fits_images(images, names, patients):
-            return patients, [table[n][1] for n in names], "split by patient (patients.csv; re-scans kept " \
-                                                           "together)", "patients"
-    groups = group_by_similarity(images, names)
-    return groups, [""] * len(names), ("split by groups of similar neighbouring slices: APPROXIMATE, pass "
-                                       "--groups FILE.csv with the patient of each image for an exact one"), "groups"
-
-
-def read_groups_csv(path: Path | str) -> dict[str, tuple[str, str]]:
-    """image name -> (patient id, tumour type or '') from a CSV with image,patient_id[,tumor_type]."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets add a byte-order mark
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the groups file ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: the groups file is not UTF-8 text; save it as CSV (UTF-8)") from None
-    except csv.Error as e:  # a field over the csv module's size limit, a NUL byte
-        raise UserError(f"{path}: not a readable CSV groups file ({e}); save it as plain CSV") from None
-    if not rows or not {"image", "patient_id"} <= set(rows[0]):
-        raise UserError(f"{path}: a groups file needs the columns image,patient_id (and optionally tumor_type)")
-    if any(not r["image"] or not r["patient_id"] for r in rows):
-        raise UserError(f"{path}: every row needs an image and a patient_id")
-    table = {}
-    for r in rows:
-        name, entry = image_name(r["image"]), (r["patient_id"], r.get("tumor_type") or "")
-        if table.setdefault(name, entry) != entry:
-            raise UserError(f"{path}: image {r['image']!r} is listed twice with different patients or types "
-                            f"({table[name]} and {entry}); keep one row per image")
-    return table
-
-
-def neighbour_correlations(images: torch.Tensor, names: list[str]) -> tuple[list[int], np.ndarray]:
-    """Images in name order, and the correlation of each one's 64x64 thumbnail with the previous one's."""
-    order = sorted(range(len(names)), key=lambda i: name_order(names[i]))
-    thumbs = torch.cat([F.interpolate(images[order[i:i + 256]].float(), size=(64, 64), mode="area").flatten(1)
-                        for i in range(0, len(order), 256)])  # in chunks: the whole set in float32 can be GBs
-    thumbs = thumbs - thumbs.mean(1, keepdim=True)
-    thumbs = thumbs / thumbs.norm(dim=1, keepdim=True).clamp_min(1e-6)
-    return order, (thumbs[1:] * thumbs[:-1]).sum(1).numpy()
-
-
-def table_fits_images(images: torch.Tensor, names: list[str], patients: list[str]) -> bool:
-    """Whether a patient table describes these pixels: in the Figshare data, neighbouring slices of
-    one patient correlate above 0.8 in 86% of cases, of two patients in 1%. Other data that merely
-    has numbered files (the demo's, a user's) shows no such difference."""
-    order, corr = neighbour_correlations(images, names)
-    same = np.array([patients[a] == patients[b] for a, b in zip(order[:-1], order[1:])])
-    if same.sum() < 2 or (~same).sum() < 1:
-        return bool(same.sum()) or len(names) < 3  # too few slices to tell: trust the names
-    return float((corr[same] > 0.8).mean() - (corr[~same] > 0.8).mean()) > 0.3
-
-
-def group_by_similarity(images: torch.Tensor, names: list[str], min_corr: float = 0.8) -> list[str]:
-    """Approximate patients: consecutive slices (by name) whose 64x64 thumbnails correlate above
-    `min_corr` are put in one group (neighbouring slices of one patient do so in most cases)."""
-    order, corr = neighbour_correlations(images, names)
-    groups = [""] * len(names)
-    for position, i in enumerate(order):
-        groups[i] = f"similar-{int((corr[:position] < min_corr).sum())}"
-    return groups
-
-
-def group_folds(groups: list[str], strata: list[str], n_folds: int, seed: int) -> np.ndarray:
-    """The fold (0..n_folds-1) of each image: whole groups, each stratum (tumour type) spread evenly
-    over the folds, by scikit-learn's StratifiedGroupKFold."""
-    from sklearn.model_selection import StratifiedGroupKFold
-    if len(set(groups)) < n_folds:
-        raise UserError(f"{len(set(groups))} patients/groups are too few for {n_folds} folds; add data or use "
-                        f"--split random")
-    if max(strata.count(s) for s in set(strata)) < n_folds:  # scikit-learn refuses: no type can be spread
-        strata = [""] * len(strata)
-    fold = np.zeros(len(groups), dtype=int)
-    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a type rarer than the folds: spread as evenly as it goes
-        for k, (_, members) in enumerate(splitter.split(np.zeros(len(groups)), strata, groups)):
-            fold[members] = k
-    return fold
-
-
-def split_by_group(groups: list[str], strata: list[str], fractions: tuple[float, float], seed: int) -> dict:
-    """Indices of train/val/test such that no group is in two parts and each stratum is split in the
-    same proportions: stratified group folds, the first ones test, the next ones validation. The fold
-    count is the first of 20, 50, 100 that expresses both fractions (val, test), at most one per group."""
-    val, test = fractions
-    k = next((k for k in (20, 50, 100) if all(abs(round(f * k) - f * k) < 0.01 for f in (val, test))), 100)
-    k = min(k, len(set(groups)))
-    n_test, n_val = max(1, round(test * k)), max(1, round(val * k))
-    if n_test + n_val >= k:
-        raise UserError(f"{len(set(groups))} patients/groups are too few for a train/val/test split; add data or "
-                        f"use --split random")
-    fold = group_folds(groups, strata, k, seed)
-    parts = {"train": fold >= n_test + n_val, "val": (fold >= n_test) & (fold < n_test + n_val), "test": fold < n_test}
-    return {part: np.flatnonzero(members).tolist() for part, members in parts.items()}
-
-
-def split_for(cfg: Config, data: dict, resume: dict | None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The run's split (the checkpoint's on --resume) and each part's positions in the data."""
-    split = resume["split"] if resume else make_split(cfg, data)
-    for warning in split.get("warnings", []) if resume else []:  # what the split's numbers mean, again
-        warn(warning)
-    idx = split_indices(split, data)
-    log(f"data: {len(data['names'])} pairs at {cfg.image_size}x{cfg.image_size}; {split['how']}")
-    log("split: " + ", ".join(f"{part} {len(idx[part])} images ({len(split[f'{part}_patients'])} {split['unit']})"
-                              for part in ("train", "val", "test")))
-    return split, idx
-
-
-def split_indices(split: dict, data: dict) -> dict[str, torch.Tensor]:
-    """Each part's positions in the data, once every image of the split is known to be there with
-    the same bytes as when the split was made (the data identify a run, not their file names)."""
-    position = {n: i for i, n in enumerate(data["names"])}
-    recorded = split.get("files", {})
-    changed = [n for part in ("train", "val", "test") for n in split[part]
-               if n not in position or recorded.get(n) != data["hashes"][n]]
-    if changed:
-        raise UserError(f"the data changed since this run's split was made: {len(changed)} of its images are missing "
-                        f"or have other contents (for example {changed[0]!r}); resume with the same data, or start "
-                        f"anew with --overwrite")
-    return {part: torch.tensor([position[n] for n in split[part]], dtype=torch.long) for part in ("train", "val", "test")}
-
-
-def split_fingerprint(split: dict, part: str = "test") -> str:
-    """Runs whose test images are the same files share this, whatever their folder or image size."""
-    files = split.get("files", {})
-    return hashlib.sha256(utf8("\n".join(sorted(f"{n}:{files.get(n, '')}" for n in split[part])))).hexdigest()[:12]
-
-
-# -----------------------------------------------------------------------------
-# The model, its optimizer, and torch.compile where it works
-
-
-class UNet(nn.Module):
-    """U-Net: 4 encoder blocks 1->w->2w->4w->8w with max pooling, a 16w bottleneck (512 channels
-    at 16x16 for w=32 and a 256x256 input), 4 decoder blocks that upsample with 2x2 transposed
-    convolutions and concatenate the encoder features, and a 1x1 convolution to one logit."""
-
-    def __init__(self, in_channels: int = 1, width: int = 32):
-        super().__init__()
-        widths = [width * 2 ** i for i in range(4)]
-        self.encoders = nn.ModuleList(conv_block(c, w) for c, w in zip([in_channels, *widths[:-1]], widths))
-        self.pool = nn.MaxPool2d(2)
-        self.bottleneck = conv_block(widths[-1], widths[-1] * 2)
-        self.upsamples = nn.ModuleList(nn.ConvTranspose2d(w * 2, w, 2, stride=2) for w in reversed(widths))
-        self.decoders = nn.ModuleList(conv_block(w * 2, w) for w in reversed(widths))
-        self.head = nn.Conv2d(widths[0], 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for encoder in self.encoders:
-            x = encoder(x)
-            skips.append(x)
-            x = self.pool(x)
-        x = self.bottleneck(x)
-        for upsample, decoder, skip in zip(self.upsamples, self.decoders, reversed(skips)):
-            x = decoder(torch.cat([upsample(x), skip], dim=1))
-        return self.head(x)
-
-
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True))
-
-
-NO_BEST = {"epoch": 0, "val_dice": -1.0}  # before the first epoch: any validation Dice is better
-
-
-@dataclass
-class Run:
-    """What training carries from step to step; `epoch` and `step` say where it resumes."""
-    cfg: Config
-    machine: Machine
-    out: Outputs | None  # the output folder; None on the processes that do not write (torchrun)
-    names: list[str]
-    images: torch.Tensor  # uint8 (N,1,S,S) on the training device
-    masks: torch.Tensor
-    split: dict
-    idx: dict[str, torch.Tensor]  # positions of each part's images, on the training device
-    model: nn.Module  # the raw model: checkpoints and evaluation
-    train_model: nn.Module  # what the steps call: compiled and/or DistributedDataParallel
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    writer: Writer
-    history: dict = field(default_factory=dict)  # a list per key of end_epoch's record
-    best: dict = field(default_factory=lambda: dict(NO_BEST))
-    epoch: int = 0
-    step: int = 0
-    epoch_steps: int = 0
-    seen: int = 0  # training images of this epoch in this process's session (for the images/s)
-    losses: torch.Tensor | None = None  # this epoch's per-step training losses (summed whole, in one order)
-    compile_seconds: float = 0.0
-    curves_drawn: float = 0.0  # when the loss curves were last handed to the writer
-    script: str = field(default_factory=lambda: hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12])
-
-
-def build_run(cfg: Config, machine: Machine, data: dict, split: dict, idx: dict, resume: dict | None) -> Run:
-    """The model (the checkpoint's weights on --resume), its optimizer, and the handle the training
-    steps call: compiled when that works here, wrapped for torchrun."""
-    check_batch_fits(cfg, len(idx["train"]) // machine.world)
-    torch.manual_seed(cfg.seed)
-    model = UNet(width=cfg.base_width).to(machine.device)
-    if machine.rank == 0:
-        print_model_summary(model, cfg, machine.device)
-    if machine.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(machine.device.type, enabled=machine.dtype == torch.float16)
-    if resume and resume["step"] and resume["world"] != machine.world:
-        raise UserError(f"{cfg.resume} stopped in the middle of an epoch with {resume['world']} processes; resume it "
-                        f"with that many (an epoch's batches depend on it)")
-    if resume:
-        try:
-            model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-            if resume.get("scaler"):
-                scaler.load_state_dict(resume["scaler"])
-        except (RuntimeError, KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{cfg.resume}: its saved weights or optimizer state do not fit this model "
-                            f"({type(e).__name__}); it cannot be continued: start anew with --overwrite (without "
-                            f"--resume), or pick another --out-dir") from None
-    images, masks = data["images"].to(machine.device), data["masks"].to(machine.device)
-    idx = {part: i.to(machine.device) for part, i in idx.items()}
-    first, t0, train_model = idx["train"][:cfg.batch_size], time.time(), model
-    if use_compile(cfg, machine, len(idx["train"])):
-        train_model = compiled_if_it_works(model, cfg, machine, to_input(images[first], machine), masks[first].float())
-    compile_seconds = time.time() - t0 if train_model is not model else 0.0
-    if machine.world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[machine.device.index] if machine.device.type == "cuda" else None)
-    run = Run(cfg, machine, None, data["names"], images, masks, split, idx, model, train_model, optimizer, scaler,
-              Writer(), compile_seconds=compile_seconds)
-    if resume:
-        run.history, run.best = resume["history"], resume["best"]
-        run.epoch, run.step, run.losses = resume["epoch"], resume["step"], resume["epoch_losses"].to(machine.device)
-    return run
-
-
-def print_model_summary(model: nn.Module, cfg: Config, device: torch.device) -> None:
-    from torchsummary import summary  # its device argument must match the model's (see NOTES)
-    model.eval()  # its forward pass must not update the batch-norm statistics
-    try:
-        with contextlib.redirect_stdout(io.StringIO()) as text, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torchsummary 1.5.1 reads tensors that require grad
-            summary(model, (1, cfg.image_size, cfg.image_size), device=device.type)
-    finally:
-        model.train()
-    print(text.getvalue(), flush=True)
-
-
-def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    # One kernel for all parameters (CPU and CUDA, the devices pick_device allows): on a 2-core CPU 9 ms a
-    # step instead of 34 ms for the foreach version.
-    return opt_class(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-
-
-def use_compile(cfg: Config, machine: Machine, train_images: int) -> bool:
-    """--compile auto: on CUDA (Triton needs compute capability 7.0); on a CPU in bf16 when the run
-    is long enough to repay a first compile of about a minute (bench/RESULTS.md)."""
-    if cfg.compile != "auto":
-        return cfg.compile == "on"
-    if machine.device.type == "cuda":
-        return torch.cuda.get_device_capability(machine.device) >= (7, 0)
-    pixels = cfg.epochs * train_images // machine.world * cfg.image_size ** 2
-    return machine.dtype == torch.bfloat16 and pixels >= CPU_COMPILE_FROM
-
-
-# Training pixels (epochs x training images x image size^2) from which a CPU run in bf16 compiles: a first
-# compile took 25-60 s there, and then the default recipe trained 4% faster (bench/RESULTS.md), so from here
-# on (an hour of training at 256x256) it saves over twice what it costs. The demo does not compile.
-CPU_COMPILE_FROM = 1e9
-
-
-def compiled_if_it_works(model: nn.Module, cfg: Config, machine: Machine, x: torch.Tensor, y: torch.Tensor):
-    """torch.compile(model) when it is wanted and works here: a forward and backward pass on a real
-    batch compile it now, before the loop, and the batch-norm statistics and gradients they touched
-    are put back. Where it fails (no compiler, an unsupported GPU), a warning, and the model itself.
-    Under torchrun every process tries, and all compile only if all succeeded."""
-    compiled = torch.compile(model, mode=cfg.compile_mode)
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        with machine.autocast():
-            logits = compiled(x)
-        compute_loss(logits, y, cfg).backward()
-        works = True
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as e:
-        warn(f"the first compiled step failed ({type(e).__name__}: {first_line(e)}); training without "
-             f"torch.compile. Pass --compile off to skip the attempt.")
-        works = False
-    model.load_state_dict(saved)
-    model.zero_grad(set_to_none=True)
-    if machine.world > 1:
-        flag = torch.tensor([float(works)], device=machine.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        works = bool(flag.item())
-    log(f"torch.compile ({cfg.compile_mode}): " + ("compiled and warmed up" if works else "not used"))
-    return compiled if works else model
-
-
-def begin_outputs(run: Run, out: Outputs | None, resume: dict | None) -> None:
-    """Rank 0, once everything was checked: --overwrite removes the earlier run's files only now; a
-    resumed run that trains on removes its earlier test; then config.json and split.json."""
-    if out is None:
-        return
-    out.begin(replace=run.cfg.overwrite and not resume, remove=TEST_FILES if resume else ())
-    run.out = out
-    save_json(out / "config.json", dataclasses.asdict(run.cfg))
-    save_json(out / "split.json", run.split)
-
-
-# -----------------------------------------------------------------------------
-# The training loop
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM: training stops at the end of the current step, the final test between
-    its parts. A second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # only the main thread can install handlers
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):  # no printing here: the signal may come while the loop prints
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-def train_epoch(run: Run, stop: StopFlag) -> bool:
-    """The steps of epoch `run.epoch` from `run.step` on; returns whether a stop signal came. Nothing
-    in a step waits for the device, but the loss check (on a GPU every nan_check_every steps)."""
-    cfg, m, first = run.cfg, run.machine, run.step
-    order = epoch_order(run)
-    if run.losses is None or len(run.losses) != len(order):
-        run.losses = torch.zeros(len(order), device=m.device)
-    losses = run.losses
-    images_per_step = order.shape[1] * m.world
-    bar = tqdm(total=len(order) * images_per_step, initial=first * images_per_step, desc=f"epoch {run.epoch + 1}/"
-               f"{cfg.epochs}", unit="img", dynamic_ncols=True, leave=False, mininterval=1, disable=m.rank != 0)
-    run.model.train()
-    stopped, checked = False, first
-    for step in range(first, len(order)):
-        global_step = run.epoch * len(order) + step
-        for group in run.optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, global_step, cfg.epochs * len(order))
-        batch = order[step]
-        x, y = to_input(run.images[batch], m), run.masks[batch].float()
-        if cfg.augment:  # seeded by the step, so that a resumed run draws the same augmentations
-            seed = (cfg.seed * 7919 + global_step) * m.world + m.rank
-            x, y = augment_batch(x, y, torch.Generator(device=m.device).manual_seed(seed), cfg)
-        with m.autocast():
-            logits = run.train_model(x)
-        loss = compute_loss(logits, y, cfg)
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        # A non-finite gradient turns the recorded loss NaN too (a grad scaler skips such steps itself).
-        grads = [] if run.scaler.is_enabled() else [p.grad for p in run.model.parameters() if p.grad is not None]
-        losses[step] = loss.detach() + (0 * nn.utils.get_total_norm(grads) if grads else 0)
-        # Reading the loss waits for the device: on a GPU only every nan_check_every steps and at the end of
-        # the epoch; on a CPU every step, so that bad numbers never reach the weights.
-        if m.device.type == "cpu" or step % cfg.nan_check_every == 0 or step == len(order) - 1:
-            value, stopped = check_steps(losses, checked, step, run, stop)
-            checked = step + 1
-            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-        elif m.world == 1:
-            stopped = stop.signal is not None
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.step = step + 1
-        bar.update(images_per_step)
-        if stopped:
-            break
-    bar.close()
-    if stopped:
-        log(f"{signal.Signals(stop.signal or signal.SIGTERM).name} received: stopped after step {run.step}")
-    run.seen = (run.step - first) * images_per_step
-    return stopped
-
-
-def epoch_order(run: Run) -> torch.Tensor:
-    """This process's training images of the epoch, as (steps, batch) positions on the device: one
-    copy to the device per epoch, so that no step waits for one."""
-    cfg, m = run.cfg, run.machine
-    order = batch_order(len(run.idx["train"]), cfg.batch_size, cfg.seed, run.epoch, m.rank, m.world)
-    run.epoch_steps = len(order)
-    if run.step > len(order):
-        raise UserError(f"{cfg.resume}: the resumed state is at step {run.step} of an epoch of {len(order)} steps: "
-                        f"damaged, or saved with other data or batch size; start anew with --overwrite")
-    if m.device.type == "cuda":  # a copy from pageable memory would make the host wait for the GPU
-        order = order.pin_memory()
-    return run.idx["train"][order.to(m.device, non_blocking=True)]
-
-
-def batch_order(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """Shuffled indices of one epoch, as (steps, batch) for this process: deterministic in (seed,
-    epoch), so a resumed run sees the same batches. The ragged remainder is dropped (a different one
-    each epoch) to keep shapes fixed."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    per_rank = n // world
-    mine = perm[rank * per_rank:(rank + 1) * per_rank]
-    if len(mine) < batch_size:  # tiny datasets: one smaller batch
-        return mine.view(1, -1)
-    steps = len(mine) // batch_size
-    return mine[:steps * batch_size].view(steps, batch_size)
-
-
-def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
-    """Constant, or one-cycle: linear warm-up over `warmup_fraction` of the steps to lr, cosine down to lr/1e4."""
-    if cfg.schedule == "constant":
-        return cfg.lr
-    warmup = max(1, int(cfg.warmup_fraction * total_steps))
-    if step < warmup:
-        return cfg.lr / 25 + (cfg.lr - cfg.lr / 25) * step / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return cfg.lr / 1e4 + (cfg.lr - cfg.lr / 1e4) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def to_input(images_u8: torch.Tensor, machine: Machine) -> torch.Tensor:
-    """uint8 images already on the device -> the model's float input in [0, 1] and layout."""
-    x = images_u8.float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if machine.channels_last else x
-
-
-def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, cfg: Config):
-    """Random left-right flip, rotation, scaling and gamma per image, on the device (the ranges are
-    the aug_* fields). Left-right flips keep anatomy plausible; vertical ones would not. Written by
-    hand because torchvision's transforms draw one set of parameters per call, not per image."""
-    n = x.shape[0]
-
-    def uniform(low, high):
-        return torch.rand(n, device=x.device, generator=generator) * (high - low) + low
-
-    angle = uniform(-math.radians(cfg.aug_rotation), math.radians(cfg.aug_rotation))
-    scale = torch.exp(uniform(-cfg.aug_scale, cfg.aug_scale))
-    flip = torch.where(uniform(0, 1) < cfg.aug_flip, -1.0, 1.0)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    zero = torch.zeros_like(cos)
-    theta = torch.stack([torch.stack([cos * flip, -sin, zero], 1), torch.stack([sin * flip, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
-    gamma = torch.exp(uniform(-cfg.aug_gamma, cfg.aug_gamma)).view(n, 1, 1, 1)
-    return x.clamp(0, 1).pow(gamma), y
-
-
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, per_image: bool = False):
-    """The seed's loss, 1 - (2*sum(p*t) + smooth) / (sum(p^2) + sum(t^2) + smooth), on sigmoid
-    probabilities; sums over the whole batch, or per image and then averaged."""
-    p, t = torch.sigmoid(logits.float()), target.float()
-    dims = (1, 2, 3) if per_image else (0, 1, 2, 3)
-    intersection = (p * t).sum(dims)
-    denominator = (p * p).sum(dims) + (t * t).sum(dims)
-    return (1 - (2 * intersection + smooth) / (denominator + smooth)).mean()
-
-
-# The training losses `--loss` chooses from: name -> function(logits, target, cfg), computed in float32.
-# Adding a loss is one entry here (its name becomes a valid --loss).
-LOSSES = {
-    "dice": lambda logits, target, cfg: dice_loss(logits, target, cfg.smooth),
-    "dice+bce": lambda logits, target, cfg: (dice_loss(logits, target, cfg.smooth, per_image=True)
-                                             + F.binary_cross_entropy_with_logits(logits.float(), target.float())),
-}
-
-
-def compute_loss(logits, target, cfg: Config) -> torch.Tensor:
-    return LOSSES[cfg.loss](logits, target, cfg)
-
-
-def check_steps(losses: torch.Tensor, since: int, last: int, run: Run, stop: StopFlag) -> tuple[float, bool]:
-    """The step loop's one wait for the device: stop, naming the first bad step, when a loss or gradient
-    of steps since..last is NaN or inf; else the last loss, and whether a stop signal came. Under
-    torchrun every process takes part and all agree, in one exchange."""
-    window = losses[since:last + 1]
-    flags = torch.cat([(~torch.isfinite(window)).float(), window.new_tensor([float(stop.signal is not None)])])
-    if run.machine.world > 1:
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    read = torch.cat([flags, window]).cpu()  # one copy to the host
-    flags, window = read[:len(flags)], read[len(flags):]
-    bad = flags[:-1].nonzero()
-    if len(bad):
-        raise UserError(f"the loss or its gradient became {float(window[int(bad[0])])} at epoch {run.epoch + 1}, "
-                        f"step {since + int(bad[0]) + 1} (in this or another process); nothing was saved after "
-                        f"that, so the checkpoints in {run.cfg.out_dir} are from before it. Start anew with "
-                        f"--overwrite and a lower --lr, or --amp off")
-    return float(window[-1]), bool(flags[-1])
-
-
-# -----------------------------------------------------------------------------
-# The end of an epoch: validation, checkpoints and plots (written in the background)
-
-
-def end_epoch(run: Run, seconds: float) -> None:
-    """Validate, record the epoch, keep the best model.pth, write last.pth and the plots. On rank 0
-    the files are written by the background writer, so that the next epoch starts at once."""
-    cfg, m = run.cfg, run.machine
-    if m.world > 1:  # each process's batch-norm statistics saw its own last batches: take rank 0's
-        for buffer in run.model.buffers():
-            torch.distributed.broadcast(buffer, 0)
-    val, panel = evaluate(run.model, m, run.images, run.masks, run.idx["val"], cfg, cfg.threshold, cfg.panel_images)
-    images = run.seen
-    record = {"epoch": run.epoch + 1, "train_loss": float(run.losses.sum()) / run.epoch_steps, "val_loss": val["loss"],
-              **{f"val_{k}": val[k] for k in EPOCH_METRICS}, "lr": run.optimizer.param_groups[0]["lr"],
-              "epoch_seconds": seconds, "images_per_second": images / seconds, "precision": precision_name(m)}
-    for key, value in record.items():
-        run.history.setdefault(key, []).append(value)
-    improved = val["dice"] > run.best["val_dice"]
-    if improved:
-        run.best = {"epoch": run.epoch + 1, "val_loss": val["loss"], **{f"val_{k}": val[k] for k in EPOCH_METRICS}}
-    log(f"epoch {run.epoch + 1:3d}/{cfg.epochs}  train loss {record['train_loss']:.4f} | val loss {val['loss']:.4f} "
-        + " ".join(f"{k} {val[k]:.4f}" for k in EPOCH_METRICS) + f" | {seconds:.1f} s, {images / seconds:.1f} img/s"
-        + ("  * best, saved" if improved else ""))
-    run.epoch, run.step, run.losses = run.epoch + 1, 0, None
-    if run.out is None:
-        return
-    if improved:
-        run.writer.submit(save_checkpoint, run.out / "model.pth", checkpoint_state(run, "best"))
-    save_last(run)
-    if len(panel["images"]):
-        run.writer.submit(save_panel, run.out / f"visualizations/epochs/epoch_{run.epoch:03d}.png",
-                          (panel["images"], panel["masks"], panel["probs"] > cfg.threshold),
-                          f"epoch {run.epoch}: val Dice {val['dice']:.3f}")
-    # The curves take a CPU a few tenths of a second: redrawn at most every 20 s, and after the last epoch.
-    if time.time() - run.curves_drawn > 20 or run.epoch == cfg.epochs:
-        run.curves_drawn = time.time()
-        run.writer.submit(plot_curves, run.out / "visualizations/loss_curves.png", copied(run.history))
-
-
-def save_last(run: Run) -> None:
-    """last.pth: the state --resume continues from (rank 0 only)."""
-    if run.out is not None:
-        run.writer.submit(save_checkpoint, run.out / "last.pth", checkpoint_state(run, "last"))
-
-
-class Interrupted(UserError):
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
-def interrupted(run: Run, stop: StopFlag, where: str = "") -> Interrupted:
-    """The stop's message: where the run stopped, and the command that continues it."""
-    launcher = f"torchrun --nproc_per_node={run.machine.world}" if run.machine.world > 1 else "python"
-    folds = f" --folds {run.cfg.folds}" if run.cfg.folds else ""
-    folder = Path(run.cfg.out_dir).parent if run.cfg.folds else Path(run.cfg.out_dir)
-    at = where or f"stopped at epoch {run.epoch + 1}, step {run.step}"
-    return Interrupted(f"{at}; {Path(run.cfg.out_dir) / 'last.pth'} holds the run. Continue it with:\n  {launcher} "
-                       f"{Path(sys.argv[0]).name} --resume --out-dir {folder}{folds}",
-                       code=130 if stop.signal == signal.SIGINT else 143)
-
-
-def checkpoint_state(run: Run, kind: str) -> dict:
-    """Everything needed to use ("best") or resume ("last") a model, copied now (training goes on
-    while the writer saves it), as tensors and plain Python types only, so that
-    torch.load(weights_only=True) can read it."""
-    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": kind,
-             "model": copied(run.model.state_dict()), "config": dataclasses.asdict(run.cfg), "split": run.split,
-             "history": copied(run.history), "epoch": run.epoch, "step": run.step, "best": dict(run.best),
-             # the threshold in use: config's, until --tune-threshold replaces it after training
-             "threshold": run.cfg.threshold}
-    if kind == "last":
-        state.update(optimizer=copied(run.optimizer.state_dict()),
-                     epoch_losses=copied(run.losses) if run.losses is not None else torch.zeros(0),
-                     world=run.machine.world,
-                     scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None)
-    return state
-
-
-def copied(obj):
-    """A copy of nested dicts and lists whose tensors are copied to the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: copied(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(copied(v) for v in obj)
-    return obj
-
-
-class Writer(ThreadPoolExecutor):
-    """Writes checkpoints and draws plots in one background thread, in the order given, while training
-    goes on. Leaving its `with` block waits for them all, so a stop signal or an error still writes the
-    last good state; a failed write raises at the next submit or drain. Each file is written whole
-    (atomic_write): a kill at any moment leaves the previous version readable."""
-
-    def __init__(self):
-        super().__init__(1, thread_name_prefix="writer")
-        self.jobs = []
-
-    def submit(self, fn, *args):
-        self.drain(wait=False)
-        self.jobs.append(super().submit(fn, *args))
-
-    def drain(self, wait: bool = True) -> None:
-        done = [job for job in self.jobs if wait or job.done()]
-        self.jobs = [job for job in self.jobs if job not in done]
-        for job in done:
-            job.result()  # raises the job's error here
-
-    def __exit__(self, kind, error, traceback):
-        self.shutdown(wait=True)
-        if kind is None:
-            self.drain()
-
-
-# The overlap metrics, as (numerator, denominator) of an image's true positive, false positive and
-# false negative pixel counts. Each is scored per image in the test (metrics.json, the per-image CSV,
-# the by-type table) and in predict --masks; those in EPOCH_METRICS also after every epoch on
-# validation (the log, the history, the curves). Adding a metric is one entry here.
-METRICS = {
-    "dice": lambda tp, fp, fn: (2 * tp, 2 * tp + fp + fn),
-    "iou": lambda tp, fp, fn: (tp, tp + fp + fn),
-    "precision": lambda tp, fp, fn: (tp, tp + fp),
-    "recall": lambda tp, fp, fn: (tp, tp + fn),
-}
-EPOCH_METRICS = ("dice", "iou")  # "dice" must stay: the best epoch is the one with the best validation Dice
-
-
-@torch.no_grad()
-def evaluate(model, machine: Machine, images, masks, indices, cfg: Config, threshold: float, keep: int = 0):
-    """Loss and the EPOCH_METRICS of one split part, each the mean over its images (summed over the
-    processes under torchrun); and the first `keep` images of rank 0 with their probabilities."""
-    mine = indices[machine.rank::machine.world]
-    targets = masks[mine]
-    sums = dict.fromkeys(("loss", *EPOCH_METRICS), 0.0)
-    kept = []
-    for start, logits in logits_in_batches(model, images[mine], cfg.eval_batch_size, machine):
-        y = targets[start:start + len(logits)]
-        sums["loss"] += float(compute_loss(logits, y, cfg)) * len(y)
-        probs = torch.sigmoid(logits.float())
-        scores = scores_from_counts(confusion_counts(probs > threshold, y).cpu())
-        for name in EPOCH_METRICS:
-            sums[name] += scores[name].sum()
-        kept.append(probs[:max(0, keep - start)])
-    totals = torch.tensor([*sums.values(), len(mine)], dtype=torch.float64, device=machine.device)
-    if machine.world > 1:
-        torch.distributed.all_reduce(totals)
-    n = max(float(totals[-1]), 1.0)
-    panel = {"images": images[mine[:keep]].cpu().numpy()[:, 0], "masks": targets[:keep].cpu().numpy()[:, 0],
-             "probs": torch.cat(kept).cpu().numpy()[:, 0] if kept else np.zeros((0, 1, 1))}
-    return {name: float(total) / n for name, total in zip(sums, totals)}, panel
-
-
-@torch.no_grad()
-def logits_in_batches(model, images_u8: torch.Tensor, batch_size: int, machine: Machine):
-    """Eval-mode logits of uint8 images, one batch at a time: yields (first index, logits). The model
-    is back in the mode it was in when the loop ends."""
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(images_u8), batch_size):
-            x = to_input(images_u8[start:start + batch_size].to(machine.device, non_blocking=True), machine)
-            with machine.autocast():
-                yield start, model(x)
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(f"the GPU ran out of memory evaluating {batch_size} images at a time: try --eval-batch-size "
-                        f"{max(1, batch_size // 2)}") from None
-    finally:
-        model.train(was_training)
-
-
-def predict_probabilities(model, images_u8: torch.Tensor, batch_size: int, machine: Machine, flip: bool = False):
-    """Sigmoid probabilities (N,1,S,S) float32 of uint8 images, in batches; with `flip`, the mean of
-    each image's and its left-right mirror's (test-time augmentation)."""
-    probs = torch.cat([torch.sigmoid(logits.float()) for _, logits in
-                       logits_in_batches(model, images_u8, batch_size, machine)])
-    if flip:
-        mirrored = predict_probabilities(model, images_u8.flip(-1), batch_size, machine)
-        probs = (probs + mirrored.flip(-1)) / 2
-    return probs
-
-
-def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per image (N, 3): true positives, false positives, false negatives of binary masks."""
-    pred, target = pred.flatten(1).bool(), target.flatten(1).bool()
-    return torch.stack([(pred & target).sum(1), (pred & ~target).sum(1), (~pred & target).sum(1)], 1).double()
-
-
-def scores_from_counts(counts) -> dict[str, np.ndarray]:
-    """Per-image scores of every metric in METRICS from (N, 3) counts. An empty ground truth with an
-    empty prediction scores 1 on every metric; any other zero denominator scores 0 (a prediction on a
-    tumour-free slice, or a missed tumour, is a full miss). No image is skipped."""
-    c = np.asarray(counts, dtype=np.float64).reshape(-1, 3)
-    tp, fp, fn = c[:, 0], c[:, 1], c[:, 2]
-    both_empty = (tp + fp + fn) == 0
-
-    def ratio(num, den):
-        return np.where(both_empty, 1.0, np.divide(num, den, out=np.zeros_like(num), where=den > 0))
-
-    return {name: ratio(*fraction(tp, fp, fn)) for name, fraction in METRICS.items()}
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    buffer = io.BytesIO()  # torch.save into a file turns its OSError (a full disk) into a RuntimeError
-    torch.save(state, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
-
-
-def save_panel(path: Path, pictures: tuple, title: str, labels: list[str] | None = None) -> None:
-    """One row per image: Original | Ground truth | Prediction (uint8 images, 0/1 masks), a label on
-    each row, drawn with OpenCV in milliseconds (an epoch can take a second on a GPU)."""
-    scale = max(1, 256 // pictures[0].shape[-1])
-    rows = []
-    for i, (img, gt, pred) in enumerate(zip(*pictures)):
-        tiles = [cv2.resize(t.astype(np.uint8), None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-                 for t in (img, gt * 255, pred * 255)]
-        if labels:
-            cv2.putText(tiles[0], ascii_text(labels[i]), (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 255, 1, cv2.LINE_AA)
-        gap = np.full((tiles[0].shape[0], 4), 96, np.uint8)  # gray lines keep the black tiles apart
-        rows += [np.hstack([tiles[0], gap, tiles[1], gap, tiles[2]]), np.full((4, 3 * tiles[0].shape[1] + 8), 96,
-                                                                              np.uint8)]
-    picture = np.vstack(rows[:-1])
-    header = np.zeros((28, picture.shape[1]), np.uint8)
-    cv2.putText(header, ascii_text(title) + "   (original | ground truth | prediction)", (6, 19),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.5, 255, 1, cv2.LINE_AA)
-    save_png(path, np.vstack([header, picture]))
-
-
-def ascii_text(text: str) -> str:
-    """What OpenCV's Hershey fonts can draw: ASCII (a file name that is not UTF-8 crashed putText)."""
-    return text.encode("ascii", "replace").decode()
-
-
-def plot_curves(path: Path, history: dict) -> None:
-    fig = figure(11, 4)
-    ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(history["epoch"], history["train_loss"], "o-", label="training loss")
-    ax1.plot(history["epoch"], history["val_loss"], "o-", label="validation loss")
-    ax1.set(xlabel="epoch", ylabel="loss", title="Loss")
-    for name in EPOCH_METRICS:
-        values = history.get(f"val_{name}", [])  # a metric added to EPOCH_METRICS after a resumed run began
-        ax2.plot(history["epoch"][len(history["epoch"]) - len(values):], values, "o-", label=f"validation {name}")
-    ax2.set(xlabel="epoch", ylabel="score", title="Validation " + ", ".join(EPOCH_METRICS), ylim=(0, 1))
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    save_figure(path, fig)
-
-
-def figure(width: float, height: float):
-    """A matplotlib figure that needs no screen and no pyplot state, so the writer thread can draw it."""
-    if "matplotlib.figure" not in sys.modules:  # a bad MPLBACKEND fails the import, and no backend is used
-        backend = os.environ.pop("MPLBACKEND", None)
-        try:
-            import matplotlib.figure  # noqa: F401
-        finally:
-            if backend is not None:
-                os.environ["MPLBACKEND"] = backend
-    from matplotlib.figure import Figure
-    return Figure(figsize=(width, height))
-
-
-# -----------------------------------------------------------------------------
-# The end of the run: the threshold, the test, metrics.json
-
-
-def finish_run(run: Run, stop: StopFlag, t_start: float) -> dict:
-    """The best epoch's model: the threshold chosen on validation, then one evaluation on the test
-    part. A stop signal here leaves a state that --resume finishes; metrics.json, written last, marks
-    the run finished."""
-    cfg, out = run.cfg, run.out
-    run.writer.drain()
-    state = load_checkpoint(out / "model.pth")
-    model = model_from_checkpoint(state, out / "model.pth", run.machine.device)
-    threshold = cfg.threshold
-    if cfg.tune_threshold:
-        threshold = tune_threshold(model, run.machine, run.images, run.masks, run.idx["val"], cfg)
-        save_checkpoint(out / "model.pth", {**state, "threshold": threshold})
-        log(f"threshold chosen on validation: {threshold:.2f}")
-    if stop.signal is not None:
-        raise interrupted(run, stop, "stopped after training, before the test")
-    metrics = evaluate_test(model, run, threshold)
-    metrics.update(best_epoch=state["best"]["epoch"], best_val_dice=state["best"]["val_dice"],
-                   total_seconds=time.time() - t_start, history=run.history, precision=precision_name(run.machine),
-                   images_per_second=steady_speed(run.history), compile_seconds=run.compile_seconds,
-                   script_sha256=run.script)  # the file as it was when the run began
-    if RUN_WARNINGS:
-        metrics["warning"] = "; ".join(dict.fromkeys(RUN_WARNINGS))
-    run.writer.drain()
-    if stop.signal is not None:
-        raise interrupted(run, stop, "stopped after training, in the test")
-    save_json(out / "metrics.json", metrics)
-    t, unit = metrics["test"], run.split["unit"]
-    interval = f"95% CI {t['dice_ci95'][0]:.4f}-{t['dice_ci95'][1]:.4f}" if t["dice_ci95"] else "no interval"
-    log(f"test ({t['images']} images, {t['patients']} {unit}): Dice {t['dice']:.4f} [{interval}], "
-        + ", ".join(f"{name} {t[name]:.4f}" for name in METRICS if name != "dice")
-        + (f", HD95 {t['hd95']:.1f} px" if t["hd95"] is not None else ", HD95 undefined (no image where both masks "
-                                                                       "have tumour)"))
-    log(f"outputs in {out.folder}/: model.pth, last.pth, metrics.json, test_per_image.csv, split.json, config.json, "
-        f"visualizations/  ({time.time() - t_start:.1f} s in all)")
-    return metrics
-
-
-def model_from_checkpoint(state: dict, path, device) -> nn.Module:
-    model = UNet(width=state["config"]["base_width"])
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError, TypeError):
-        raise UserError(f"{path}: its weights do not fit this U-Net (saved with other channel widths or another "
-                        f"architecture)") from None
-    return model.to(device).eval()
-
-
-def tune_threshold(model, machine: Machine, images, masks, val_idx, cfg: Config) -> float:
-    """The threshold of the grid threshold_min..threshold_max with the best validation Dice."""
-    probs = predict_probabilities(model, images[val_idx], cfg.eval_batch_size, machine, flip=cfg.tta)
-    candidates = np.round(np.arange(cfg.threshold_min, cfg.threshold_max + cfg.threshold_step / 2,
-                                    cfg.threshold_step), 4)
-    dice = [scores_from_counts(confusion_counts(probs > t, masks[val_idx]).cpu())["dice"].mean() for t in candidates]
-    return float(candidates[int(np.argmax(dice))])
-
-
-def evaluate_test(model, run: Run, threshold: float) -> dict:
-    """Per-image and pooled scores of every metric and HD95 on the test part, a 95% bootstrap
-    interval over patients, the same by tumour type, a per-image CSV, and the test plots."""
-    cfg, idx = run.cfg, run.idx["test"]
-    probs = predict_probabilities(model, run.images[idx], cfg.eval_batch_size, run.machine, flip=cfg.tta)
-    pred_np, target_np = (probs > threshold).cpu().numpy()[:, 0], run.masks[idx].bool().cpu().numpy()[:, 0]
-    counts = confusion_counts(torch.from_numpy(pred_np), torch.from_numpy(target_np)).numpy()
-    scores = {**scores_from_counts(counts), "hd95": np.array([hd95(p, t) for p, t in zip(pred_np, target_np)])}
-    names = [run.names[i] for i in idx.tolist()]
-    groups = [run.split["groups"].get(n, n) for n in names]
-    types = np.array([run.split.get("tumor_types", {}).get(n, "") for n in names])
-    summary = {**summarize(scores, counts), "patients": len(set(groups)),
-               "dice_ci95": bootstrap_interval(scores["dice"], groups, seed=cfg.split_seed)}
-    if summary["dice_ci95"] is None:
-        warn(f"the test part holds {len(set(groups))} {run.split['unit']}: too few for a 95% interval over them "
-             f"(at least {MIN_GROUPS}), so none is given")
-    by_type = {t: summarize({k: v[types == t] for k, v in scores.items()}, counts[types == t])
-               for t in sorted(set(types)) if t}
-    save_csv(run.out / "test_per_image.csv", [
-        {"image": n, "patient": g, "tumor_type": t, "gt_pixels": int(c[0] + c[2]), "pred_pixels": int(c[0] + c[1]),
-         **{k: round(float(scores[k][i]), 5) for k in (*METRICS, "hd95")}}
-        for i, (n, g, t, c) in enumerate(zip(names, groups, types, counts))])
-    run.writer.submit(plot_test_results, run.out / "visualizations", (run.images[idx].cpu().numpy()[:, 0], target_np,
-                      pred_np), scores["dice"], names, cfg)
-    if not target_np.any():
-        warn(f"THE TEST SET HOLDS NO TUMOUR PIXEL: its {len(names)} images hold no tumour pixel at all, so the Dice "
-             f"only says whether anything was predicted, not how well tumours are outlined")
-    return {"test": summary, "by_tumor_type": by_type, "threshold": threshold, "tta": cfg.tta,
-            "split": run.split["how"], "test_split": split_fingerprint(run.split), "data": data_fingerprint(run.split),
-            "empty_masks": "an empty ground truth with an empty prediction scores 1 on every metric; otherwise a "
-                           "zero denominator scores 0; HD95 is averaged over images where both masks are non-empty, "
-                           "and is null when there is no such image",
-            "hd95_unit": f"pixels at {cfg.image_size}x{cfg.image_size}"}
-
-
-def data_fingerprint(split: dict) -> str:
-    """All the images a run's split was made from, by content."""
-    files = sorted(split.get("files", {}).items())
-    return hashlib.sha256(utf8("\n".join(f"{n}:{h}" for n, h in files))).hexdigest()[:12]
-
-
-def summarize(scores: dict[str, np.ndarray], counts: np.ndarray) -> dict:
-    """Means over images of every metric; HD95 over the images where it is defined (None if none)."""
-    hd = scores["hd95"][np.isfinite(scores["hd95"])]
-    c = counts.sum(0)
-    return {"images": int(len(counts)), **{k: float(scores[k].mean()) for k in METRICS},
-            "hd95": float(hd.mean()) if len(hd) else None, "hd95_images": int(len(hd)),
-            "pooled_dice": float(2 * c[0] / max(2 * c[0] + c[1] + c[2], 1))}
-
-
-def steady_speed(history: dict) -> float | None:
-    """Training images/s once warm: the median over the epochs after the first (cuDNN autotuning,
-    caches), or the first alone."""
-    speeds = history.get("images_per_second", [])
-    return float(np.median(speeds[1:] if len(speeds) > 1 else speeds)) if speeds else None
-
-
-def hd95(pred: np.ndarray, target: np.ndarray) -> float:
-    """95th-percentile symmetric Hausdorff distance in pixels between two binary masks (as MONAI:
-    the larger of the two directed 95th percentiles). NaN when both are empty, inf when one is."""
-    pred, target = pred.astype(bool), target.astype(bool)
-    if not pred.any() and not target.any():
-        return float("nan")
-    if not pred.any() or not target.any():
-        return float("inf")
-
-    def border(m):  # pixels outside the image count as background, so edge pixels are border
-        eroded = cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
-        return m & ~eroded.astype(bool)
-
-    def distances_to(m):  # distance of each pixel to the nearest border pixel of m
-        return cv2.distanceTransform((~border(m)).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-
-    return float(max(np.percentile(distances_to(target)[border(pred)], 95),
-                     np.percentile(distances_to(pred)[border(target)], 95)))
-
-
-MIN_GROUPS = 5  # fewer patients (groups) than this give no 95% interval: it would claim more than they hold
-
-
-def bootstrap_interval(values: np.ndarray, groups: list[str], n: int = 2000, seed: int = 0) -> list[float] | None:
-    """95% interval of the mean over images, resampling whole groups (patients) with replacement;
-    None for fewer than MIN_GROUPS groups."""
-    keys, g = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-    if len(keys) < MIN_GROUPS:
-        return None
-    sums = np.bincount(g, weights=values, minlength=len(keys))
-    counts = np.bincount(g, minlength=len(keys)).astype(np.float64)
-    draws = np.random.default_rng(seed).integers(0, len(keys), size=(n, len(keys)))
-    means = sums[draws].sum(1) / counts[draws].sum(1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-
-
-def plot_test_results(vis: Path, pictures: tuple, dice: np.ndarray, names: list[str], cfg: Config) -> None:
-    """Random test images, the worst ones, and the Dice histogram."""
-    count = min(cfg.test_samples, len(names))
-    sample = np.random.default_rng(cfg.seed).choice(len(names), size=count, replace=False)
-    for path, which, title in ((vis / "test_samples.png", sample, f"{count} random test images"),
-                               (vis / "worst_predictions.png", np.argsort(dice, kind="stable")[:count],
-                                f"the {count} test images with the lowest Dice")):
-        if count:
-            save_panel(path, tuple(p[which] for p in pictures), title, [f"{names[i]}: Dice {dice[i]:.3f}" for i in which])
-    fig = figure(6, 4)
-    ax = fig.subplots()
-    ax.hist(dice, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
-    ax.axvline(float(dice.mean()), color="tab:red", label=f"mean {dice.mean():.3f}")
-    ax.set(xlabel="Dice per test image", ylabel="images", title="Test Dice per image")
-    ax.legend()
-    save_figure(vis / "test_dice_histogram.png", fig)
-
-
-# -----------------------------------------------------------------------------
-# Cross-validation: one run per fold, one folder for all of them
+CV_RECORD = "cross_validation.json"  # in a cross-validation's folder: K and the settings its folds share
 
 
 def cross_validate(cfg: Config, typed: frozenset = frozenset()) -> dict:
-    """K models, fold k testing on the k-th fold of patients, into OUT_DIR/fold_k (--fold N: that
-    fold alone, into the same place), then their summary once every fold is finished. OUT_DIR records
-    K and the settings, so its folds always share them. With --resume, folds finished with these
-    settings are kept and the others continue or begin."""
-    root = Path(cfg.out_dir)
-    made = not root.exists()
-    cfg = join_cross_validation(cfg, typed)
+    """K models, fold k testing on the k-th fold of patients, each in ROOT/fold_k inside the folder
+    the cross-validation creates (--resume ROOT continues it: finished folds are kept, the others
+    continue or begin; --fold N trains one fold, so that folds can run in parallel). Then, once all
+    K are finished, their summary."""
+    root, cfg, made = cross_validation_folder(cfg, typed)
     try:
-        run_folds(cfg, root, typed)
+        for k in range(1, cfg.folds + 1) if not cfg.fold else [cfg.fold]:
+            fold_dir = root / f"fold_{k}"
+            if fold_results(fold_dir, cfg, k):
+                log(f"fold {k}: finished already, kept")
+                continue
+            log(f"=== fold {k} of {cfg.folds} ===")
+            given = typed - {"out_dir", "resume"}
+            if fold_dir.exists():
+                train(dataclasses.replace(cfg, fold=k, out_dir="", resume=str(fold_dir)), given | {"resume"})
+            else:
+                create_folder(fold_dir, "cross-validation")
+                train(dataclasses.replace(cfg, fold=k, out_dir=str(fold_dir), resume=""), given, made=True)
+    except Interrupted as e:  # the way on is the whole cross-validation's, or this fold's
+        raise Interrupted(f"{e}{f' --fold {cfg.fold}' if cfg.fold else ''}", e.code) from None
     except BaseException:
-        if made:  # a cross-validation that failed before any fold wrote leaves no folder behind
-            remove_if_only_records(root)
+        if made and not any(root.glob("fold_*")):  # it stopped before any fold saved a state
+            discard(root, [CV_RECORD])
         raise
-    return summarize_cross_validation(root, cfg) if process_rank() == 0 else {}
+    return summarize_cross_validation(root, cfg)
 
 
-def run_folds(cfg: Config, root: Path, typed: frozenset) -> None:
-    for k in range(cfg.folds) if cfg.fold < 0 else [cfg.fold]:
-        fold_dir = root / f"fold_{k + 1}"
-        if cfg.resume and fold_results(fold_dir, cfg, k):
-            log(f"fold {k + 1}: finished already, kept")
-            continue
-        resume = str(fold_dir / "last.pth") if cfg.resume and (fold_dir / "last.pth").is_file() else ""
-        log(f"=== fold {k + 1} of {cfg.folds} ===")
-        try:
-            train(dataclasses.replace(cfg, fold=k, out_dir=str(fold_dir), resume=resume),
-                  typed | {"resume"} if resume else typed - {"resume"})
-        except Interrupted as e:  # the way on is the whole cross-validation's, or this fold's
-            raise Interrupted(f"{e}{f' --fold {k}' if cfg.fold >= 0 else ''}", e.code) from None
-
-
-def join_cross_validation(cfg: Config, typed: frozenset) -> Config:
-    """Claim OUT_DIR as a K-fold cross-validation, under its lock: new, or one of the same K and
-    settings (--resume: its own, with the changes a resume allows; --overwrite of all folds: the
-    earlier folds' outputs go first)."""
-    root = Path(cfg.out_dir)
-    claim = claim_folder(root, "cross-validation", ["cv_summary.json"], run_reads(cfg), replace=True)
-    with claim if process_rank() == 0 else contextlib.nullcontext() as out:  # torchrun: the others only read
-        record = out.record if out else read_manifest(root, "cross-validation") if root.is_dir() else {}
-        if record:
-            try:
-                saved = saved_config(record.get("config"))
-            except (UserError, TypeError) as e:
-                raise UserError(f"{root / MANIFEST}: its settings are not a cross-validation's ({e}); choose another "
-                                f"--out-dir") from None
-            if cfg.resume:
-                cfg = dataclasses.replace(resumed_settings(saved, cfg, typed), out_dir=str(root))
-            differ = sorted(k for k in learned_fields() if getattr(saved, k) != getattr(cfg, k)
-                            and not (cfg.resume and field_rule(k, "resumable")))
-            if cfg.resume and (cfg.epochs < saved.epochs or cfg.fold >= 0 and cfg.epochs != saved.epochs):
-                raise UserError(f"{root}: its folds train {saved.epochs} epochs; --resume may add epochs to all "
-                                f"folds together (without --fold), never fewer")
-            if record.get("folds") != cfg.folds or (differ and not (cfg.overwrite and cfg.fold < 0)):
-                raise UserError(f"{root} holds a {record.get('folds')}-fold cross-validation"
-                                + (f" with other settings ({', '.join(option(k) for k in differ)})" if differ else "")
-                                + f": its folds must share them. Continue it with --resume (--folds "
-                                  f"{record.get('folds')}), replace all its folds with --overwrite, or choose another "
-                                  f"--out-dir")
-        if out and cfg.overwrite and cfg.fold < 0:
-            for k in range(record.get("folds") or 0):  # the earlier folds' own files, and no other
-                if (root / f"fold_{k + 1}").is_dir():
-                    with claim_folder(root / f"fold_{k + 1}", "train", [], {}, replace=True) as fold:
-                        fold.begin(replace=True)
-        if out:
-            out.begin(replace=cfg.overwrite and cfg.fold < 0, folds=cfg.folds, config=dataclasses.asdict(cfg))
-    return cfg
+def cross_validation_folder(cfg: Config, typed: frozenset) -> tuple[Path, Config, bool]:
+    """A new cross-validation's folder, with its record; or with --resume ROOT, that folder and the
+    settings its record holds, with the changes a resume allows."""
+    if not cfg.resume:
+        root = new_folder(cfg.out_dir, "outputs", run_name(cfg), "cross-validation")
+        cfg = dataclasses.replace(cfg, out_dir=str(root.resolve()))
+        save_json(root / CV_RECORD, {"folds": cfg.folds, "config": dataclasses.asdict(cfg)})
+        return root, cfg, True
+    root = Path(cfg.resume)
+    if "out_dir" in typed and Path(cfg.out_dir).resolve() != root.resolve():
+        raise UserError(f"--out-dir {cfg.out_dir} and --resume {cfg.resume} name two folders: a cross-validation "
+                        f"continues in its own folder. Leave out --out-dir")
+    try:
+        record = json.loads((root / CV_RECORD).read_text(encoding="utf-8"))
+        saved = saved_config(record["config"], root / CV_RECORD)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{root / CV_RECORD}: missing or not a cross-validation's record; --resume takes the "
+                        f"folder of a run or of a cross-validation") from None
+    resumed = dataclasses.replace(resumed_settings(saved, cfg, typed), out_dir=str(root.resolve()), resume="")
+    if resumed.epochs < saved.epochs or cfg.fold and resumed.epochs != saved.epochs:
+        raise UserError(f"{root}: its folds train {saved.epochs} epochs; --resume may add epochs to all folds "
+                        f"together (without --fold), never fewer")
+    if resumed.fold > resumed.folds:
+        raise UserError(f"--fold {resumed.fold}: {root} has folds 1 to {resumed.folds}")
+    if resumed.epochs != saved.epochs:  # the folds train on together: the record says so before they begin
+        save_json(root / CV_RECORD, {**record, "config": dataclasses.asdict(resumed)})
+    return root, resumed, False
 
 
 def learned_fields() -> list[str]:
@@ -2244,120 +2199,48 @@ def fold_results(fold_dir: Path, cfg: Config, k: int) -> dict | None:
     try:
         metrics = json.loads((fold_dir / "metrics.json").read_text())
         done = len(metrics["history"]["epoch"]) == cfg.epochs
-        assert isinstance(metrics["test"]["dice"], float) and isinstance(metrics["test"]["iou"], float)
-        saved = saved_config(json.loads((fold_dir / "config.json").read_text()))
-    except (OSError, ValueError, KeyError, TypeError, AssertionError, UserError):
-        raise UserError(f"{fold_dir} is damaged; train that fold anew with --overwrite --fold {k}") from None
+        saved = saved_config(json.loads((fold_dir / "config.json").read_text()), fold_dir / "config.json")
+        split = json.loads((fold_dir / "split.json").read_text())
+        if not all(isinstance(metrics["test"][key], float) for key in ("dice", "iou")):
+            raise TypeError("a test score that is not a number")
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        raise UserError(f"{fold_dir} is not a finished fold of this script (damaged or edited); move it out of "
+                        f"{fold_dir.parent} and train that fold again with --resume {fold_dir.parent} --fold {k}") \
+            from None
     differ = [f for f in learned_fields() if f != "epochs" and getattr(saved, f) != getattr(cfg, f)]
     if differ or saved.fold != k:
-        raise UserError(f"{fold_dir} is not fold {k + 1} of this cross-validation (it differs in "
-                        f"{', '.join(option(f) for f in differ or ['fold'])}); train it anew with --overwrite "
-                        f"--fold {k}")
-    return metrics if done else None
+        raise UserError(f"{fold_dir} is not fold {k} of this cross-validation (it differs in "
+                        f"{', '.join(option(f) for f in differ or ['fold'])}); move it out of {fold_dir.parent} and "
+                        f"train that fold again with --resume {fold_dir.parent} --fold {k}")
+    return {**metrics, "split": split} if done else None
 
 
 def summarize_cross_validation(root: Path, cfg: Config) -> dict:
-    """cv_summary.json, once all K folds are finished: the mean and spread of their test Dice."""
-    done = [r for r in (fold_results(root / f"fold_{k + 1}", cfg, k) for k in range(cfg.folds)) if r]
+    """cv_summary.json, once all K folds are finished and their test parts are one partition of the
+    same data: the mean and spread of their test Dice."""
+    done = [r for r in (fold_results(root / f"fold_{k}", cfg, k) for k in range(1, cfg.folds + 1)) if r]
     if len(done) < cfg.folds:
-        log(f"cross-validation: {len(done)} of {cfg.folds} folds finished; the summary waits for the rest")
+        log(f"cross-validation: {len(done)} of {cfg.folds} folds finished; the summary waits for the rest "
+            f"(--resume {root})")
         return {}
-    data = [r.get("data") for r in done]
-    if len(set(data)) > 1:  # folds of one split must test disjoint patients of the same images
-        raise UserError(f"{root}: its folds were trained on different data (content fingerprints "
-                        f"{', '.join(f'fold {k + 1}: {d}' for k, d in enumerate(data))}); train the odd ones anew with "
-                        f"--overwrite --fold N on the data of the others")
+    data = [data_fingerprint(r["split"]) for r in done]
+    tested = [name for r in done for name in r["split"]["test"]]
+    if len(set(data)) > 1 or len(tested) != len(set(tested)) or set(tested) != set(done[0]["split"]["files"]):
+        raise UserError(f"{root}: its folds' test parts are not one partition of the same data (fingerprints "
+                        f"{', '.join(f'fold {k + 1}: {d}' for k, d in enumerate(data))}; {len(tested)} tests of "
+                        f"{len(set(tested))} images, of {len(done[0]['split']['files'])}): the data or the groups "
+                        f"file changed between folds. Train the cross-validation anew on one copy of the data")
     dice = np.array([r["test"]["dice"] for r in done])
     summary = {"folds": cfg.folds, "test_dice_per_fold": dice.tolist(), "test_dice_mean": float(dice.mean()),
                "test_dice_std": float(dice.std(ddof=1)), "test_iou_mean": float(np.mean([r["test"]["iou"] for r in done])),
-               "test_images": int(sum(r["test"]["images"] for r in done))}
+               "test_images": len(tested), "data": data[0]}
     caveats = sorted({r["warning"] for r in done if r.get("warning")})
     if caveats:
         summary["warning"] = "; ".join(caveats)
-    with claim_folder(root, "cross-validation", ["cv_summary.json"], {}, replace=True):
-        save_json(root / "cv_summary.json", summary)
+    save_json(root / "cv_summary.json", summary)
     log(f"cross-validation over {cfg.folds} folds of patients: test Dice {summary['test_dice_mean']:.4f} +- "
-        f"{summary['test_dice_std']:.4f} (mean +- sd over folds); {root / 'cv_summary.json'}")
+        f"{summary['test_dice_std']:.4f} (mean +- sd over folds); {root / 'cv_summary.json'}\nfolder: {root}")
     return summary
-
-
-# -----------------------------------------------------------------------------
-# Writing files whole
-
-
-def atomic_write(path: Path | str, write) -> None:
-    """Write through `write(file)` to a temporary file beside `path` (.NAME.*.tmp), fsync, then rename
-    it over `path`: a crash at any moment leaves either the old file or the new one, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with contextlib.suppress(AttributeError, OSError):  # no fchmod on Windows
-            os.fchmod(fd, 0o666 & ~UMASK)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_folder(path.parent)
-
-
-UMASK = os.umask(0o022)  # read once (reading sets it, so it is put back at once) for mkstemp's private files
-os.umask(UMASK)
-
-
-def fsync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def save_json(path, obj) -> None:
-    """Strict JSON: NaN and infinity, which strict readers reject, become null."""
-    def strict(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: strict(v) for k, v in value.items()}
-        return [strict(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-    text = json.dumps(strict(obj), indent=2, allow_nan=False)
-    atomic_write(path, lambda f: f.write((text + "\n").encode()))
-
-
-def save_csv(path, rows: list[dict]) -> None:
-    """Rows as CSV; the columns are every key that appears, in order of first appearance."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(utf8(buf.getvalue())))
-
-
-def utf8(text: str) -> bytes:
-    """A file name that is not UTF-8 (Python holds its bytes as surrogates) as the bytes it has on disk,
-    in a CSV or a hash, rather than an error after a whole run."""
-    return text.encode("utf-8", "surrogateescape")
-
-
-def save_png(path, image: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", image)
-    if not ok:
-        raise RuntimeError(f"could not encode {path} as PNG")
-    atomic_write(path, lambda f: f.write(buf.tobytes()))
-
-
-def save_figure(path, fig) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 # -----------------------------------------------------------------------------
@@ -2411,7 +2294,7 @@ def choices_of(hint, rules) -> tuple | None:
 def check_batch_fits(cfg: Config, n_train: int) -> None:
     """Batch norm needs two values per channel: at 16x16 the bottleneck is 1x1, so a batch of one fails."""
     if n_train < 1:
-        raise UserError("no training image for each process: add data, or run fewer processes")
+        raise UserError("no training image: add data")
     if min(cfg.batch_size, n_train) * (cfg.image_size // 16) ** 2 < 2:
         raise UserError(f"--image-size {cfg.image_size} with batches of {min(cfg.batch_size, n_train)} image: the "
                         f"bottleneck is 1x1 and batch norm needs 2 values; use --batch-size 2 or more (and at least 2 "
@@ -2454,6 +2337,8 @@ def config_from_args(argv: list[str]) -> tuple[Config, frozenset]:
                             f"field of Config (edited at the top of {Path(__file__).name}?)")
     values = {**(DEMO_DEFAULTS if typed.get("demo", Config.demo) else {}),
               **(SEED_RECIPE if typed.get("recipe", Config.recipe) == "seed" else {}), **typed}
+    if values.get("groups"):  # saved absolute, so that a run resumes from any working folder
+        values["groups"] = str(Path(values["groups"]).resolve())
     if values.get("folds") and {"val_fraction", "test_fraction"} & set(typed):
         raise UserError("--val-fraction and --test-fraction size the single split; with --folds K, test and "
                         "validation are a K-th of the patients each: drop them")
@@ -2472,51 +2357,45 @@ def is_out_of_memory(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "not enough memory" in str(e)))
 
 
-def write_failure(e: OSError) -> str:
+def write_failure(e: OSError, program: str) -> str:
     """One sentence for an output that could not be written (reads became warnings or UserError)."""
     where = e.filename or "an output file"
-    if e.errno == errno.ENOSPC:
-        return (f"the disk is full (writing {where}). Files are written whole or not at all, so the earlier versions "
-                f"are intact; free some space and run again (--resume continues a training run)")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        way = " (--resume continues a training run from its last.pth)" if program == "training" else ""
+        cause = "the disk is full" if e.errno != errno.EFBIG else "the file is larger than this system allows"
+        return (f"{cause} (writing {where}). Files are written whole or not at all, so the earlier versions are "
+                f"intact; free some space and run again{way}")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"no permission to write {where}; choose another output folder (--out-dir, or --out)"
-    if e.errno in (errno.ENOTDIR, errno.EEXIST):
-        return f"cannot create the folder {where}: a file stands where a folder of that path should be; choose another"
+        return f"no permission to write {where}; choose another output folder"
     return f"cannot write {where}: {e.strerror or e}"
 
 
-def run_cli(entry, oom_hint=lambda: "a smaller --batch-size or --eval-batch-size") -> int:
+def run_cli(entry, program: str, oom_hint=lambda: "a smaller --batch-size or --eval-batch-size") -> int:
     """Run one entry point (training, predict, compare) as a command: every failure the user can act
-    on is one sentence on stderr with exit code 1. Under torchrun the first process prints what all
-    agreed on (UserError); a process prints its own write or memory failure itself."""
+    on is one sentence on stderr with exit code 1."""
     for stream in (sys.stdout, sys.stderr):  # a file name the terminal cannot show must not fail the run
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
     with contextlib.suppress(ValueError):  # before and after training, SIGTERM stops as Ctrl-C does: cleanly
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-    code, message, own = 1, None, False
+    code = 1
     try:
         entry()
         return 0
     except Interrupted as e:
         code, message = e.code, str(e)
     except KeyboardInterrupt:
-        code, message = 130, ("aborted (Ctrl-C or SIGTERM) outside the training loop; files are written whole, so "
-                              "nothing is half-written: a run that had saved last.pth continues with the same command "
-                              "and --resume")
+        way = "; a run that had saved last.pth continues with --resume RUN_FOLDER" if program == "training" else ""
+        code, message = 130, f"aborted (Ctrl-C or SIGTERM); files are written whole, so nothing is half-written{way}"
     except UserError as e:
         message = f"error: {e}"
     except OSError as e:
-        message, own = f"error: {write_failure(e)}", True
+        message = f"error: {write_failure(e, program)}"
     except Exception as e:
         if not is_out_of_memory(e):
             raise
-        message, own = f"error: out of memory ({first_line(e)}). Try {oom_hint()}, or close other programs", True
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if process_rank() == 0 or own:
-        print(message, file=sys.stderr, flush=True)
+        message = f"error: out of memory ({first_line(e)}). Try {oom_hint()}, or close other programs"
+    print(message, file=sys.stderr, flush=True)
     return code
 
 
@@ -2524,32 +2403,29 @@ def run_tool(kind, entry, description: str, prog: str, argv: list[str] | None) -
     """predict.py's and compare.py's command line: their settings dataclass, parsed and checked as
     training's are, then the tool itself under run_cli."""
     parser = build_parser(kind, description, prog=prog)
-    return run_cli(lambda: entry(kind(**vars(parser.parse_args(sys.argv[1:] if argv is None else argv)))))
+    return run_cli(lambda: entry(kind(**vars(parser.parse_args(sys.argv[1:] if argv is None else argv)))), prog)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["predict"], ["compare"]):  # the older spelling, `brain_tumor_segmentation.py predict ...`
-        import importlib
-        try:
-            tool = importlib.import_module(argv[0])
-        except ImportError:
-            print(f"error: {argv[0]}.py is not beside {Path(__file__).name}; it comes with the project", file=sys.stderr)
-            return 1
-        return tool.main(argv[1:])
     state = {}
 
     def entry():
         cfg, typed = config_from_args(argv)
         state["cfg"] = cfg
-        cross_validate(cfg, typed) if cfg.folds else train(cfg, typed)
+        cv = cfg.folds or (cfg.resume and (Path(cfg.resume) / CV_RECORD).is_file())
+        cross_validate(cfg, typed) if cv else train(cfg, typed)
 
     def oom_hint():
-        cfg = state.get("cfg", Config())
-        fixed = " (a resumed run keeps its batch size: start anew with --overwrite for a smaller one)" if cfg.resume else ""
+        cfg, fixed = state.get("cfg", Config()), ""
+        if cfg.resume:  # a resumed run keeps its own batch size
+            fixed = " (a resumed run keeps its batch size: start a new run for a smaller one)"
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                folder = Path(cfg.resume) if Path(cfg.resume).is_dir() else Path(cfg.resume).parent
+                cfg = dataclasses.replace(cfg, batch_size=json.loads((folder / "config.json").read_text())["batch_size"])
         return f"--batch-size {max(1, cfg.batch_size // 2)}{fixed}"
 
-    return run_cli(entry, oom_hint)
+    return run_cli(entry, "training", oom_hint)
 
 
 if __name__ == "__main__":

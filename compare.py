@@ -2,24 +2,29 @@
 """Did my change help? Compare finished runs of brain_tumor_segmentation.py.
 
     python compare.py outputs/a-seed1 outputs/a-seed2 outputs/b-seed1 outputs/b-seed2
-    python compare.py "outputs/*" --out outputs/comparison
+    python compare.py "outputs/*"        # every finished run and cross-validation there
 
 Runs are grouped into settings: runs that differ only in --seed (and in fields that do not change
-what a run learns) are one setting, shown as the mean and spread over its seeds. When all runs were
-tested on the same images, each setting is compared with the first by the difference of their mean
-test Dice, with a 95% interval that resamples test patients (the same draw for both settings:
-paired) and each setting's seeds, so that training noise and test-set noise both count; "better",
-"worse" or "cannot tell" follows from it. Runs tested on different images are compared only by
-their own intervals. Writes OUT/comparison.png, OUT/comparison.csv (one row per run) and
-OUT/differences.csv.
+what a run learns) are one setting, shown as the mean and spread over its seeds; runs on other data
+or at another precision are other settings. A run's test Dice is the mean over its test images (a
+cross-validation's: over all its folds' test images, each tested once), and its interval resamples
+test patients. When all runs were tested on the same images, each setting is compared with the first
+by the difference of those means, with a 95% interval that resamples test patients (the same draw
+for both settings: paired) and each setting's seeds, so that training noise and test-set noise both
+count; "better", "worse" or "cannot tell" follows from it. Runs tested on different images are
+compared only by their own intervals. Writes comparison.png, comparison.csv (one row per run) and
+differences.csv into a new folder (--out, or comparisons/DATE-TIME).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import glob
+import hashlib
 import json
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import brain_tumor_segmentation as bts  # noqa: E402
 from brain_tumor_segmentation import UserError, setting  # noqa: E402
 
-OUTPUTS = ["comparison.png", "comparison.csv", "differences.csv"]
-
-
 @dataclass
 class CompareConfig:
     runs: list[str] = setting([], "output folders of finished runs or cross-validations (a quoted glob works)",
                               positional=True, metavar="RUN_DIR")
-    out: str = setting("outputs/comparison", "folder for comparison.png, comparison.csv and differences.csv")
+    out: str = setting("", "the folder to create for comparison.png, comparison.csv and differences.csv (it must not "
+                           "exist); default: a new comparisons/DATE-TIME")
 
     def __post_init__(self):
         bts.check_fields(self)
@@ -56,48 +59,58 @@ def compare(cfg: CompareConfig) -> dict:
                             f"would look like two seeds; give each run once")
     settings = group_settings(runs, names)
     differences = paired_differences(settings)
-    reads = {r["folder"]: (f"the run folder {r['folder']}", True) for r in runs}
-    with bts.claim_folder(Path(cfg.out), "compare", OUTPUTS, reads, replace=True) as out:
-        out.begin()
-        note = print_table(runs, labels, settings, differences)
+    note = print_table(runs, labels, settings, differences)
+    out = bts.new_folder(cfg.out, "comparisons", "compare", "compare")
+    try:
         bts.save_csv(out / "comparison.csv", [run_row(r, label) for r, label in zip(runs, labels)])
         bts.save_csv(out / "differences.csv", differences or [{"note": note}])
         plot_comparison(out / "comparison.png", runs, labels, settings, differences)
+    except BaseException:
+        bts.discard(out, ["comparison.csv", "differences.csv", "comparison.png"])
+        raise
     bts.log(f"written: {out / 'comparison.png'}, comparison.csv, differences.csv")
     return {"runs": runs, "settings": settings, "differences": differences}
 
 
 def run_folders(patterns: list[str]) -> list[Path]:
-    """The folders named; a glob (quoted, so the shell left it) names the runs and cross-validations it
-    matches, and leaves out everything else (a compare's or predict's folder, plots, files)."""
+    """The folders named; a glob (quoted, so the shell left it) takes the finished runs and
+    cross-validations it matches, and skips everything else with a warning naming it."""
     folders = []
     for pattern in patterns:
-        if glob.has_magic(pattern):
-            folders += [Path(p) for p in sorted(glob.glob(pattern)) if program_of(Path(p)) in RUNS]
-        else:
+        if not glob.has_magic(pattern):
             folders.append(Path(pattern))
+            continue
+        for path in map(Path, sorted(glob.glob(pattern))):
+            kind = kind_of(path)
+            if kind in ("run", "cross-validation"):
+                folders.append(path)
+            else:
+                bts.warn(f"{path}: skipped, {kind or 'not a run folder'}")
     return folders
 
 
-RUNS = ("train", "cross-validation")
-
-
-def program_of(folder: Path) -> str | None:
-    """Which program's record a folder holds (None: none, or not one of this script's)."""
-    try:
-        return json.loads((folder / bts.MANIFEST).read_text(encoding="utf-8")).get("program")
-    except (OSError, ValueError, AttributeError):
-        return None
+def kind_of(folder: Path) -> str | None:
+    """What a folder holds: a finished "run", a "cross-validation", an unfinished run, or None."""
+    if (folder / bts.CV_RECORD).is_file():
+        with contextlib.suppress(UserError):
+            k = read_json(folder / bts.CV_RECORD, ("folds",))["folds"]
+            if isinstance(k, int) and all(bts.is_finished(folder / f"fold_{i + 1}") for i in range(k)):
+                return "cross-validation"
+        return "an unfinished cross-validation (a fold without metrics.json)"
+    if (folder / "config.json").is_file():
+        return "run" if bts.is_finished(folder) else "an unfinished run (no metrics.json yet)"
+    return None
 
 
 def read_json(path: Path, keys: tuple) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-        assert isinstance(value, dict) and all(k in value for k in keys)
-        return value
-    except (OSError, ValueError, AssertionError):
+    except (OSError, ValueError):
+        value = None
+    if not isinstance(value, dict) or not all(k in value for k in keys):
         raise UserError(f"{path}: missing or not what a finished run writes; compare reads only finished runs "
-                        f"of this script") from None
+                        f"of this script")
+    return value
 
 
 def read_fold(folder: Path, whole: bool = False) -> dict:
@@ -106,16 +119,14 @@ def read_fold(folder: Path, whole: bool = False) -> dict:
     if not bts.is_finished(folder):
         raise UserError(f"{folder}: not a finished run (no metrics.json, nor a cross-validation's record)")
     metrics = read_json(folder / "metrics.json", ("test", "history", "best_val_dice", "test_split"))
-    try:  # as the trainer reads a saved configuration: fields it predates get the values that kept their behaviour
-        config = dataclasses.asdict(bts.saved_config(read_json(folder / "config.json", ("seed",))))
-    except (UserError, TypeError) as e:
-        raise UserError(f"{folder / 'config.json'}: not a configuration this script wrote ({e})") from None
+    # as the trainer reads a saved configuration: fields it predates get the values that kept their behaviour
+    config = dataclasses.asdict(bts.saved_config(read_json(folder / "config.json", ("seed",)), folder / "config.json"))
     try:
         with open(folder / "test_per_image.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
             rows = list(csv.DictReader(f))
         per_image = {r["image"]: float(r["dice"]) for r in rows}
         groups = {r["image"]: r["patient"] for r in rows}
-        history = {k: [float(v) for v in metrics["history"][k]] for k in ("val_dice", "val_loss", "train_loss")}
+        history = {k: [float(v) for v in metrics["history"][k]] for k in ("val_dice", "val_loss", "train_loss", "lr")}
         dice, interval = float(metrics["test"]["dice"]), metrics["test"]["dice_ci95"]
         interval = [float(v) for v in interval] if interval is not None else None
         best_val_dice = float(metrics["best_val_dice"])
@@ -130,59 +141,65 @@ def read_fold(folder: Path, whole: bool = False) -> dict:
                         f"cross-validation whole: give its folder ({folder.parent})")
     return {"folder": folder, "config": config, "dice": dice, "interval": interval, "history": history,
             "best_val_dice": best_val_dice, "test_split": str(metrics["test_split"]), "per_image": per_image,
-            "groups": groups, "data": str(metrics.get("data"))}
+            "groups": groups, "data": str(metrics.get("data")),
+            "precision": "/".join(dict.fromkeys(map(str, metrics["history"].get("precision", [])))) or "unknown"}
 
 
 def read_run(folder: Path) -> dict:
-    """A finished run, or a finished cross-validation as one run: its folds' mean Dice with their
-    spread, and their test images together (the folds test disjoint patients)."""
-    if program_of(folder) != "cross-validation":
+    """A finished run, or a finished cross-validation as one run: its test images together (the folds
+    test disjoint patients, each image once), scored as a single run's are."""
+    if not (folder / bts.CV_RECORD).is_file():
         return {**read_fold(folder), "folds": 0}
-    record = bts.read_manifest(folder, "cross-validation")
-    k = record.get("folds")
+    record = read_json(folder / bts.CV_RECORD, ("folds",))
+    k = record["folds"]
     folds = [folder / f"fold_{i + 1}" for i in range(k if isinstance(k, int) else 0)]
     unfinished = [f.name for f in folds if not bts.is_finished(f)]
     if not folds or unfinished:
         raise UserError(f"{folder}: a {k}-fold cross-validation with {len(unfinished)} folds unfinished "
                         f"({', '.join(unfinished)}); compare reads it once every fold is finished")
     parts = [read_fold(f, whole=True) for f in folds]
-    if len({(p["data"], str(learned_settings({**p, "test_split": ""}))) for p in parts}) > 1 or \
-            parts[0]["config"]["folds"] != k:
-        raise UserError(f"{folder}: its folds were trained on different data or settings, so they are not one "
-                        f"cross-validation; train the odd folds anew (--overwrite --fold N) before comparing it")
-    dice = np.array([p["dice"] for p in parts])
+    tested = [image for p in parts for image in p["per_image"]]
+    if len({(p["data"], p["precision"], str(learned_settings({**p, "test_split": ""}))) for p in parts}) > 1 or \
+            parts[0]["config"]["folds"] != k or len(tested) != len(set(tested)):
+        raise UserError(f"{folder}: its folds were trained on different data or settings, or test the same images, "
+                        f"so they are not one cross-validation; train it anew before comparing it")
+    per_image = {image: dice for p in parts for image, dice in p["per_image"].items()}
+    groups = {image: group for p in parts for image, group in p["groups"].items()}
+    values = np.array(list(per_image.values()))
     epochs = min(len(p["history"]["val_dice"]) for p in parts)
-    return {"folder": folder, "config": parts[0]["config"], "dice": float(dice.mean()), "folds": k,
-            "interval": [float(dice.mean() - dice.std(ddof=1)), float(dice.mean() + dice.std(ddof=1))],
+    return {**parts[0], "folder": folder, "dice": float(values.mean()), "folds": k,
+            "interval": bts.bootstrap_interval(values, [groups[i] for i in per_image]),
             "history": {key: np.mean([p["history"][key][:epochs] for p in parts], axis=0).tolist()
                         for key in parts[0]["history"]},
             "best_val_dice": float(np.mean([p["best_val_dice"] for p in parts])),
-            "test_split": ",".join(p["test_split"] for p in parts),
-            "per_image": {k: v for p in parts for k, v in p["per_image"].items()},
-            "groups": {k: v for p in parts for k, v in p["groups"].items()}}
+            "test_split": ",".join(p["test_split"] for p in parts), "per_image": per_image, "groups": groups}
 
 
 def learned_settings(run: dict) -> dict:
     """What makes runs one setting: the fields that change what a run learns, but the training seed
-    and the groups file's name (its content is in the split), and the test images they were tested on."""
+    and the groups file's name; the data (with the groups file's content) and the precision it was
+    trained at; the learning rate it actually had at each epoch's end (a run resumed with other
+    --epochs had another schedule); and the test images it was tested on."""
     fields = set(bts.learned_fields()) - {"seed", "groups"}
-    return {**{k: v for k, v in sorted(run["config"].items()) if k in fields}, "test_split": run["test_split"]}
+    return {**{k: v for k, v in sorted(run["config"].items()) if k in fields}, "data": run["data"],
+            "precision": run["precision"], "schedule": "/".join(f"{lr:.6g}" for lr in run["history"]["lr"]),
+            "test_split": run["test_split"]}
 
 
 def run_labels(runs: list[dict]) -> tuple[list[str], list[str]]:
-    """Each run's setting named by the fields in which the runs' settings differ, and each run by its
-    setting, its seed where the setting has several, and its folder where that is still not enough."""
+    """Each setting named by the fields in which the runs' settings differ (long values by a short
+    hash), and each run by its folder's name and its setting."""
     settings = [learned_settings(r) for r in runs]
-    keys = sorted({k for s in settings for o in settings for k in s if s.get(k) != o.get(k)} - {"test_split"})
-    named = [", ".join(f"{k}={s.get(k)}" for k in keys) for s in settings]
-    # The test images are named only where they alone tell two settings apart.
-    setting = [n + (f"{', ' if n else ''}test images {s['test_split'][:8]}" if len({str(o) for o, m in zip(
-               settings, named) if m == n}) > 1 else "") for n, s in zip(named, settings)]
-    labels = [", ".join(filter(None, [s, f"seed={r['config'].get('seed')}" if setting.count(s) > 1 else ""]))
-              for s, r in zip(setting, runs)]
-    labels = [f"{label} ({r['folder'].name})".lstrip() if not label or labels.count(label) > 1 else label
-              for label, r in zip(labels, runs)]
-    return labels, [s or "the runs" for s in setting]
+    keys = sorted({k for s in settings for o in settings for k in s if s.get(k) != o.get(k)})
+    shown = [", ".join(f"{k}={short(s.get(k))}" for k in keys) for s in settings]
+    labels = [f"{r['folder'].name} ({n})" if n else r["folder"].name for r, n in zip(runs, shown)]
+    return labels, [n or "the runs" for n in shown]
+
+
+def short(value) -> str:
+    """A value as a label shows it: long ones (a schedule, fingerprints) by a hash of 8 characters."""
+    text = str(value)
+    return text if len(text) <= 16 else hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def group_settings(runs: list[dict], names: list[str]) -> list[dict]:
@@ -240,8 +257,8 @@ def print_table(runs, labels, settings, differences) -> str:
     width = max(len(label) for label in labels + [s["label"] for s in settings])
     bts.log(f"{'run':{width}s}  best val Dice  test Dice  interval")
     for r, label in zip(runs, labels):
-        spread = "mean +- sd over folds" if r["folds"] else "95% over patients"
-        interval = f"{r['interval'][0]:.4f}-{r['interval'][1]:.4f} ({spread})" if r["interval"] else "none (too few)"
+        interval = f"{r['interval'][0]:.4f}-{r['interval'][1]:.4f} (95% over patients)" if r["interval"] else \
+            "none (too few patients)"
         bts.log(f"{label:{width}s}  {r['best_val_dice']:13.4f}  {r['dice']:9.4f}  {interval}")
     if any(s["seeds"] > 1 for s in settings):
         bts.log(f"\n{'setting':{width}s}  seeds  mean test Dice  sd over seeds")
@@ -260,7 +277,7 @@ def print_table(runs, labels, settings, differences) -> str:
                                                      (setting_of[id(b)], setting_of[id(a)])} & compared:
             continue
         bts.log(f"{labels[i]} vs {labels[j]}: tested on different splits (other test images), so no paired difference")
-        if a["interval"] and b["interval"] and not (a["folds"] or b["folds"]) and \
+        if a["interval"] and b["interval"] and \
                 a["interval"][0] <= b["interval"][1] and b["interval"][0] <= a["interval"][1]:
             bts.log(f"{labels[i]} vs {labels[j]}: the intervals overlap, so these test sets cannot tell them apart")
     return ("one setting: nothing to compare it with (its seeds' spread is in comparison.csv)" if len(settings) == 1
@@ -275,35 +292,35 @@ def run_row(r: dict, label: str) -> dict:
 
 
 def plot_comparison(path: Path, runs, labels, settings, differences) -> None:
-    fig = bts.figure(17, 4.5)
+    """Validation curves, each run's test Dice with its interval, and the paired differences; the
+    figure grows with the number of runs, and long labels wrap."""
+    wrap = lambda text: textwrap.fill(text, 45)  # noqa: E731
+    fig = bts.figure(18, max(4.5, 1.5 + 0.45 * max(len(runs), len(differences))))
     ax1, ax2, ax3 = fig.subplots(1, 3)
-    colours = {id(r): f"C{i}" for i, s in enumerate(settings) for r in s["runs"]}
-    for i, (r, label) in enumerate(zip(runs, labels)):
+    colours = {id(r): f"C{i % 10}" for i, s in enumerate(settings) for r in s["runs"]}
+    for i, r in enumerate(runs):
         curve = r["history"]["val_dice"]
-        ax1.plot(np.arange(1, len(curve) + 1), curve, "o-", color=colours[id(r)], label=label, markersize=3)
+        ax1.plot(np.arange(1, len(curve) + 1), curve, "o-", color=colours[id(r)], markersize=3)
         if r["interval"]:
             ax2.errorbar([r["dice"]], [i], xerr=[[r["dice"] - r["interval"][0]], [r["interval"][1] - r["dice"]]],
                          fmt="o", capsize=5, color=colours[id(r)])
         else:
             ax2.plot([r["dice"]], [i], "o", color=colours[id(r)])
-    ax1.set(xlabel="epoch", ylabel="Dice", title="Validation Dice")
-    ax1.legend(fontsize=7)
-    ax2.set_yticks(np.arange(len(runs)), labels, fontsize=8)
-    ax2.set(ylim=(len(runs) - 0.5, -0.5), xlabel="test Dice",
-            title="Each run's test Dice: 95% interval over patients\n(cross-validation: mean +- sd over folds)")
+    ax1.set(xlabel="epoch", ylabel="Dice", title="Validation Dice (colours as on the right)")
+    ax2.set_yticks(np.arange(len(runs)), [wrap(label) for label in labels], fontsize=7)
+    ax2.set(ylim=(len(runs) - 0.5, -0.5), xlabel="test Dice", title="Each run's test Dice: 95% interval over patients")
     for i, d in enumerate(differences):
         ax3.errorbar([d["difference"]], [i], xerr=[[d["difference"] - d["low"]], [d["high"] - d["difference"]]],
-                     fmt="o", capsize=5, color=f"C{i + 1}")
+                     fmt="o", capsize=5, color=f"C{(i + 1) % 10}")
         ax3.annotate(d["verdict"], (d["difference"], i), xytext=(0, 8), textcoords="offset points", ha="center",
                      fontsize=8)
     ax3.axvline(0, color="gray", lw=1)
-    ax3.set_yticks(np.arange(len(differences)), [d["setting"] for d in differences], fontsize=8)
-    ax3.set(ylim=(max(len(differences), 1) - 0.5, -0.5), xlabel=f"mean test Dice minus {settings[0]['label']}",
+    ax3.set_yticks(np.arange(len(differences)), [wrap(d["setting"]) for d in differences], fontsize=7)
+    ax3.set(ylim=(max(len(differences), 1) - 0.5, -0.5), xlabel=wrap(f"mean test Dice minus {settings[0]['label']}"),
             title="Difference to the first setting, 95% interval\n(paired over test patients, seeds resampled)"
             if differences else "No paired difference: the runs were tested\non different images")
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
     bts.save_figure(path, fig)
 
 

@@ -1,20 +1,19 @@
 #!/usr/bin/env python3
 """Segment MRI slices with a model trained by brain_tumor_segmentation.py.
 
-    python predict.py --model outputs/model.pth scan1.png scans/ --out predictions
-    python predict.py --model outputs/model.pth scans/ --masks truth/ --out predictions   # also scores
+    python predict.py --model outputs/RUN scan1.png scans/                # masks, overlays, predictions.csv
+    python predict.py --model outputs/RUN scans/ --masks truth/           # also scores each scan
+    python predict.py --model outputs/RUN patients/ --recursive            # a folder per patient
 
-For each input image it writes OUT/masks/NAME.png (0/255, at the input's size), OUT/overlays/NAME.png
-(the scan with the tumour tinted red, outlined in yellow) and one row of OUT/predictions.csv. The
-preprocessing, the image size, the threshold and the mirror averaging are the trainer's own (from
-its code and the checkpoint), and so is the scoring against --masks.
+It writes into a new folder it creates (--out, or predictions/DATE-TIME-RUN): for each input image
+masks/NAME.png (0/255, at the input's size), overlays/NAME.png (the scan with the predicted tumour in
+red and, with --masks, the true one in green) and one row of predictions.csv. The preprocessing, the
+image size, the threshold, the post-processing, the mirror averaging and the precision are the
+run's own (from the trainer's code and the checkpoint), and so is the scoring against --masks.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,113 +28,124 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import brain_tumor_segmentation as bts  # noqa: E402
 from brain_tumor_segmentation import UserError, setting, training_setting  # noqa: E402
 
-STAGE = "predict-staging"  # outputs are written into OUT/.predict-staging.*.tmp, then moved into place
-
 
 @dataclass
 class PredictConfig:
     inputs: list[str] = setting([], "image files and/or folders of images", positional=True, metavar="INPUT")
-    model: str = setting("outputs/model.pth", "checkpoint written by training (model.pth: the best epoch)")
-    out: str = setting("predictions", "output folder")
+    model: str = setting("", "a finished run's folder (its model.pth: the best epoch), or a checkpoint file")
+    out: str = setting("", "the folder to create for the outputs (it must not exist); default: a new "
+                           "predictions/DATE-TIME-RUN")
     masks: str = setting("", "folder of true masks (same file names): score each prediction on every metric")
+    recursive: bool = setting(False, "also read the subfolders of input folders (and of --masks); outputs keep "
+                                     "their relative paths")
     eval_batch_size: int = training_setting("eval_batch_size", aliases=("--batch-size",))
     device: str = training_setting("device")
-    amp: Literal["auto", "bf16", "fp16", "off"] = training_setting("amp")
-    overwrite: bool = setting(False, "replace the outputs of an earlier prediction in OUT (never other files)")
+    amp: Literal["run", "bf16", "fp16", "off"] = setting(
+        "run", "precision; run: the one the run was tested at (float32 where this device lacks it)")
 
     def __post_init__(self):
         bts.check_fields(self)
+        if not self.model:
+            raise UserError("--model: name a finished run's folder (or its model.pth)")
 
 
 def predict(cfg: PredictConfig) -> list[dict]:
-    """Segment every input image: a mask at its own size, an overlay and a CSV row each (with scores
-    when --masks has its mask). Everything is written into a hidden staging folder inside OUT and
-    renamed into place, file by file, only once all of it is written: a failure while writing (a
-    full disk) leaves the earlier outputs as they were and no partial ones."""
+    """Segment every input image into a new folder: a mask at its own size, an overlay and a CSV row
+    each (with scores when --masks has its mask). A failure leaves no partial folder behind."""
     bts.RUN_WARNINGS.clear()
-    state = bts.load_checkpoint(cfg.model)
+    model_path = Path(cfg.model) / "model.pth" if Path(cfg.model).is_dir() else Path(cfg.model)
+    state = bts.load_checkpoint(model_path)
     if state.get("optimizer") is not None:  # a resumable state: last.pth
-        bts.warn(f"{cfg.model} is the latest training state (epoch {state['epoch']}), not the best model: it predicts "
+        bts.warn(f"{model_path} is the latest training state (epoch {state['epoch']}), not the best model: it predicts "
                  f"with the untuned threshold {state['threshold']:.2f}; model.pth beside it holds the best epoch and "
                  f"the threshold chosen on validation")
-    files = collect_inputs(cfg.inputs)
-    truth = bts.list_images(Path(cfg.masks)) if cfg.masks else {}
-    if cfg.masks and not truth:
-        raise UserError(f"{cfg.masks}: no masks found (PNG, JPEG, TIFF or BMP)")
-    reads = {f.parent: (f"the folder of the input {f}", False) for f in files.values()}
-    reads.update({Path(i): (f"the input folder {i}", True) for i in cfg.inputs if Path(i).is_dir()})
-    if cfg.masks:
-        reads[Path(cfg.masks)] = (f"the --masks folder {cfg.masks}", True)
-    if (Path(cfg.model).parent / bts.MANIFEST).is_file():  # a training run's folder, not a model.pth copied anywhere
-        reads[Path(cfg.model).parent] = (f"the run folder of {cfg.model}", True)
-    targets = [STAGE, "predictions.csv", *(f"{sub}/{name}.png" for name in files for sub in ("masks", "overlays"))]
+    if state["config"].get("demo"):
+        bts.warn(f"{model_path} was trained on --demo's synthetic slices: its masks of real scans mean nothing")
+    files = collect_inputs(cfg.inputs, cfg.recursive)
+    truth = collect_inputs([cfg.masks], cfg.recursive, quiet=True) if cfg.masks else {}
     device = bts.pick_device(cfg.device)
-    machine = bts.Machine(device, bts.precision(cfg.amp, device)[0])
-    model = bts.model_from_checkpoint(state, cfg.model, device)
-    size, threshold = state["config"]["image_size"], float(state["threshold"])
-    flip = bool(state["config"].get("tta", bts.BEFORE_FIELD_EXISTED["tta"]))
-    inputs = tuple(p.resolve() for p in [*files.values(), *truth.values(), Path(cfg.model)])
-    t0 = time.time()
-    with bts.claim_folder(Path(cfg.out), "predict", targets, reads, cfg.overwrite, earlier_prediction, inputs) as out:
-        out.begin()
-        stage = Path(tempfile.mkdtemp(prefix=f".{STAGE}.", suffix=".tmp", dir=out.folder))
-        try:
-            rows = segment(model, machine, files, (size, threshold, flip), truth, cfg, stage)
-            if not rows:
-                raise UserError("none of the inputs could be read; nothing was written")
-            written = move_into_place(stage, out.folder)
-            out.settle(written, prune=cfg.overwrite)  # --overwrite: the earlier prediction's other outputs go
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
+    machine = bts.Machine(device, run_precision(state, cfg.amp, device))
+    model = bts.model_from_checkpoint(state, model_path, device)
+    out = bts.new_folder(cfg.out, "predictions", model_path.resolve().parent.name, "predict")
+    t0, written = time.time(), []
+    try:
+        rows = segment(model, machine, files, state, truth, cfg, out, written)
+        if not rows:
+            raise UserError("none of the inputs could be read; nothing was written")
+        bts.save_csv(out / "predictions.csv", rows)
+    except BaseException:
+        bts.discard(out, [*written, "predictions.csv"])
+        raise
     seconds = time.time() - t0
     skipped = len(files) - len(rows)
-    bts.log(f"{len(rows)} images segmented in {seconds:.2f} s ({seconds / len(rows):.3f} s each) on {device}"
-            + (f", {skipped} unreadable skipped" if skipped else "") + f"; masks, overlays and predictions.csv in "
-            f"{cfg.out}/")
+    bts.log(f"{len(rows)} images segmented in {seconds:.2f} s ({seconds / len(rows):.3f} s each) on {device}, "
+            f"{bts.precision_name(machine)}" + (f", {skipped} unreadable skipped" if skipped else "")
+            + f"; masks, overlays and predictions.csv in {out}/")
     scored = [r for r in rows if "dice" in r]
-    report_scores(scored, size)
+    report_scores(scored)
     if cfg.masks and len(scored) < len(rows):
         bts.warn(f"{len(rows) - len(scored)} of the {len(rows)} segmented scans are not scored: their mask is missing "
                  f"from {cfg.masks}, unreadable, or of another size (warned above)")
     return rows
 
 
-def earlier_prediction(out: Path, found: list[Path]) -> str:
-    return (f"{out}: {len(found)} outputs of an earlier prediction exist already (for example {found[0]}); pass "
-            f"--overwrite to replace them, or choose another --out")
+def run_precision(state: dict, amp: str, device: torch.device):
+    """--amp run: the precision the run was tested at, so that predict --masks on the test images
+    gives the test's Dice; else the precision named."""
+    if amp != "run":
+        return bts.precision(amp, device)[0]
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(state.get("precision", "float32"))
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return None
+    return dtype
 
 
-def collect_inputs(inputs: list[str]) -> dict[str, Path]:
-    """Image files named directly or found in the named folders (not recursive), by name: outputs are
-    named after the file, so a second file of the same name is skipped."""
-    files = []
+NOT_2D = {".nii": "a NIfTI volume", ".gz": "a compressed NIfTI volume", ".dcm": "a DICOM file",
+          ".mha": "a MetaImage volume", ".nrrd": "an NRRD volume"}
+
+
+def collect_inputs(inputs: list[str], recursive: bool = False, quiet: bool = False) -> dict[str, Path]:
+    """Image files named directly or found in the named folders (and their subfolders with
+    `recursive`), by name: a file's name without its extension, with its folder relative to the
+    folder named, so that outputs keep the layout and equal names in two subfolders never collide.
+    A second file of the same name is skipped."""
+    found = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(bts.list_images(path).values(), key=lambda p: bts.name_order(p.stem))
+            folders = [path, *sorted(p for p in path.rglob("*") if p.is_dir())] if recursive else [path]
+            found += [(f, f.parent.relative_to(path)) for folder in folders for f in sorted(
+                bts.list_images(folder).values(), key=lambda p: bts.name_order(p.stem))]
         elif path.is_file():
-            files.append(path)
+            found.append((path, Path()))
         else:
             raise UserError(f"{path}: no such file or folder")
+    volumes = [f for item in inputs for f in ([Path(item)] if Path(item).is_file() else Path(item).glob(
+        "**/*" if recursive else "*")) if f.suffix.lower() in NOT_2D and not f.name.startswith(".")]
+    if volumes:
+        raise UserError(f"{volumes[0]}: {NOT_2D[volumes[0].suffix.lower()]}, which predict.py does not read: it reads "
+                        f"2D images (PNG, JPEG, TIFF, BMP); save the slices as PNG first")
     unique: dict[str, Path] = {}
-    for f in files:
-        name = bts.image_name(f.name)
+    for f, folder in found:
+        name = (folder / bts.image_name(f.name)).as_posix()
         if name in unique:
             bts.warn(f"{f}: same name as {unique[name]}, and outputs are named after the file; skipped")
         else:
             unique[name] = f
     if not unique:
-        raise UserError(f"no images (PNG, JPEG, TIFF or BMP) in {', '.join(inputs)}")
+        raise UserError(f"{', '.join(inputs)}: no {'masks' if quiet else 'images'} found (PNG, JPEG, TIFF or BMP)")
     return unique
 
 
-def segment(model, machine, files: dict, how: tuple, truth: dict, cfg: PredictConfig, stage: Path) -> list:
-    """Masks, overlays and CSV rows of the readable files (name -> path), written into `stage`; `how`
-    is the checkpoint's (image size, threshold, mirror averaging)."""
-    size, threshold, flip = how
+def segment(model, machine, files: dict, state: dict, truth: dict, cfg: PredictConfig, out: Path,
+            written: list) -> list:
+    """Masks, overlays and CSV rows of the readable files (name -> path), written into `out` (each
+    written file's name appended to `written`); the image size, threshold, post-processing and mirror
+    averaging are the checkpoint's."""
+    size, threshold, steps = state["config"]["image_size"], float(state["threshold"]), state.get("postprocess", [])
+    flip = bool(state["config"].get("tta", bts.BEFORE_FIELD_EXISTED["tta"]))
     rows, items = [], list(files.items())
-    for start in tqdm(range(0, len(items), cfg.eval_batch_size), desc="predicting", unit="batch",
-                      disable=bts.process_rank() != 0):
+    for start in tqdm(range(0, len(items), cfg.eval_batch_size), desc="predicting", unit="batch", leave=False):
         batch = []
         for name, f in items[start:start + cfg.eval_batch_size]:
             try:
@@ -148,68 +158,73 @@ def segment(model, machine, files: dict, how: tuple, truth: dict, cfg: PredictCo
         probs = bts.predict_probabilities(model, x, len(batch), machine, flip=flip).cpu().numpy()[:, 0]
         for (name, f, gray), prob in zip(batch, probs):
             full = cv2.resize(prob, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
-            mask = full > threshold
-            bts.save_png(stage / "masks" / f"{name}.png", mask.astype(np.uint8) * 255)
-            bts.save_png(stage / "overlays" / f"{name}.png", make_overlay(gray, mask))
+            mask = bts.postprocess(full[None], threshold, steps)[0]
+            target = true_mask(name, f, gray.shape, truth, cfg.masks)
+            for sub, picture in (("masks", mask.astype(np.uint8) * 255), ("overlays", make_overlay(gray, mask, target))):
+                bts.save_png(out / sub / f"{name}.png", picture)
+                written.append(f"{sub}/{name}.png")
             rows.append({"image": str(f), "width": gray.shape[1], "height": gray.shape[0],
                          "tumor_pixels": int(mask.sum()), "tumor_fraction": round(float(mask.mean()), 6),
                          "mean_probability": round(float(full[mask].mean()) if mask.any() else 0.0, 4),
-                         **score(name, f, gray.shape, prob > threshold, truth, cfg.masks, size)})
-    if rows:
-        bts.save_csv(stage / "predictions.csv", rows)
+                         **score(mask, target)})
     return rows
 
 
-def score(name: str, f: Path, shape: tuple, pred: np.ndarray, truth: dict, masks_dir: str, size: int) -> dict:
-    """The METRICS of one prediction against its --masks file, at the model's resolution, as the
-    training test scores them; {} (with a warning) when there is no usable mask."""
+def true_mask(name: str, f: Path, shape: tuple, truth: dict, masks_dir: str) -> np.ndarray | None:
+    """The --masks file of a scan as a bool mask at the scan's own size, or None (with a warning when
+    --masks was given): a mask of another size than its scan is not scored."""
     if name not in truth:
         if masks_dir:
             bts.warn(f"{f.name}: no mask named {name}.* in {masks_dir}; no scores for it")
-        return {}
+        return None
     try:
-        target, _, note = bts.mask_for(truth[name], shape, size)
+        target = bts.read_mask(truth[name])
     except ValueError as e:
         bts.warn(f"{e}; no scores for {f.name}")
+        return None
+    if target.shape != tuple(shape[:2]):
+        bts.warn(f"{truth[name]}: mask is {target.shape[1]}x{target.shape[0]} but its scan is {shape[1]}x{shape[0]}; "
+                 f"no scores for {f.name}")
+        return None
+    return target
+
+
+def score(mask: np.ndarray, target: np.ndarray | None) -> dict:
+    """The METRICS and HD95 of the mask written against the true one, both at the scan's size: the
+    numbers describe the files (the training test scores at the model's size instead)."""
+    if target is None:
         return {}
-    if note:
-        bts.warn(note)
-    scores = bts.scores_from_counts(bts.confusion_counts(torch.from_numpy(pred)[None], torch.from_numpy(target)[None]))
-    return {"true_tumor_pixels": int(target.sum()), **{name: round(float(v[0]), 5) for name, v in scores.items()}}
+    scores = bts.scores_from_counts(bts.confusion_counts(torch.from_numpy(mask)[None], torch.from_numpy(target)[None]))
+    hd = bts.hd95(mask, target)
+    return {"scored_at": f"{mask.shape[1]}x{mask.shape[0]}", "true_tumor_pixels": int(target.sum()),
+            **{name: round(float(v[0]), 5) for name, v in scores.items()},
+            "hd95_px": round(hd, 3) if np.isfinite(hd) else ""}
 
 
-def make_overlay(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The scan in gray with the tumour tinted red and outlined in yellow (BGR, uint8)."""
+def make_overlay(gray: np.ndarray, mask: np.ndarray, target: np.ndarray | None = None) -> np.ndarray:
+    """The scan in gray with the predicted tumour tinted red and outlined in yellow, and the true one
+    (if given) outlined in green (BGR, uint8)."""
     scan = cv2.cvtColor(np.clip(gray * 255 + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
     tinted = scan.copy()
     tinted[mask] = (0, 0, 255)
     overlay = cv2.addWeighted(tinted, 0.35, scan, 0.65, 0)
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(overlay, contours, -1, (0, 255, 255), max(1, round(min(mask.shape) / 256)))
+    thickness = max(1, round(min(mask.shape) / 256))
+    for outline, colour in ((target, (0, 200, 0)), (mask, (0, 255, 255))):
+        if outline is not None:
+            contours, _ = cv2.findContours(outline.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(overlay, contours, -1, colour, thickness)
     return overlay
 
 
-def move_into_place(stage: Path, out: Path) -> set[str]:
-    """Each staged file replaces its namesake in `out` (a rename: no copy, no extra space); returns
-    their names."""
-    written = set()
-    for path in sorted(stage.rglob("*")):
-        if path.is_file():
-            written.add(path.relative_to(stage).as_posix())
-            (out / path.relative_to(stage)).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, out / path.relative_to(stage))
-    for folder in (out, out / "masks", out / "overlays"):
-        bts.fsync_folder(folder)
-    return written
-
-
-def report_scores(scored: list[dict], size: int) -> None:
+def report_scores(scored: list[dict]) -> None:
     if scored and not any(r["true_tumor_pixels"] for r in scored):
-        bts.warn(f"THE {len(scored)} --masks FILES HOLD NO TUMOUR PIXEL at {size}x{size}: the scores below only say "
-                 f"whether anything was predicted, not how well tumours are outlined")
+        bts.warn(f"THE {len(scored)} --masks FILES HOLD NO TUMOUR PIXEL: the scores below only say whether anything "
+                 f"was predicted, not how well tumours are outlined")
     if scored:
-        bts.log(f"against {len(scored)} masks (mean over images, at {size}x{size}): "
-                + ", ".join(f"{name} {np.mean([r[name] for r in scored]):.4f}" for name in bts.METRICS))
+        hd = [r["hd95_px"] for r in scored if r["hd95_px"] != ""]
+        bts.log(f"against {len(scored)} masks (mean over images, at each scan's own size): "
+                + ", ".join(f"{name} {np.mean([r[name] for r in scored]):.4f}" for name in bts.METRICS)
+                + (f", HD95 {np.mean(hd):.1f} px over {len(hd)} images" if hd else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,9 +67,8 @@ class SeedDataset(Dataset):
 
 def training_loop(cfg, data, steps):
     """One timed call = one epoch of `steps` steps of the script's train_epoch."""
-    machine = bts.set_up_machine(cfg)
     with contextlib.redirect_stdout(io.StringIO()):
-        bts.choose_precision(machine, cfg)
+        machine = bts.set_up_machine(cfg)
     names = data["names"][:steps * cfg.batch_size]
     split = {"train": names, "val": [], "test": [], "files": data["hashes"], "unit": "images"}
     idx = {"train": torch.arange(len(names)), "val": torch.arange(0), "test": torch.arange(0)}
@@ -164,6 +163,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="the tuned DataLoader's workers")
     p.add_argument("--device", default="auto")
+    p.add_argument("--matmul-seconds", type=float, default=2.0, help="how long the matrix product is timed")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--compile-mode", default="default", help="default, reduce-overhead (CUDA graphs) or max-autotune")
     p.add_argument("--amp", default="auto", help="the training loop's precision: auto (the script's rule), bf16, fp16 "
@@ -180,6 +180,10 @@ def main():
                                    args.compile, "--compile-mode", args.compile_mode, "--amp", args.amp, "--device",
                                    args.device, "--channels-last" if args.channels_last else "--no-channels-last"])
     data_dir = Path(args.data_dir)
+    if not (data_dir / "brain-tumor-segmentation" / "images").is_dir():
+        sys.exit(f"bench.py times the real data: {data_dir} has no brain-tumor-segmentation/images; pass "
+                 f"--data-dir DIR (make bench ARGS=\"--data-dir DIR\"), a folder with brain-tumor-segmentation/ "
+                 f"(images/, masks/) and, for the seed loop, brain-tumor-segmentation-512-sample/")
     t0 = time.perf_counter()
     limit = max(args.steps * args.batch_size, 64)
     data = bts.load_dataset(data_dir / "brain-tumor-segmentation", args.image_size, limit=limit)
@@ -203,7 +207,7 @@ def main():
     timed = time_loops(loops, args.steps * args.batch_size, args.warmup, args.repeats, device)
     fast = timed["training loop"][0]
     flops = flops_per_image(cfg, device)
-    peak = matmul_flops(device, machine.dtype or torch.float32)
+    peak = matmul_flops(device, machine.dtype or torch.float32, args.matmul_seconds)
     print(f"model: {flops / 1e9:.1f} GFLOP per training image (forward + backward)")
     print(f"matrix product, {machine.dtype or torch.float32}: {peak / 1e9:.1f} GFLOP/s")
     for name, (rate, repeats) in timed.items():

@@ -30,38 +30,34 @@ def main():
     args = p.parse_args()
     out = Path(tempfile.mkdtemp(prefix="epoch-overhead-"))
     cfg, _ = bts.config_from_args(["--data-dir", args.data_dir, "--out-dir", str(out), "--compile", "off"])
-    machine = bts.set_up_machine(cfg)
     with contextlib.redirect_stdout(io.StringIO()):
-        bts.choose_precision(machine, cfg)
+        machine = bts.set_up_machine(cfg)
         data = bts.load_dataset(args.data_dir, cfg.image_size, limit=48)
         split = {"train": data["names"][:32], "val": data["names"][32:48], "test": [], "files": data["hashes"],
                  "unit": "images", "how": "", "train_patients": [], "val_patients": [], "test_patients": []}
         idx = bts.split_indices(split, data)
         run = bts.build_run(cfg, machine, data, split, idx, None)
-    with bts.claim_folder(out, "train", bts.run_files(cfg), {}) as folder:
-        folder.begin()
-        run.out = folder
-        real_evaluate, spent = bts.evaluate, {}
+    real_evaluate, spent = bts.evaluate, {}
 
-        def timed_evaluate(*a, **k):
+    def timed_evaluate(*a, **k):
+        t0 = time.perf_counter()
+        result = real_evaluate(*a, **k)
+        spent["validation"] = time.perf_counter() - t0
+        return result
+
+    bts.evaluate = timed_evaluate
+    loop, writer = [], []
+    with run.writer:
+        for _ in range(args.repeats):
+            run.step, run.epoch_steps, run.seen = 2, 2, 32
+            run.losses = torch.ones(2)
+            run.best = dict(bts.NO_BEST)  # every epoch improves: model.pth is written too
             t0 = time.perf_counter()
-            result = real_evaluate(*a, **k)
-            spent["validation"] = time.perf_counter() - t0
-            return result
-
-        bts.evaluate = timed_evaluate
-        loop, writer = [], []
-        with run.writer:
-            for _ in range(args.repeats):
-                run.step, run.epoch_steps, run.seen = 2, 2, 32
-                run.losses = torch.ones(2)
-                run.best = dict(bts.NO_BEST)  # every epoch improves: model.pth is written too
-                t0 = time.perf_counter()
-                bts.end_epoch(run, 1.0)
-                loop.append(time.perf_counter() - t0 - spent["validation"])
-                t0 = time.perf_counter()
-                run.writer.drain()
-                writer.append(time.perf_counter() - t0)
+            bts.end_epoch(run, 1.0)
+            loop.append(time.perf_counter() - t0 - spent["validation"])
+            t0 = time.perf_counter()
+            run.writer.drain()
+            writer.append(time.perf_counter() - t0)
     print(f"{bts.torch.__version__}, {bts.precision_name(machine)}, 256x256, width 32, {args.repeats} epochs' ends")
     print(f"end of an epoch, besides validation, on the training path: median {statistics.median(loop):.3f} s "
           f"({', '.join(f'{t:.3f}' for t in loop)})")

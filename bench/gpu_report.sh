@@ -24,18 +24,18 @@ set -u
 phase=${1:?"usage: gpu_report.sh core|speed|run|extra DATA_DIR"}
 data=${2:?"usage: gpu_report.sh core|speed|run|extra DATA_DIR"}
 out=${OUT:-gpu-report}  # logs and figures: what comes back from the device
-runs=${RUNS:-/tmp/gpu-runs}  # the runs' own folders stay on the machine
+runs=${RUNS:-/tmp/gpu-runs}/$phase-$(date +%Y%m%d-%H%M%S)  # the runs' own (new) folders stay on the machine
 py=${PYTHON:-python3}
 mkdir -p "$out" "$runs"
 log="$out/gpu_$phase.txt"
 export PYTHONUNBUFFERED=1
 if [ "${SMOKE:-0}" = 1 ]; then  # toy sizes, so that a CPU runs the whole plan in a minute
-    size=32 width=4 epochs=1 steps=1 repeats=1 batches="8" limit="--limit 60"
+    size=32 width=4 epochs=1 steps=1 repeats=1 batches="8" limit="--limit 60" on=off workers=2 matmul=0.1
 else
-    size=256 width=32 epochs=20 steps=20 repeats=3 batches="16 32" limit=""
-fi
+    size=256 width=32 epochs=20 steps=20 repeats=3 batches="16 32" limit="" on=on workers=8 matmul=2
+fi  # SMOKE compiles nothing (a CPU compile takes a minute)
 bench=("$py" bench/bench.py --data-dir "$data" --image-size "$size" --base-width "$width" --steps "$steps"
-       --repeats "$repeats")
+       --repeats "$repeats" --matmul-seconds "$matmul")
 script=("$py" brain_tumor_segmentation.py --data-dir "$data/brain-tumor-segmentation" --image-size "$size"
         --base-width "$width" --test-samples 4 $limit)
 failed=0 total=0
@@ -65,7 +65,6 @@ if not torch.cuda.is_available():
     sys.exit(print("no CUDA here: the sync check needs a GPU; skipped") or 0)
 cfg, _ = bts.config_from_args(["--image-size", sys.argv[2], "--compile", "off", "--nan-check-every", "1000"])
 machine = bts.set_up_machine(cfg)
-bts.choose_precision(machine, cfg)
 data = bts.load_dataset(sys.argv[1], cfg.image_size, limit=64)
 split = {"train": data["names"], "val": [], "test": [], "files": data["hashes"], "unit": "images"}
 idx = {"train": torch.arange(64), "val": torch.arange(0), "test": torch.arange(0)}
@@ -78,27 +77,27 @@ print("a training epoch ran under set_sync_debug_mode('error'):", bts.train_epoc
 EOF
     for batch in $batches; do
         run "${bench[@]}" --batch-size "$batch" --compile off --no-seed-loops
-        run "${bench[@]}" --batch-size "$batch" --compile on --no-seed-loops
+        run "${bench[@]}" --batch-size "$batch" --compile "$on" --no-seed-loops
     done
-    run "${bench[@]}" --batch-size "${batches%% *}" --compile off --seed-loops --workers 8
+    run "${bench[@]}" --batch-size "${batches%% *}" --compile off --seed-loops --workers "$workers"
   fi
   if [ "$phase" != speed ]; then
     # The whole default run, start to finish (load, compile, train, validate, plots, test).
-    run "${script[@]}" --epochs "$epochs" --out-dir "$runs/default" --overwrite
+    run "${script[@]}" --epochs "$epochs" --out-dir "$runs/default"
   fi
     ;;
 extra)
     for seed in 1 2; do
         for recipe in improved seed; do
             run "${script[@]}" --epochs "$epochs" --recipe "$recipe" --seed "$seed" \
-                --out-dir "$runs/recipes/$recipe-$seed" --overwrite
+                --out-dir "$runs/recipes/$recipe-$seed"
         done
     done
     run "$py" compare.py "$runs/recipes/improved-1" "$runs/recipes/improved-2" "$runs/recipes/seed-1" \
         "$runs/recipes/seed-2" --out "$out/recipes"
     top=${batches##* }
-    run "${bench[@]}" --batch-size "$top" --compile on --compile-mode reduce-overhead --no-seed-loops
-    run "${bench[@]}" --batch-size "$top" --compile on --no-channels-last --no-seed-loops
+    run "${bench[@]}" --batch-size "$top" --compile "$on" --compile-mode reduce-overhead --no-seed-loops
+    run "${bench[@]}" --batch-size "$top" --compile "$on" --no-channels-last --no-seed-loops
     ;;
 *)
     echo "unknown phase $phase: core (= speed, then run) or extra" >&2

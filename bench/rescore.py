@@ -33,7 +33,7 @@ def rescore(run: Path, data_cache: dict, data_dir: Path) -> dict:
     if size not in data_cache:
         data_cache[size] = bts.load_dataset(data_dir, size)
     data = data_cache[size]
-    idx = bts.split_indices(split, data["names"])
+    idx = bts.split_indices(split, data)
     model = bts.model_from_checkpoint(state, run / "model.pth", torch.device("cpu"))
     row = {"run": run.name, "threshold": float(state["threshold"])}
     for part in ("val", "test"):

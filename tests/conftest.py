@@ -1,7 +1,10 @@
-"""Shared helpers for the tests of brain_tumor_segmentation.py.
+"""Shared helpers for the tests of brain_tumor_segmentation.py, predict.py and compare.py.
 
-The tests are deliberately tiny (images of 16-64 pixels, a handful of pairs, U-Nets of
-width 4-8) so that the whole suite runs in seconds on a CPU."""
+One test file per section of the trainer (test_config, test_data, test_split, ...), one per tool,
+and test_end_to_end.py for whole commands. The tests are deliberately tiny (images of 16-64 pixels,
+a handful of pairs, U-Nets of width 4-8) so that most of the suite runs in a minute on a CPU.
+Markers: `slow` (whole runs of several seconds), `subprocess` (a fresh Python process),
+`root` (needs root: mounts); `pytest -m "not slow"` runs the fast part alone."""
 from __future__ import annotations
 
 import sys
@@ -23,11 +26,15 @@ SCRIPT = REPO_ROOT / "brain_tumor_segmentation.py"
 cv2.setNumThreads(1)
 
 
-@pytest.fixture(autouse=True)
-def _single_process(monkeypatch):
-    """Warnings are printed only by rank 0: make sure a stray RANK does not hide them."""
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on 2 cores shared with another test process
+    (make test runs two) threads that wait for each other made tiny runs 2-2.5 times slower."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_pair(folder, name, image_array, mask_array, ext=".png"):
@@ -145,6 +152,35 @@ def without_root_override(command: list[str]) -> list[str]:
     return command
 
 
+def one_error(rc: int, err: str, *fragments: str) -> str:
+    """A refusal as the user sees it: exit code 1, one sentence on stderr (no traceback) that holds
+    every fragment. Returns the message."""
+    assert rc == 1, err
+    assert "Traceback" not in err, err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return message
+
+
+def run_folders(parent) -> list[Path]:
+    """The folders a program created under `parent` (its default outputs/, predictions/ or
+    comparisons/), oldest first (their names start with the date and time)."""
+    parent = Path(parent)
+    return sorted(p for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+
+
+def train_tiny(capsys, data, out, *extra) -> Path:
+    """A finished tiny training run of `data` into the new folder `out`; returns `out`."""
+    rc, _, err = run_cli(capsys, "--data-dir", data, "--out-dir", out, *TINY_ARGS, *extra)
+    assert rc == 0, err
+    assert (Path(out) / "metrics.json").is_file()
+    return Path(out)
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end runs of several seconds each; `pytest -m 'not slow'` "
-                                       "leaves them out")
+    config.addinivalue_line("markers", "slow: whole runs of several seconds each; `pytest -m 'not slow'` leaves "
+                                       "them out")
+    config.addinivalue_line("markers", "subprocess: starts a fresh Python process (a few seconds of imports)")
+    config.addinivalue_line("markers", "root: needs root (mounts a file system); skipped otherwise")

@@ -1,9 +1,11 @@
-"""A fake Kaggle server at the HTTP transport: both download clients (kagglehub and kaggle) run
-their real code, and only `requests`' adapter, the last step before the network, is replaced.
+"""A fake Kaggle server at the HTTP transport: the download client (kagglehub, as installed from
+requirements.txt) runs its real code, and only `requests`' adapter, the last step before the network,
+is replaced.
 
-Configured by the environment variable FAKE_KAGGLE, JSON: {"zip": archive served for downloads,
-"hub": answer to kagglehub, "kaggle": answer to the kaggle client, "log": file that gets one line
-per request}. An answer is "ok", "offline" (the connection fails) or an HTTP status such as 403.
+Configured by a dict (or the environment variable FAKE_KAGGLE, JSON): {"zip": archive served for
+downloads, "hub": answer to kagglehub, "log": file that gets one line per request}. An answer is
+"ok", "offline" (the connection fails) or an HTTP status such as 403. A request from any other client
+is logged as "other" and fails as if offline: the script has no other way to the data.
 Use it in another process with `python -c "import kaggle_fake; kaggle_fake.main()" SCRIPT ARGS...`."""
 from __future__ import annotations
 
@@ -37,8 +39,8 @@ def write_dataset_zip(path, names) -> None:
 
 def fake_send(config: dict):
     def send(self, request, **kwargs):
-        client = "hub" if "kagglehub" in (request.headers.get("User-Agent") or "") else "kaggle"
-        answer = str(config.get(client, "ok"))
+        client = "hub" if "kagglehub" in (request.headers.get("User-Agent") or "") else "other"
+        answer = str(config.get("hub", "ok")) if client == "hub" else "offline"
         if config.get("log"):
             with open(config["log"], "a") as f:
                 f.write(f"{client} {request.url} {answer}\n")
@@ -61,6 +63,7 @@ def fake_send(config: dict):
 
 
 def install(config: dict, setattr=setattr) -> None:
+    """Replace the network; pass monkeypatch.setattr to have it undone after a test."""
     setattr(HTTPAdapter, "send", fake_send(config))
 
 

@@ -1,147 +1,234 @@
-"""Getting the Kaggle dataset: the real download clients as installed from requirements.txt, with
-only the network replaced (tests/kaggle_fake.py answers at requests' HTTP adapter). No test here
-needs or uses the network."""
-import json
+"""Getting the data: the Kaggle dataset through the real kagglehub as installed from requirements.txt,
+with only the network replaced (tests/kaggle_fake.py answers at requests' HTTP adapter; no test here
+needs or uses the network), and --demo's synthetic slices, generated once into a folder of their own."""
+from __future__ import annotations
+
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+# kagglehub binds its console log to sys.stdout when first imported: imported here, at collection, that
+# is the session's stdout, not the captured stream of one test, which is closed after that test.
+import kagglehub  # noqa: F401
 import pytest
 
 import brain_tumor_segmentation as bts
 import kaggle_fake
+from conftest import TINY_ARGS, one_error, run_cli, run_folders, snapshot
 
-from conftest import SCRIPT, TINY_ARGS
+TINY = [*TINY_ARGS, "--image-size", "16"]
+DATA = Path(bts.DEFAULT_DATA_DIR)
 
-TESTS = Path(__file__).resolve().parent
-TINY = [*TINY_ARGS, "--limit", "40", "--image-size", "16"]
+
+# The dataset's 3,064 pairs, in a test: 40. Writing 6,128 files takes this machine from one to ten seconds,
+# depending on the other test runs, and the check is the same: exactly the pairs 1..KAGGLE_PAIRS.
+PAIRS = 40
+
+
+@pytest.fixture(autouse=True)
+def private_temp(tmp_path, monkeypatch):
+    """The download's and the demo's lock go to the temporary folder: a folder of the test's own here."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(bts.tempfile, "tempdir", str(tmp_path / "tmp"))
 
 
 @pytest.fixture(scope="module")
 def kaggle_zip(tmp_path_factory):
-    """The dataset as Kaggle serves it: 3,064 pairs (tiny 16x16 slices here)."""
+    """The dataset as Kaggle serves it: pairs 1..PAIRS (tiny 16x16 slices here)."""
     path = tmp_path_factory.mktemp("kaggle") / "brain-tumor-segmentation.zip"
-    kaggle_fake.write_dataset_zip(path, range(1, bts.KAGGLE_PAIRS + 1))
+    kaggle_fake.write_dataset_zip(path, range(1, PAIRS + 1))
     return path
 
 
-def user_env(home: Path, **fake) -> dict:
-    """A user's environment with no Kaggle settings, HOME in `home`, and the fake network if given."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAGGLE", "RANK", "WORLD_SIZE"))}
-    env.update(HOME=str(home), KAGGLE_CONFIG_DIR=str(home / ".kaggle"), KAGGLEHUB_CACHE=str(home / "kagglehub-cache"),
-               PYTHONPATH=str(TESTS))
-    if fake:
-        env["FAKE_KAGGLE"] = json.dumps(fake)
-    return env
+@pytest.fixture
+def user(tmp_path, monkeypatch):
+    """A user in a fresh working folder: no Kaggle settings, HOME of their own, temporary files in a
+    folder of their own (the download lock goes there)."""
+    work, home, temp = tmp_path / "work", tmp_path / "home", tmp_path / "tmp"
+    for folder in (work, home):
+        folder.mkdir()
+    for key in [k for k in os.environ if k.startswith("KAGGLE")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(home / "kagglehub-cache"))
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(bts, "KAGGLE_PAIRS", PAIRS)
+    return {"work": work, "home": home, "temp": temp, "log": tmp_path / "requests.log"}
 
 
-def add_credentials(home: Path) -> None:
-    folder = home / ".kaggle"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "kaggle.json").write_text('{"username": "someone", "key": "0123456789abcdef"}')
-    (folder / "kaggle.json").chmod(0o600)
+def fake(monkeypatch, user, zip_path=None, hub="ok") -> None:
+    kaggle_fake.install({"zip": str(zip_path), "hub": hub, "log": str(user["log"])}, monkeypatch.setattr)
 
 
-def run_script(args, home: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "import kaggle_fake; kaggle_fake.main()", str(SCRIPT), *args],
-                          cwd=home, env=env, capture_output=True, text=True, timeout=300)
+def requests_made(user) -> list[str]:
+    return user["log"].read_text().splitlines() if user["log"].exists() else []
 
 
-def test_both_download_clients_import_in_the_installed_environment(tmp_path):
-    add_credentials(tmp_path)  # `import kaggle` logs in at import time; it needs no network for that
-    code = "import kagglehub; from kaggle.api.kaggle_api_extended import KaggleApi; print('imported')"
-    result = subprocess.run([sys.executable, "-c", code], env=user_env(tmp_path), capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0 and "imported" in result.stdout, result.stderr[-2000:]
+def ours(temp: Path) -> list[str]:
+    """The temporary folder's entries, but the cache folder torch makes there when it first imports
+    torch._dynamo (torch's, not this script's)."""
+    return [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")]
+
+
+def the_error(rc: int, err: str, *fragments: str) -> str:
+    """A refusal whose sentence goes on with a list of ways forward: exit code 1, no traceback, one
+    'error: ' line that starts it, holding every fragment."""
+    assert rc == 1 and "Traceback" not in err, err
+    assert sum(line.startswith("error: ") for line in err.splitlines()) == 1, err
+    message = err[err.index("error: "):]
+    for fragment in fragments:
+        assert fragment in message, (fragment, err)
+    return message
+
+
+# -----------------------------------------------------------------------------
+# The Kaggle dataset, with kagglehub
 
 
 @pytest.mark.slow
-def test_first_run_downloads_without_an_account_trains_and_a_second_run_downloads_nothing(tmp_path, kaggle_zip):
-    log = tmp_path / "requests.log"
-    env = user_env(tmp_path, zip=str(kaggle_zip), hub="ok", kaggle="403", log=str(log))
-    result = run_script([*TINY, "--out-dir", "run1"], tmp_path, env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    data = tmp_path / "data" / "brain-tumor-segmentation"
+def test_the_first_run_downloads_without_an_account_and_a_later_run_reuses_it(user, kaggle_zip, monkeypatch, capsys):
+    fake(monkeypatch, user, kaggle_zip)
+    seen = []
+    real_fetch = bts.fetch_with_kagglehub
+
+    def watched(folder):  # the data folder appears only once the download is whole and checked
+        real_fetch(folder)
+        seen.append((DATA.exists(), sorted(p.name.split("-")[0] for p in DATA.parent.iterdir())))
+
+    monkeypatch.setattr(bts, "fetch_with_kagglehub", watched)
+    rc, out, err = run_cli(capsys, *TINY, "--out-dir", "run1")
+    assert rc == 0, err
+    assert seen == [(False, [".download"])]
     for part in ("images", "masks"):
-        assert sorted(p.stem for p in (data / part).iterdir()) == sorted(str(i) for i in range(1, 3065))
-    assert [p.name for p in (tmp_path / "data").iterdir()] == ["brain-tumor-segmentation"]  # no temporary folder left
-    assert not (tmp_path / "kagglehub-cache").exists()  # no second copy in kagglehub's cache
-    assert {line.split()[0] for line in log.read_text().splitlines()} == {"hub"}
-    assert json.loads((tmp_path / "run1" / "metrics.json").read_text())["test"]["images"] > 0
+        assert sorted(p.stem for p in (DATA / part).iterdir()) == sorted(str(i) for i in range(1, PAIRS + 1))
+    assert sorted(p.name for p in user["work"].iterdir()) == ["data", "run1"]
+    assert [p.name for p in DATA.parent.iterdir()] == [DATA.name]  # no temporary folder left
+    assert not (user["home"] / "kagglehub-cache").exists()  # no second copy in kagglehub's cache
+    assert {line.split()[0] for line in requests_made(user)} == {"hub"}
+    assert "dataset ready in" in out and (user["work"] / "run1" / "metrics.json").is_file()
+    assert len(ours(user["temp"])) == 1 and ours(user["temp"])[0].startswith("brain-tumor-segmentation-")  # the lock
 
-    log.unlink()
-    result = run_script([*TINY, "--out-dir", "run2"], tmp_path, env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert not log.exists()  # not one request
-
-
-def test_the_kaggle_client_with_credentials_is_the_second_way(tmp_path, kaggle_zip, monkeypatch):
-    add_credentials(tmp_path)
-    for key, value in user_env(tmp_path).items():
-        monkeypatch.setenv(key, value)
-    kaggle_fake.install({"zip": str(kaggle_zip), "hub": "403", "kaggle": "ok"}, monkeypatch.setattr)
-    dest = tmp_path / "data" / "brain-tumor-segmentation"
-    assert bts.download_dataset(dest) == dest
-    assert len(list((dest / "masks").iterdir())) == bts.KAGGLE_PAIRS
-    assert [p.name for p in dest.parent.iterdir()] == [dest.name]
+    user["log"].unlink()
+    data = snapshot(DATA, inodes=True)
+    rc, out, err = run_cli(capsys, *TINY, "--out-dir", "run2")
+    assert rc == 0, err
+    assert requests_made(user) == [] and "downloading" not in out  # not one request
+    assert snapshot(DATA, inodes=True) == data  # nor one file written again
 
 
-def test_a_run_without_network_names_the_cause_and_the_ways_forward(tmp_path):
-    result = run_script(["--epochs", "1"], tmp_path, user_env(tmp_path, hub="offline", kaggle="offline"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "kagglehub: no network" in result.stderr
-    for way in ("without an account", "kaggle.json", "--data-dir", "--demo"):
-        assert way in result.stderr
-    assert not (tmp_path / "data").exists() and not (tmp_path / "outputs").exists()  # no trace left
-
-
-@pytest.mark.parametrize("fake, credentials, blocked, expected", [
-    (dict(hub="offline"), False, None, ["kagglehub: no network"]),
-    (dict(hub="403"), False, None, ["kagglehub: refused by Kaggle (HTTP 403)", "kaggle: no Kaggle credentials"]),
-    (dict(hub="403", kaggle="401"), True, None, ["kaggle: refused by Kaggle (HTTP 401)"]),
-    (dict(hub="500"), False, None, ["kagglehub: Kaggle answered HTTP 500"]),
-    (dict(), False, "kagglehub", ["kagglehub: the Python package kagglehub is missing", "requirements.txt"]),
+@pytest.mark.parametrize("hub, expected", [
+    ("offline", ["no network: Kaggle could not be reached"]),
+    ("403", ["refused by Kaggle (HTTP 403)", "kaggle.json", "KAGGLE_USERNAME"]),
+    ("500", ["Kaggle answered HTTP 500"]),
 ])
-def test_each_failure_names_its_cause(fake, credentials, blocked, expected, tmp_path, kaggle_zip, monkeypatch, capsys):
-    if credentials:
-        add_credentials(tmp_path)
-    for key, value in user_env(tmp_path).items():
-        monkeypatch.setenv(key, value)
-    if blocked:
-        monkeypatch.setitem(sys.modules, blocked, None)  # what a missing package looks like to `import`
-    log = tmp_path / "requests.log"
-    kaggle_fake.install({"zip": str(kaggle_zip), "log": str(log), **fake}, monkeypatch.setattr)
-    dest = tmp_path / "data" / "brain-tumor-segmentation"
-    with pytest.raises(bts.UserError) as error:
-        bts.download_dataset(dest)
-    for text in expected:
-        assert text in str(error.value)
-    assert not dest.parent.exists()  # nothing half-downloaded left behind, not even the folder
-    if fake.get("hub") == "offline":  # the other way needs the network too: not tried
-        assert {line.split()[0] for line in log.read_text().splitlines()} == {"hub"}
+def test_each_failure_names_its_cause_and_the_ways_forward_and_leaves_no_trace(hub, expected, user, kaggle_zip,
+                                                                              monkeypatch, capsys):
+    fake(monkeypatch, user, kaggle_zip, hub)
+    rc, out, err = run_cli(capsys, *TINY)
+    the_error(rc, err, f"the dataset is not at {DATA} and could not be downloaded", *expected, "Ways forward",
+              "kagglehub downloads nikhilroxtomar/brain-tumor-segmentation without an account", "--data-dir DIR",
+              "--demo")
+    assert not (user["work"] / "data").exists()  # nothing half-downloaded left behind, not even the folder
+    assert run_folders(user["work"] / "outputs") == []  # and no run folder
+    assert {line.split()[0] for line in requests_made(user)} == {"hub"} and len(requests_made(user)) == 1
 
 
-@pytest.mark.parametrize("names", [range(1, 3001), [*range(1, 3064), "extra"]], ids=["partial", "changed"])
-def test_a_partial_or_changed_download_is_refused_and_not_moved_into_place(names, tmp_path, monkeypatch):
-    for key, value in user_env(tmp_path).items():
-        monkeypatch.setenv(key, value)
-    archive = tmp_path / "other.zip"
+def test_a_missing_kagglehub_package_is_one_sentence(user, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "kagglehub", None)  # what a missing package looks like to `import`
+    rc, _, err = run_cli(capsys, *TINY)
+    the_error(rc, err, "the Python package kagglehub is missing: install the project's requirements "
+                       "(pip install -r requirements.txt)")
+    assert not (user["work"] / "data").exists() and requests_made(user) == []
+
+
+@pytest.mark.parametrize("names", [range(1, PAIRS), [*range(1, PAIRS), "extra"]], ids=["partial", "changed"])
+def test_a_partial_or_changed_download_is_refused_and_not_moved_into_place(names, user, monkeypatch, capsys):
+    archive = user["home"] / "other.zip"
     kaggle_fake.write_dataset_zip(archive, names)
-    kaggle_fake.install({"zip": str(archive), "hub": "ok"}, monkeypatch.setattr)
-    dest = tmp_path / "data" / "brain-tumor-segmentation"
-    with pytest.raises(bts.UserError, match="partial or changed download"):
-        bts.download_dataset(dest)
-    assert not dest.parent.exists()
+    fake(monkeypatch, user, archive)
+    rc, _, err = run_cli(capsys, *TINY)
+    one_error(rc, err, "a partial or changed download, not trained on", "images and", "masks, but")
+    assert not (user["work"] / "data").exists() and run_folders(user["work"] / "outputs") == []
 
 
-def test_a_changed_copy_in_the_default_folder_is_reported_not_trained_on(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    for i in range(1, 4):
-        (tmp_path / bts.DEFAULT_DATA_DIR / "images").mkdir(parents=True, exist_ok=True)
-        (tmp_path / bts.DEFAULT_DATA_DIR / "masks").mkdir(parents=True, exist_ok=True)
-        (tmp_path / bts.DEFAULT_DATA_DIR / "images" / f"{i}.png").write_bytes(b"")
-        (tmp_path / bts.DEFAULT_DATA_DIR / "masks" / f"{i}.png").write_bytes(b"")
-    assert bts.main(["--epochs", "1", "--out-dir", str(tmp_path / "out")]) == 1
-    err = capsys.readouterr().err
-    assert "3 images and 3 masks" in err and "partial or changed" in err
+def test_a_changed_copy_in_the_default_folder_is_reported_not_trained_on(user, monkeypatch, capsys):
+    fake(monkeypatch, user, hub="offline")  # nothing may be fetched either
+    for part in ("images", "masks"):
+        (DATA / part).mkdir(parents=True, exist_ok=True)
+        for i in range(1, 4):
+            (DATA / part / f"{i}.png").write_bytes(b"")
+    before = snapshot(user["work"])
+    rc, _, err = run_cli(capsys, *TINY, "--out-dir", "run")
+    one_error(rc, err, "3 images and 3 masks", "partial or changed download", f"Delete {DATA}")
+    assert snapshot(user["work"]) == before and requests_made(user) == []
+
+
+# -----------------------------------------------------------------------------
+# --demo's synthetic slices
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo's slices (12 of them), generated by a real --demo run into a folder of their own."""
+    root = tmp_path_factory.mktemp("demo")
+    (root / "tmp").mkdir()
+    temp, bts.tempfile.tempdir = bts.tempfile.tempdir, str(root / "tmp")
+    try:
+        assert bts.main(["--demo", "--demo-images", "12", "--data-dir", str(root / "demo"), "--out-dir",
+                         str(root / "run"), *TINY_ARGS]) == 0
+    finally:
+        bts.tempfile.tempdir = temp
+    return root / "demo"
+
+
+@pytest.mark.slow
+def test_the_demo_data_is_generated_once_with_its_marker(demo):
+    assert (demo / bts.DEMO_MARKER).read_text() == "12\n"
+    for part in ("images", "masks"):
+        assert sorted(p.name for p in (demo / part).iterdir()) == sorted(f"{i}.png" for i in range(1, 13))
+    before = snapshot(demo, inodes=True)
+    cfg = bts.Config(demo=True, data_dir=str(demo), demo_images=12)
+    assert bts.resolve_data_dir(cfg) == demo  # what every later --demo run does first
+    assert snapshot(demo, inodes=True) == before  # not one file written again
+
+
+@pytest.mark.slow
+def test_another_number_of_demo_images_is_refused_and_changes_nothing(demo, tmp_path, capsys):
+    before = snapshot(demo, inodes=True)
+    rc, _, err = run_cli(capsys, "--demo", "--demo-images", "14", "--data-dir", demo, "--out-dir", tmp_path / "run",
+                         *TINY_ARGS)
+    one_error(rc, err, "--demo writes 14 synthetic slices there, but the folder holds 12 (--demo-images 12)",
+              "never deleted or changed")
+    assert snapshot(demo, inodes=True) == before and not (tmp_path / "run").exists()
+
+
+def test_a_folder_the_demo_did_not_make_is_refused(tmp_path, capsys):
+    precious = tmp_path / "mine"
+    (precious / "images").mkdir(parents=True)
+    (precious / "images" / "keep.png").write_bytes(b"not mine to delete")
+    before = snapshot(precious, inodes=True)
+    rc, _, err = run_cli(capsys, "--demo", "--data-dir", precious, "--out-dir", tmp_path / "run", "--demo-images", "10")
+    one_error(rc, err, f"{precious}: --demo writes 10 synthetic slices there, but the folder holds files --demo did "
+                       "not make", "pass another --data-dir")
+    assert snapshot(precious, inodes=True) == before and sorted(os.listdir(tmp_path)) == ["mine", "tmp"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_generation_is_finished_by_the_next_run(demo, tmp_path, capsys, monkeypatch):
+    real = bts.make_synthetic_dataset
+
+    def interrupted(folder, n, **kwargs):
+        real(folder, 5, **kwargs)  # the first five pairs, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bts, "make_synthetic_dataset", interrupted)
+    folder = tmp_path / "demo"
+    args = ["--demo", "--demo-images", "12", "--data-dir", folder, *TINY_ARGS]
+    rc, _, err = run_cli(capsys, *args, "--out-dir", tmp_path / "a")
+    assert rc == 130 and "aborted" in err, err
+    assert (folder / bts.DEMO_MARKER).read_text() == "incomplete 12\n" and not (tmp_path / "a").exists()
+    monkeypatch.setattr(bts, "make_synthetic_dataset", real)
+    rc, out, err = run_cli(capsys, *args, "--out-dir", tmp_path / "b")
+    assert rc == 0, err
+    assert f"generating 12 synthetic slices in {folder}" in out
+    assert snapshot(folder) == snapshot(demo)  # the same slices as a generation never interrupted

@@ -1,0 +1,283 @@
+"""Cross-validation through the command line: `--folds K` creates ROOT with its record
+(cross_validation.json) and one run per fold in ROOT/fold_1 .. fold_K (`--fold N` is 1-based);
+`--resume ROOT` continues it (finished folds kept, more epochs for all folds, never fewer, never for
+one fold alone); cv_summary.json only once all K folds are finished and their test parts are one
+partition of the same data. Tiny data (20 slices of 10 patients), one epoch per fold."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import cv2
+import pytest
+
+import brain_tumor_segmentation as bts
+from conftest import TINY_ARGS, make_dataset, one_error, run_cli, snapshot, train_tiny
+
+def write_groups(path: Path, patient_of) -> Path:
+    path.write_text("image,patient_id\n" + "".join(f"{i},p{patient_of(i)}\n" for i in range(1, 21)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """20 slices of 10 patients (two each), and their groups file."""
+    root = tmp_path_factory.mktemp("source")
+    return make_dataset(root / "data"), write_groups(root / "groups.csv", lambda i: (i + 1) // 2)
+
+
+@pytest.fixture(scope="module")
+def cv(source, tmp_path_factory):
+    """A finished 3-fold cross-validation of `source`, by a groups file given by its absolute path. Never
+    changed: the tests that change one work on a copy."""
+    root = tmp_path_factory.mktemp("cv")
+    data, groups = source
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        rc = bts.main(["--data-dir", str(data), "--groups", str(groups), "--folds", "3", "--out-dir",
+                       str(root / "cv"), *TINY_ARGS])
+    assert rc == 0
+    return {"root": root / "cv", "data": data, "groups": groups, "stdout": printed.getvalue(),
+            "args": ["--data-dir", data, "--groups", groups, *TINY_ARGS]}
+
+
+def copy_of(cv, tmp_path) -> Path:
+    return Path(shutil.copytree(cv["root"], tmp_path / "cv"))
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def advice(message: str, pattern: str) -> list[str]:
+    """The command a refusal names, as arguments."""
+    match = re.search(pattern, message)
+    assert match, (pattern, message)
+    return match.group(0).split()
+
+
+# -----------------------------------------------------------------------------
+# A cross-validation's folder
+
+
+@pytest.mark.slow
+def test_folds_k_creates_its_folder_with_the_record_and_fold_1_to_k(cv):
+    root = cv["root"]
+    assert sorted(p.name for p in root.iterdir()) == ["cross_validation.json", "cv_summary.json", "fold_1", "fold_2",
+                                                      "fold_3"]
+    record = read(root / "cross_validation.json")
+    assert record["folds"] == 3 and record["config"]["folds"] == 3 and record["config"]["groups"] == str(cv["groups"])
+    groups = {str(i): f"p{(i + 1) // 2}" for i in range(1, 21)}
+    names = sorted(groups, key=int)
+    fold_of = bts.group_folds([groups[n] for n in names], [""] * 20, 3, 42)  # the folds 0..2 of the patients
+    tests = []
+    for k in (1, 2, 3):
+        fold = root / f"fold_{k}"
+        config = read(fold / "config.json")
+        assert (config["folds"], config["fold"]) == (3, k)
+        split = read(fold / "split.json")
+        assert f"fold {k} of 3 is the test part" in split["how"]
+        assert set(split["train"]) | set(split["val"]) | set(split["test"]) == {str(i) for i in range(1, 21)}
+        assert not set(split["train_patients"]) & set(split["test_patients"])
+        assert sorted(split["test"], key=int) == [n for n, f in zip(names, fold_of) if f == k - 1]  # 1-based
+        tests.append(split["test"])
+        assert (fold / "metrics.json").is_file() and (fold / "last.pth").is_file()
+    assert sorted((n for t in tests for n in t), key=int) == [str(i) for i in range(1, 21)]  # a partition
+    summary = read(root / "cv_summary.json")
+    assert summary["folds"] == 3 and summary["test_images"] == 20
+    assert summary["test_dice_per_fold"] == [read(root / f"fold_{k}" / "metrics.json")["test"]["dice"]
+                                             for k in (1, 2, 3)]
+    assert cv["stdout"].strip().splitlines()[-1] == f"folder: {root}"
+
+
+@pytest.mark.slow
+def test_fold_n_is_one_based_and_folds_k_on_an_existing_folder_names_the_way_on(cv, tmp_path, capsys):
+    """--fold 2 trains fold_2 alone, the fold_2 of the whole cross-validation; --folds 3 --out-dir on that
+    folder is refused at once, naming --resume ROOT, which then finishes it with the folds kept."""
+    root = tmp_path / "cv"
+    rc, out, err = run_cli(capsys, *cv["args"], "--folds", "3", "--fold", "2", "--out-dir", root)
+    assert rc == 0, err
+    assert sorted(p.name for p in root.iterdir()) == ["cross_validation.json", "fold_2"]
+    assert read(root / "fold_2" / "split.json")["test"] == read(cv["root"] / "fold_2" / "split.json")["test"]
+    assert "1 of 3 folds finished; the summary waits for the rest" in out
+
+    before = snapshot(root)
+    rc, out, err = run_cli(capsys, *cv["args"], "--folds", "3", "--out-dir", root)
+    message = one_error(rc, err, f"{root} exists already")
+    assert "=== fold" not in out and snapshot(root) == before  # refused before any training
+    kept = (root / "fold_2" / "model.pth").stat()
+
+    rc, out, err = run_cli(capsys, *advice(message, r"--resume \S+$"))
+    assert rc == 0, err
+    assert "fold 2: finished already, kept" in out
+    assert (root / "fold_2" / "model.pth").stat().st_mtime_ns == kept.st_mtime_ns
+    assert read(root / "cv_summary.json")["test_dice_per_fold"] == read(cv["root"] / "cv_summary.json")[
+        "test_dice_per_fold"]  # the same folds as those trained in one go
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("foreign", ["another fold", "a plain run"])
+def test_a_plain_run_or_another_fold_at_fold_n_is_refused_naming_it(foreign, cv, tmp_path, capsys):
+    root = copy_of(cv, tmp_path)
+    shutil.rmtree(root / "fold_2")
+    if foreign == "another fold":
+        shutil.copytree(root / "fold_1", root / "fold_2")
+    else:
+        train_tiny(capsys, cv["data"], root / "fold_2", "--groups", cv["groups"])
+    before = snapshot(root)
+    rc, _, err = run_cli(capsys, "--resume", root)
+    one_error(rc, err, f"{root / 'fold_2'} is not fold 2 of this cross-validation",
+              "--fold" if foreign == "another fold" else "--folds")
+    assert snapshot(root) == before
+
+
+@pytest.mark.slow
+def test_the_way_on_from_a_foreign_fold_retrains_that_fold_alone(cv, tmp_path, capsys):
+    root = copy_of(cv, tmp_path)
+    shutil.rmtree(root / "fold_2")
+    shutil.copytree(root / "fold_1", root / "fold_2")
+    rc, _, err = run_cli(capsys, "--resume", root)
+    message = one_error(rc, err, "move it out of")
+    shutil.move(root / "fold_2", tmp_path / "moved")
+    others = {k: snapshot(root / f"fold_{k}") for k in (1, 3)}
+    rc, _, err = run_cli(capsys, *advice(message, r"--resume \S+ --fold 2$"))
+    assert rc == 0, err
+    assert read(root / "fold_2" / "config.json")["fold"] == 2
+    assert {k: snapshot(root / f"fold_{k}") for k in (1, 3)} == others
+    assert read(root / "cv_summary.json")["test_images"] == 20
+
+
+# -----------------------------------------------------------------------------
+# More epochs: for all folds together
+
+
+@pytest.fixture(scope="module")
+def extended(cv, tmp_path_factory):
+    """A copy of the cross-validation that one fold alone was refused to train further, then trained
+    further (--epochs 2) by the command that refusal named."""
+    root = Path(shutil.copytree(cv["root"], tmp_path_factory.mktemp("extended") / "cv"))
+    result = {"root": root, "before": snapshot(root)}
+    for step, args in (("refused", ["--resume", str(root / "fold_1"), "--epochs", "2"]), ("advised", None)):
+        printed, errors = io.StringIO(), io.StringIO()
+        if args is None:
+            args = advice(result["refused"][1].strip().splitlines()[-1], r"--resume \S+ --epochs 2$")
+        with redirect_stdout(printed), redirect_stderr(errors):
+            rc = bts.main(args)
+        result[step] = (rc, errors.getvalue(), printed.getvalue())
+        if step == "refused":
+            result["after refusal"] = snapshot(root)
+    return result
+
+
+@pytest.mark.slow
+def test_one_fold_alone_is_refused_more_epochs_and_the_command_named_trains_them_all(extended):
+    rc, err, _ = extended["refused"]
+    one_error(rc, err, f"{extended['root'] / 'fold_1'} is fold 1 of a cross-validation",
+              f"--resume {extended['root']} --epochs 2")
+    assert extended["after refusal"] == extended["before"]
+    rc, err, _ = extended["advised"]
+    assert rc == 0, err
+    root = extended["root"]
+    for k in (1, 2, 3):
+        assert read(root / f"fold_{k}" / "metrics.json")["history"]["epoch"] == [1, 2]
+        assert bts.load_checkpoint(root / f"fold_{k}" / "last.pth")["epoch"] == 2
+    assert read(root / "cv_summary.json")["test_dice_per_fold"] == [
+        read(root / f"fold_{k}" / "metrics.json")["test"]["dice"] for k in (1, 2, 3)]
+
+
+@pytest.mark.slow
+def test_fewer_epochs_than_the_folds_train_are_refused(source, tmp_path, capsys):
+    root = tmp_path / "cv"
+    data, groups = source
+    rc, _, err = run_cli(capsys, "--data-dir", data, "--groups", groups, *TINY_ARGS, "--epochs", "2", "--folds", "3",
+                         "--fold", "3", "--out-dir", root)
+    assert rc == 0, err
+    before = snapshot(root)
+    rc, out, err = run_cli(capsys, "--resume", root, "--epochs", "1")
+    one_error(rc, err, f"{root}: its folds train 2 epochs", "never fewer")
+    assert "=== fold" not in out and snapshot(root) == before
+
+
+@pytest.mark.slow
+def test_a_cross_validation_trained_further_resumes_and_refuses_fewer_epochs(extended, tmp_path, capsys):
+    root = Path(shutil.copytree(extended["root"], tmp_path / "cv"))
+    before = snapshot(root, ignore="cv_summary.json")
+    rc, out, err = run_cli(capsys, "--resume", root)
+    assert rc == 0, err
+    assert out.count("finished already, kept") == 3 and snapshot(root, ignore="cv_summary.json") == before
+    rc, _, err = run_cli(capsys, "--resume", root, "--epochs", "1")
+    one_error(rc, err, "never fewer")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folds", [["--folds", "3"], []], ids=["with-folds", "alone"])
+def test_more_epochs_for_one_fold_alone_are_refused(folds, cv, capsys):
+    before = snapshot(cv["root"])
+    rc, out, err = run_cli(capsys, "--resume", cv["root"], *folds, "--fold", "1", "--epochs", "2")
+    one_error(rc, err, "add epochs to all folds together (without --fold)")
+    assert "=== fold" not in out and snapshot(cv["root"]) == before
+
+
+# -----------------------------------------------------------------------------
+# The summary: all folds, one partition of the same data
+
+
+def changed_image(cv):
+    path = cv["data"] / "images" / "5.png"
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(path), 255 - image)  # other pixels, the same name
+
+
+def changed_groups(cv):
+    write_groups(cv["groups"], lambda i: i % 7)  # other patients, the same file
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", [changed_image, changed_groups], ids=["data", "groups-file"])
+def test_folds_of_other_data_or_groups_are_refused_at_the_summary(change, cv, tmp_path, capsys):
+    """Fold 3 trained after the data (or the groups file's content) changed: its test part is not the rest
+    of the same data, so no summary is written."""
+    root = copy_of(cv, tmp_path)
+    shutil.rmtree(root / "fold_3")
+    (root / "cv_summary.json").unlink()
+    saved = {p: p.read_bytes() for p in (cv["data"] / "images" / "5.png", cv["groups"])}
+    try:
+        change(cv)
+        rc, out, err = run_cli(capsys, "--resume", root)
+    finally:
+        for path, content in saved.items():
+            path.write_bytes(content)
+    one_error(rc, err, f"{root}: its folds' test parts are not one partition of the same data", "changed between folds")
+    assert "=== fold 3 of 3" in out and (root / "fold_3" / "metrics.json").is_file()
+    assert not (root / "cv_summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_relative_groups_path_is_the_same_groups_file_for_every_fold(cv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(cv["groups"], tmp_path / "groups.csv")
+    rc, out, err = run_cli(capsys, "--data-dir", cv["data"], "--groups", "groups.csv", *TINY_ARGS, "--folds", "3",
+                           "--fold", "1", "--out-dir", "cv")
+    assert rc == 0, err
+    assert "1 of 3 folds finished" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--folds", "40"], "too few for 40 folds"),
+    (["--folds", "3", "--fold", "4"], "--fold 4"),
+    (["--folds", "3", "--groups", "{tmp}/nul.csv"], "NUL bytes"),
+    (["--folds", "3", "--val-fraction", "0.3"], "drop them"),
+])
+def test_a_cross_validation_that_cannot_start_leaves_no_folder(args, message, source, tmp_path, capsys):
+    (tmp_path / "nul.csv").write_text("image,patient_id\n1,\0\n")
+    args = [a.format(tmp=tmp_path) for a in args]
+    if "--groups" not in args:
+        args += ["--groups", str(source[1])]
+    before = snapshot(tmp_path)
+    rc, _, err = run_cli(capsys, "--data-dir", source[0], *TINY_ARGS, *args, "--out-dir", tmp_path / "cv")
+    one_error(rc, err, message)
+    assert snapshot(tmp_path) == before
