@@ -193,7 +193,7 @@ CHECKPOINT_VERSION = 1
 # For checkpoints written before a field existed: the value that keeps their behaviour (not the
 # current default, which may differ). Any other field that decides what a run learned or predicts
 # must be in a checkpoint's config: one that lacks it is refused, naming the file.
-BEFORE_FIELD_EXISTED = {"tta": False, "split_seed": 42}
+BEFORE_FIELD_EXISTED = {"tta": False, "split_seed": 42, "postprocess": False}
 
 
 class UserError(Exception):
@@ -1759,6 +1759,8 @@ def saved_config(config: dict, path: Path | str) -> Config:
     if missing:
         raise UserError(f"{path}: its settings lack {', '.join(missing)}, which decide what it learned or predicts "
                         f"(written by another version of this script?); use that version, or train anew")
+    if "overwrite" in config and isinstance(config.get("fold"), int):  # saved before --fold became 1-based
+        config = {**config, "fold": config["fold"] + 1}
     try:
         return Config(**{**BEFORE_FIELD_EXISTED, **{k: v for k, v in config.items() if k in Config.__dataclass_fields__}})
     except UserError as e:

@@ -4,6 +4,7 @@
     python predict.py --model outputs/RUN scan1.png scans/                # masks, overlays, predictions.csv
     python predict.py --model outputs/RUN scans/ --masks truth/           # also scores each scan
     python predict.py --model outputs/RUN patients/ --recursive            # a folder per patient
+    python predict.py --model model.onnx scans/                           # exported (export.py): onnxruntime
 
 It writes into a new folder it creates (--out, or predictions/DATE-TIME-RUN): for each input image
 masks/NAME.png (0/255, at the input's size), overlays/NAME.png (the scan with the predicted tumour in
@@ -13,6 +14,7 @@ run's own (from the trainer's code and the checkpoint), and so is the scoring ag
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +34,8 @@ from brain_tumor_segmentation import UserError, setting, training_setting  # noq
 @dataclass
 class PredictConfig:
     inputs: list[str] = setting([], "image files and/or folders of images", positional=True, metavar="INPUT")
-    model: str = setting("", "a finished run's folder (its model.pth: the best epoch), or a checkpoint file")
+    model: str = setting("", "a finished run's folder (its model.pth: the best epoch), a checkpoint file, or an "
+                             ".onnx file written by export.py")
     out: str = setting("", "the folder to create for the outputs (it must not exist); default: a new "
                            "predictions/DATE-TIME-RUN")
     masks: str = setting("", "folder of true masks (same file names): score each prediction on every metric")
@@ -54,22 +57,15 @@ def predict(cfg: PredictConfig) -> list[dict]:
     each (with scores when --masks has its mask). A failure leaves no partial folder behind."""
     bts.RUN_WARNINGS.clear()
     model_path = Path(cfg.model) / "model.pth" if Path(cfg.model).is_dir() else Path(cfg.model)
-    state = bts.load_checkpoint(model_path)
-    if state.get("optimizer") is not None:  # a resumable state: last.pth
-        bts.warn(f"{model_path} is the latest training state (epoch {state['epoch']}), not the best model: it predicts "
-                 f"with the untuned threshold {state['threshold']:.2f}; model.pth beside it holds the best epoch and "
-                 f"the threshold chosen on validation")
-    if state["config"].get("demo"):
+    probabilities, how, where = onnx_model(model_path) if model_path.suffix == ".onnx" else torch_model(model_path, cfg)
+    if how["demo"]:
         bts.warn(f"{model_path} was trained on --demo's synthetic slices: its masks of real scans mean nothing")
     files = collect_inputs(cfg.inputs, cfg.recursive)
     truth = collect_inputs([cfg.masks], cfg.recursive, quiet=True) if cfg.masks else {}
-    device = bts.pick_device(cfg.device)
-    machine = bts.Machine(device, run_precision(state, cfg.amp, device))
-    model = bts.model_from_checkpoint(state, model_path, device)
     out = bts.new_folder(cfg.out, "predictions", model_path.resolve().parent.name, "predict")
     t0, written = time.time(), []
     try:
-        rows = segment(model, machine, files, state, truth, cfg, out, written)
+        rows = segment(probabilities, how, files, truth, cfg, out, written)
         if not rows:
             raise UserError("none of the inputs could be read; nothing was written")
         bts.save_csv(out / "predictions.csv", rows)
@@ -78,8 +74,8 @@ def predict(cfg: PredictConfig) -> list[dict]:
         raise
     seconds = time.time() - t0
     skipped = len(files) - len(rows)
-    bts.log(f"{len(rows)} images segmented in {seconds:.2f} s ({seconds / len(rows):.3f} s each) on {device}, "
-            f"{bts.precision_name(machine)}" + (f", {skipped} unreadable skipped" if skipped else "")
+    bts.log(f"{len(rows)} images segmented in {seconds:.2f} s ({seconds / len(rows):.3f} s each) on {where}"
+            + (f", {skipped} unreadable skipped" if skipped else "")
             + f"; masks, overlays and predictions.csv in {out}/")
     scored = [r for r in rows if "dice" in r]
     report_scores(scored)
@@ -87,6 +83,54 @@ def predict(cfg: PredictConfig) -> list[dict]:
         bts.warn(f"{len(rows) - len(scored)} of the {len(rows)} segmented scans are not scored: their mask is missing "
                  f"from {cfg.masks}, unreadable, or of another size (warned above)")
     return rows
+
+
+def torch_model(path: Path, cfg: PredictConfig):
+    """A checkpoint's probabilities function (uint8 images (N,1,S,S) -> probabilities (N,S,S)), the
+    settings it predicts with, and where it runs."""
+    state = bts.load_checkpoint(path)
+    if state.get("optimizer") is not None:  # a resumable state: last.pth
+        bts.warn(f"{path} is the latest training state (epoch {state['epoch']}), not the best model: it predicts "
+                 f"with the untuned threshold {state['threshold']:.2f}; model.pth beside it holds the best epoch and "
+                 f"the threshold chosen on validation")
+    device = bts.pick_device(cfg.device)
+    machine = bts.Machine(device, run_precision(state, cfg.amp, device))
+    model = bts.model_from_checkpoint(state, path, device)
+    how = {"image_size": state["config"]["image_size"], "threshold": float(state["threshold"]),
+           "tta": bool(state["config"].get("tta", bts.BEFORE_FIELD_EXISTED["tta"])),
+           "postprocess": state.get("postprocess", []), "demo": bool(state["config"].get("demo"))}
+
+    def probabilities(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images)
+        return bts.predict_probabilities(model, x, len(x), machine, flip=how["tta"]).cpu().numpy()[:, 0]
+
+    return probabilities, how, f"{device}, {bts.precision_name(machine)}"
+
+
+def onnx_model(path: Path):
+    """The same for an .onnx file of export.py, run by onnxruntime on the CPU: no PyTorch computes."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(f"{path}: predicting with an .onnx file needs onnxruntime: pip install onnxruntime") from None
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        how = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    except Exception as e:  # onnxruntime raises its own kinds for files it cannot read
+        raise UserError(f"{path}: not an ONNX model onnxruntime can load ({bts.first_line(e)})") from None
+    if how.get("format") != "brain-tumor-segmentation-unet-onnx":
+        raise UserError(f"{path}: not an ONNX file written by export.py (its metadata names no image size or threshold)")
+
+    def probabilities(images: np.ndarray) -> np.ndarray:
+        x = images.astype(np.float32) / 255
+        probs = session.run(None, {"images": x})[0]
+        if how["tta"]:  # the mean with the mirror image's prediction, as in training's test
+            probs = (probs + session.run(None, {"images": np.ascontiguousarray(x[..., ::-1])})[0][..., ::-1]) / 2
+        return probs[:, 0]
+
+    return probabilities, how, "CPU, onnxruntime, float32"
 
 
 def run_precision(state: dict, amp: str, device: torch.device):
@@ -137,13 +181,11 @@ def collect_inputs(inputs: list[str], recursive: bool = False, quiet: bool = Fal
     return unique
 
 
-def segment(model, machine, files: dict, state: dict, truth: dict, cfg: PredictConfig, out: Path,
-            written: list) -> list:
+def segment(probabilities, how: dict, files: dict, truth: dict, cfg: PredictConfig, out: Path, written: list) -> list:
     """Masks, overlays and CSV rows of the readable files (name -> path), written into `out` (each
     written file's name appended to `written`); the image size, threshold, post-processing and mirror
     averaging are the checkpoint's."""
-    size, threshold, steps = state["config"]["image_size"], float(state["threshold"]), state.get("postprocess", [])
-    flip = bool(state["config"].get("tta", bts.BEFORE_FIELD_EXISTED["tta"]))
+    size, threshold, steps = how["image_size"], how["threshold"], how["postprocess"]
     rows, items = [], list(files.items())
     for start in tqdm(range(0, len(items), cfg.eval_batch_size), desc="predicting", unit="batch", leave=False):
         batch = []
@@ -154,8 +196,7 @@ def segment(model, machine, files: dict, state: dict, truth: dict, cfg: PredictC
                 bts.warn(f"{e}; skipped")
         if not batch:
             continue
-        x = torch.from_numpy(np.stack([bts.preprocess_image(gray, size) for _, _, gray in batch])).unsqueeze(1)
-        probs = bts.predict_probabilities(model, x, len(batch), machine, flip=flip).cpu().numpy()[:, 0]
+        probs = probabilities(np.stack([bts.preprocess_image(gray, size) for _, _, gray in batch])[:, None])
         for (name, f, gray), prob in zip(batch, probs):
             full = cv2.resize(prob, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
             mask = bts.postprocess(full[None], threshold, steps)[0]
@@ -194,7 +235,7 @@ def score(mask: np.ndarray, target: np.ndarray | None) -> dict:
     numbers describe the files (the training test scores at the model's size instead)."""
     if target is None:
         return {}
-    scores = bts.scores_from_counts(bts.confusion_counts(torch.from_numpy(mask)[None], torch.from_numpy(target)[None]))
+    scores = bts.scores_from_counts([(mask & target).sum(), (mask & ~target).sum(), (~mask & target).sum()])
     hd = bts.hd95(mask, target)
     return {"scored_at": f"{mask.shape[1]}x{mask.shape[0]}", "true_tumor_pixels": int(target.sum()),
             **{name: round(float(v[0]), 5) for name, v in scores.items()},

@@ -446,17 +446,21 @@ def test_a_state_lacking_a_learned_setting_is_refused_naming_the_file(field, unf
 
 
 def test_settings_older_than_their_field_get_the_values_of_before(unfinished):
-    for field in ("tta", "split_seed", "panel_images", "workers"):  # two learned, two the machine's or outputs'
+    for field in ("tta", "split_seed", "postprocess", "panel_images", "workers"):  # 3 learned, 2 how it runs
         edit_checkpoint(unfinished / "last.pth", f"config.{field}", MISSING)
     cfg, typed = bts.config_from_args(["--resume", str(unfinished)])
     resumed, state = bts.resumed_state(cfg, typed)
-    assert bts.BEFORE_FIELD_EXISTED == {"tta": False, "split_seed": 42}
+    assert bts.BEFORE_FIELD_EXISTED == {"tta": False, "split_seed": 42, "postprocess": False}
     assert resumed.tta is False and bts.Config().tta is True  # mirror averaging was not done before tta existed
+    assert resumed.postprocess is False and bts.Config().postprocess is True
     assert resumed.split_seed == 42
     assert (resumed.panel_images, resumed.workers) == (bts.Config().panel_images, bts.Config().workers)
     assert (resumed.image_size, resumed.base_width, state["epoch"]) == (32, 4, 1)
     config = {k: v for k, v in bts.dataclasses.asdict(bts.Config()).items() if k != "tta"}
     assert bts.saved_config(config, "x.json").tta is False
+    old = {**bts.dataclasses.asdict(bts.Config(folds=3, fold=2)), "overwrite": False}  # before --fold was 1-based
+    assert bts.saved_config({**old, "fold": 1}, "x.json").fold == 2
+    assert bts.saved_config({**old, "folds": 0, "fold": -1}, "x.json").fold == 0
 
 
 # -----------------------------------------------------------------------------
