@@ -182,7 +182,7 @@ class Config:
 SEED_RECIPE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", loss="dice",
                    augment=False, tune_threshold=False, tta=False)
 # --demo: a synthetic dataset small enough to train well in seconds on a CPU.
-DEMO_DEFAULTS = dict(image_size=64, base_width=16, epochs=12, batch_size=16, data_dir="data/synthetic-demo")
+DEMO_DEFAULTS = dict(image_size=48, base_width=16, epochs=12, batch_size=16, data_dir="data/synthetic-demo")
 KAGGLE_DATASET = "nikhilroxtomar/brain-tumor-segmentation"
 KAGGLE_PAIRS = 3064  # image/mask pairs in that dataset, as patients.csv lists them
 DEFAULT_DATA_DIR = "data/brain-tumor-segmentation"

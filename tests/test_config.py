@@ -331,7 +331,7 @@ WRONG_EDITS = [
      "the bounds of image_size must be numbers, not {"),
     ('SEED_RECIPE = dict(optimizer="adam", lr=1e-3,', 'SEED_RECIPE = dict(optimizer="adam", learning_rate=1e-3,',
      f"SEED_RECIPE sets learning_rate, which is not a field of Config {HINT}"),
-    ('DEMO_DEFAULTS = dict(image_size=64,', 'DEMO_DEFAULTS = dict(img_size=64,',
+    ('DEMO_DEFAULTS = dict(image_size=48,', 'DEMO_DEFAULTS = dict(img_size=48,',
      f"DEMO_DEFAULTS sets img_size, which is not a field of Config {HINT}"),
 ]
 
