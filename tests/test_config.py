@@ -198,7 +198,7 @@ def test_demo_sets_its_fields_and_typed_ones_win():
     sized, _ = bts.config_from_args(["--demo", "--image-size", "96", "--data-dir", "mine"])
     assert sized.image_size == 96 and sized.data_dir == "mine" and sized.base_width == bts.DEMO_DEFAULTS["base_width"]
     both, _ = bts.config_from_args(["--demo", "--recipe", "seed", "--epochs", "2"])
-    assert both.optimizer == "adam" and both.image_size == 64 and both.epochs == 2
+    assert both.optimizer == "adam" and both.image_size == bts.DEMO_DEFAULTS["image_size"] and both.epochs == 2
     assert bts.config_from_args(["--no-demo"])[0].image_size == 256  # --no-demo: no preset
     assert bts.Config().image_size == 256 and bts.Config().optimizer == "adamw"  # the presets changed no default
 
