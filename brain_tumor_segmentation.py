@@ -11,16 +11,14 @@ Every run writes into a new folder of its own (outputs/DATE-TIME-NAME, or --out-
 exist yet), and its last line names it; nothing outside it is ever replaced or deleted. Every
 constant is a field of `Config` below: edit a default there, or set it for one run on the command
 line (`--epochs 5 --batch-size 8`); `--help` lists them all. The file reads in the order it runs:
-`Config`, `train()` (the whole run as named steps), then the steps that decide the numbers (data,
-split, model, loss, the training loop, evaluation, plots), then the machinery in a marked tail.
-predict.py and compare.py beside it use a finished run and import what they need from here.
+`Config`, `train()` (the whole run as named steps), the steps that decide the numbers (data, split,
+model, loss, loop, evaluation, plots), then the machinery in a marked tail. predict.py, compare.py
+and export.py use a finished run and import what they need from here.
 
-Measured (bench/RESULTS.md):
-    one NVIDIA H200, 2026-12-04     the default run (256x256, 20 epochs, compiled, bf16) start to
-                                    finish in 59 s, test Dice 0.712 (95% CI 0.637-0.858, 16 patients);
-                                    the seed recipe 0.576 on the same test images
-    2 cores of an AMD EPYC with     make demo (synthetic, 64x64, 12 epochs) in about 40 s, test Dice
-    AVX-512 BF16, 2026-11-29        0.98; the default run about 3 hours (500-585 s an epoch)
+Measured (bench/RESULTS.md): the default run (256x256, 20 epochs, compiled, bf16) takes 59 s start to
+finish on one H200, test Dice 0.712 (95% CI 0.637-0.858, 16 patients; the seed recipe 0.576), and about
+3 hours on 2 cores of an AMD EPYC with AVX-512 BF16; there `make demo` (synthetic, 48x48, 12 epochs)
+takes about 30 s, test Dice 0.97-0.98.
 """
 from __future__ import annotations
 
@@ -61,10 +59,10 @@ from tqdm import tqdm
 
 
 def setting(default, help, **rules):
-    """A Config field with its rules beside it, which the checks and the command line read: low, high
-    (inclusive bounds), above (exclusive), share (between 0 and 1), choices (a function, for tables
-    defined below), resumable (may change on --resume), learns=False (does not change what a run
-    learns: compare leaves it out), const and aliases (for the command line)."""
+    """A Config field with the rules that the checks and the command line read: low, high (inclusive),
+    above (exclusive), share (0 to 1), choices (a function, for tables defined below), resumable (may
+    change on --resume), learns=False (compare leaves it out), now (always this command's), positional,
+    metavar and aliases (the command line)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **rules})
     return field(default=default, metadata={"help": help, **rules})
@@ -76,11 +74,7 @@ def training_setting(name: str, **rules):
 
 
 SEED_RANGE = dict(low=0, high=2 ** 31 - 1)
-
-
 HOW_IT_RUNS = dict(resumable=True, learns=False)  # machine and output settings: free to change on --resume
-
-
 THIS_COMMAND = dict(HOW_IT_RUNS, now=True)  # always this command's, never a resumed run's saved value
 
 
@@ -238,36 +232,31 @@ def train(cfg: Config, typed: frozenset = frozenset(), made: bool = False) -> di
 
 def load_dataset(data_dir: Path | str, size: int, limit: int = 0, workers: int = 0) -> dict:
     """Every readable pair decoded once: names, images (N,1,S,S) uint8 0..255, masks (N,1,S,S) uint8 0/1,
-    and each pair's content hash (of the files' bytes, so runs at other sizes share it). Unreadable
-    files and size mismatches are skipped with a warning naming the file; nothing is ever written."""
+    and each pair's hash of its files' bytes (so runs at other sizes share it). A pair that cannot be
+    used is skipped with a warning naming the file; nothing is ever written."""
     pairs = find_pairs(data_dir)[:limit or None]
-    workers = workers or min(8, os.cpu_count() or 1)
-    names, images, masks, hashes, problems = [], [], [], [], 0
 
     def load(pair):
         name, image_path, mask_path = pair
         try:
-            return name, read_pair(image_path, mask_path, size), ""
+            image, mask, digest, note = read_pair(image_path, mask_path, size)
+            return name, (image, mask, digest), note
         except ValueError as e:
             return name, None, f"{e}; pair {name} skipped"
 
-    with ThreadPoolExecutor(workers) as pool:  # OpenCV releases the GIL while decoding
+    kept = []
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:  # OpenCV decodes without the GIL
         for name, pair, problem in tqdm(pool.map(load, pairs), total=len(pairs), desc="decoding", unit="img",
                                         leave=False):
-            if pair is None:
+            if problem:
                 warn(problem)
-                problems += 1
-                continue
-            if pair[3]:
-                warn(pair[3])
-            names.append(name)
-            images.append(pair[0])
-            masks.append(pair[1])
-            hashes.append(pair[2])
-    if not names:
+            if pair:
+                kept.append((name, *pair))
+    if not kept:
         raise UserError(f"{data_dir}: none of the {len(pairs)} image/mask pairs could be read")
-    if problems:
-        warn(f"{problems} of {len(pairs)} pairs skipped (see the warnings above)")
+    if len(kept) < len(pairs):
+        warn(f"{len(pairs) - len(kept)} of {len(pairs)} pairs skipped (see the warnings above)")
+    names, images, masks, hashes = map(list, zip(*kept))
     mostly = [n for n, m in zip(names, masks) if m.mean() > 0.5]
     if mostly:
         warn(f"{len(mostly)} of {len(names)} masks are more than half tumour (for example {mostly[0]}): inverted "
@@ -281,8 +270,7 @@ def load_dataset(data_dir: Path | str, size: int, limit: int = 0, workers: int =
 
 
 def find_pairs(data_dir: Path | str) -> list[tuple[str, Path, Path]]:
-    """(name, image path, mask path) for every image in images/ with a mask of the same name in masks/.
-    A missing or empty folder stops the run; an unpaired file is skipped with a warning."""
+    """(name, image path, mask path) of every image in images/ with a mask of the same name in masks/."""
     data_dir = Path(data_dir)
     images_dir, masks_dir = data_dir / "images", data_dir / "masks"
     for folder in (data_dir, images_dir, masks_dir):
@@ -304,8 +292,7 @@ def find_pairs(data_dir: Path | str) -> list[tuple[str, Path, Path]]:
 
 
 def list_images(folder: Path) -> dict[str, Path]:
-    """Image files of a folder by name (without the extension); other files are ignored. A folder
-    that cannot be read stops the run with one sentence."""
+    """Image files of a folder by name (without the extension); other files are ignored."""
     try:
         entries = sorted(Path(folder).iterdir())
     except FileNotFoundError:
@@ -328,8 +315,7 @@ def list_images(folder: Path) -> dict[str, Path]:
 
 
 def image_name(file_name: str) -> str:
-    """A file's name without its image extension: what pairs an image with its mask (and a groups
-    CSV row with both). Other dots belong to the name ('scan.v2' stays 'scan.v2')."""
+    """A file's name without its image extension ('scan.v2' stays): it pairs an image, its mask and a groups row."""
     path = Path(file_name)
     return path.stem if path.suffix.lower() in IMAGE_EXTENSIONS else path.name
 
@@ -357,10 +343,8 @@ def read_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray,
 
 
 def decode_file(path: Path | str, convert) -> tuple[np.ndarray, str]:
-    """`convert` of the pixels OpenCV decodes (any depth and channels), and the sha256 of the file's
-    bytes. Every way a read can fail (no permission, a folder, a corrupt or empty file, a header that
-    claims a size the decoder refuses, NaN or infinite pixels, pixels that memory cannot hold)
-    raises ValueError naming the file, so callers skip it with one warning."""
+    """`convert` of the pixels OpenCV decodes (any depth and channels), and the sha256 of the file's bytes.
+    Every way a read can fail raises ValueError naming the file, so callers skip it with one warning."""
     try:
         data = np.fromfile(path, dtype=np.uint8)  # imdecode also copes with non-ASCII paths
         image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
@@ -376,8 +360,7 @@ def decode_file(path: Path | str, convert) -> tuple[np.ndarray, str]:
 
 
 def read_image(path: Path | str) -> np.ndarray:
-    """Any PNG/JPEG/TIFF/BMP (gray, RGB, RGBA, 8 or 16 bit, float) -> float32 gray in [0, 1], original
-    size. Raises ValueError naming the file when unreadable."""
+    """Any PNG/JPEG/TIFF/BMP (gray or colour, 8 or 16 bit, float) -> float32 gray in [0, 1], original size."""
     return decode_file(path, gray_in_unit_range)[0]
 
 
@@ -401,11 +384,9 @@ def gray_in_unit_range(image: np.ndarray) -> np.ndarray:
 
 
 def tumour_pixels(mask: np.ndarray) -> np.ndarray:
-    """A pixel's value is its strongest colour channel (gray, or the largest of red, green and blue;
-    fully transparent pixels count as 0). The mask's levels are the non-zero values that cover at
-    least a tenth of the area of the most common one, so a lone stray value (JPEG noise, a slip of
-    the brush) is not a level. A pixel is tumour when its value is above half the lowest level:
-    0/255 and 0/1 masks, noisy or not, 16-bit ones, and masks with several labels (all tumour)."""
+    """A pixel is tumour when its strongest colour channel (0 where fully transparent) is above half the mask's
+    lowest level: the non-zero values that cover a tenth of the most common one's area, so that a stray value
+    (JPEG noise, a slip of the brush) is no level. Fits 0/255 and 0/1, noisy, 16-bit and multi-label masks."""
     if mask.ndim == 3:
         value = mask[:, :, :3].max(axis=2)
         mask = np.where(mask[:, :, 3] > 0, value, 0) if mask.shape[2] == 4 else value
@@ -555,8 +536,7 @@ def group_by_similarity(images: torch.Tensor, names: list[str], min_corr: float 
 
 
 def group_folds(groups: list[str], strata: list[str], n_folds: int, seed: int) -> np.ndarray:
-    """The fold (0..n_folds-1) of each image: whole groups, each stratum (tumour type) spread evenly
-    over the folds, by scikit-learn's StratifiedGroupKFold."""
+    """The fold (0..n_folds-1) of each image: whole groups, each tumour type spread evenly (StratifiedGroupKFold)."""
     from sklearn.model_selection import StratifiedGroupKFold
     if len(set(groups)) < n_folds:
         raise UserError(f"{len(set(groups))} patients/groups are too few for {n_folds} folds; add data"
@@ -616,7 +596,8 @@ def split_indices(split: dict, data: dict) -> dict[str, torch.Tensor]:
         raise UserError(f"the data changed since this run's split was made: {len(changed)} of its images are missing "
                         f"or have other contents (for example {changed[0]!r}); resume with the same data, or start "
                         f"a new run")
-    return {part: torch.tensor([position[n] for n in split[part]], dtype=torch.long) for part in ("train", "val", "test")}
+    return {part: torch.tensor([position[n] for n in split[part]], dtype=torch.long)
+            for part in ("train", "val", "test")}
 
 
 def split_fingerprint(split: dict, part: str = "test") -> str:
@@ -626,10 +607,10 @@ def split_fingerprint(split: dict, part: str = "test") -> str:
 
 
 def data_fingerprint(split: dict) -> str:
-    """All the images a run's split was made from, by content, with the patient (group) of each: runs
-    with another groups file's content are on other data."""
+    """All the images a run's split was made from, by content, and the patient (group) of each."""
     files, groups = split.get("files", {}), split.get("groups", {})
-    return hashlib.sha256(utf8("\n".join(f"{n}:{files[n]}:{groups.get(n, '')}" for n in sorted(files)))).hexdigest()[:12]
+    text = "\n".join(f"{n}:{files[n]}:{groups.get(n, '')}" for n in sorted(files))
+    return hashlib.sha256(utf8(text)).hexdigest()[:12]
 
 
 # -----------------------------------------------------------------------------
@@ -637,9 +618,9 @@ def data_fingerprint(split: dict) -> str:
 
 
 class UNet(nn.Module):
-    """U-Net: 4 encoder blocks 1->w->2w->4w->8w with max pooling, a 16w bottleneck (512 channels
-    at 16x16 for w=32 and a 256x256 input), 4 decoder blocks that upsample with 2x2 transposed
-    convolutions and concatenate the encoder features, and a 1x1 convolution to one logit."""
+    """U-Net: 4 encoder blocks 1->w->2w->4w->8w with max pooling, a 16w bottleneck (512 channels at 16x16 for
+    w=32 and a 256x256 input), 4 decoder blocks that upsample with 2x2 transposed convolutions and concatenate
+    the encoder features, and a 1x1 convolution to one logit."""
 
     def __init__(self, in_channels: int = 1, width: int = 32):
         super().__init__()
@@ -703,15 +684,16 @@ class Run:
 
 
 def build_run(cfg: Config, machine: Machine, data: dict, split: dict, idx: dict, resume: dict | None) -> Run:
-    """The model (the checkpoint's weights on --resume), its optimizer, and the handle the training
-    steps call: compiled when that works here."""
+    """The model (the checkpoint's weights on --resume), its optimizer, and the handle the steps call."""
     check_batch_fits(cfg, len(idx["train"]))
     torch.manual_seed(cfg.seed)
     model = UNet(width=cfg.base_width).to(machine.device)
     model_summary(model, cfg, machine.device)
     if machine.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
+    # One fused kernel for all parameters: on a 2-core CPU 9 ms a step instead of 34 ms for the foreach version.
+    optimizer = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scaler = torch.amp.GradScaler(machine.device.type, enabled=machine.dtype == torch.float16)
     if resume:
         try:
@@ -745,7 +727,7 @@ def model_summary(model: nn.Module, cfg: Config, device: torch.device) -> None:
     log(f"model: U-Net, width {cfg.base_width}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
         f"(layer table in train.log)")
     try:
-        from torchsummary import summary  # its device argument must match the model's (see NOTES)
+        from torchsummary import summary  # its device argument is a type: pick_device made "cuda" the run's GPU
     except ImportError:
         return log("(no layer table: torchsummary is not installed)", console=False)
     model.eval()  # its forward pass must not update the batch-norm statistics
@@ -756,13 +738,6 @@ def model_summary(model: nn.Module, cfg: Config, device: torch.device) -> None:
     finally:
         model.train()
     log(text.getvalue().rstrip(), console=False)
-
-
-def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    # One kernel for all parameters (CPU and CUDA, the devices pick_device allows): on a 2-core CPU 9 ms a
-    # step instead of 34 ms for the foreach version.
-    return opt_class(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 def use_compile(cfg: Config, machine: Machine, train_images: int) -> bool:
@@ -920,9 +895,8 @@ def epoch_order(run: Run) -> torch.Tensor:
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> torch.Tensor:
-    """Shuffled indices of one epoch, as (steps, batch): deterministic in (seed, epoch), so a resumed
-    run sees the same batches. The ragged remainder is dropped (a different one each epoch) to keep
-    shapes fixed."""
+    """Shuffled indices of one epoch, as (steps, batch): deterministic in (seed, epoch), so a resumed run sees
+    the same batches. The ragged remainder (a different one each epoch) is dropped to keep shapes fixed."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     if n < batch_size:  # tiny datasets: one smaller batch
         return perm.view(1, -1)
@@ -1040,23 +1014,18 @@ class Interrupted(UserError):
 
 
 def interrupted(run: Run, stop: StopFlag, where: str = "") -> Interrupted:
-    """The stop's message: where the run stopped, and the command that continues it."""
-    at = where or f"stopped at epoch {run.epoch + 1}, step {run.step}"
-    return Interrupted(f"{at}; {run.out / 'last.pth'} holds the run. Continue it with:\n  "
-                       f"{continue_command(run.cfg)}", code=130 if stop.signal == signal.SIGINT else 143)
-
-
-def continue_command(cfg: Config) -> str:
-    """The command that continues a run (or its cross-validation), to copy and run from any folder."""
-    folder = Path(cfg.out_dir).resolve()
-    args = [sys.executable, str(Path(__file__).resolve()), "--resume", str(folder.parent if cfg.folds else folder)]
-    return shlex.join(args)
+    """The stop's message: where the run stopped, and the command (from any folder) that continues the
+    run, or its cross-validation."""
+    at, folder = where or f"stopped at epoch {run.epoch + 1}, step {run.step}", run.out.resolve()
+    again = shlex.join([sys.executable, str(Path(__file__).resolve()), "--resume",
+                        str(folder.parent if run.cfg.folds else folder)])
+    return Interrupted(f"{at}; {run.out / 'last.pth'} holds the run. Continue it with:\n  {again}",
+                       code=130 if stop.signal == signal.SIGINT else 143)
 
 
 def checkpoint_state(run: Run, kind: str) -> dict:
-    """Everything needed to use ("best") or resume ("last") a model, copied now (training goes on
-    while the writer saves it), as tensors and plain Python types only, so that
-    torch.load(weights_only=True) can read it."""
+    """Everything needed to use ("best") or resume ("last") a model, copied now (training goes on while the
+    writer saves it), as tensors and plain Python types only, which torch.load(weights_only=True) reads."""
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": kind,
              "model": copied(run.model.state_dict()), "config": dataclasses.asdict(run.cfg), "split": run.split,
              "history": copied(run.history), "epoch": run.epoch, "step": run.step, "best": dict(run.best),
@@ -1081,10 +1050,9 @@ def copied(obj):
 
 
 class Writer(ThreadPoolExecutor):
-    """Writes checkpoints and draws plots in one background thread, in the order given, while training
-    goes on. Leaving its `with` block waits for them all, so a stop signal or an error still writes the
-    last good state; a failed write raises at the next submit or drain. Each file is written whole
-    (atomic_write): a kill at any moment leaves the previous version readable."""
+    """Writes checkpoints and draws plots in one background thread, in the order given, while training goes
+    on. Leaving its `with` block waits for them all, so a stop or an error still writes the last good state;
+    a failed write raises at the next submit or drain."""
 
     def __init__(self):
         super().__init__(1, thread_name_prefix="writer")
@@ -1148,8 +1116,7 @@ def evaluate(model, machine: Machine, images, masks, indices, cfg: Config, thres
 
 @torch.no_grad()
 def logits_in_batches(model, images_u8: torch.Tensor, batch_size: int, machine: Machine):
-    """Eval-mode logits of uint8 images, one batch at a time: yields (first index, logits). The model
-    is back in the mode it was in when the loop ends."""
+    """Eval-mode logits of uint8 images, one batch at a time, as (first index, logits); the mode is put back."""
     was_training = model.training
     model.eval()
     try:
@@ -1196,9 +1163,8 @@ def scores_from_counts(counts) -> dict[str, np.ndarray]:
 
 
 def finish_run(run: Run, stop: StopFlag, t_start: float) -> dict:
-    """The best epoch's model: the threshold chosen on validation, then one evaluation on the test
-    part. A stop signal here leaves a state that --resume finishes; metrics.json, written last, marks
-    the run finished."""
+    """The best epoch's model: the threshold chosen on validation, then one evaluation on the test part. A
+    stop here leaves a state that --resume finishes; metrics.json, written last, marks the run finished."""
     cfg, out = run.cfg, run.out
     run.writer.drain()
     state = load_checkpoint(out / "model.pth")
@@ -1209,9 +1175,11 @@ def finish_run(run: Run, stop: StopFlag, t_start: float) -> dict:
     if stop.signal is not None:
         raise interrupted(run, stop, "stopped after training, before the test")
     metrics = evaluate_test(model, run, threshold, steps)
+    speeds = run.history.get("images_per_second", [])  # once warm: the median after the first epoch (autotuning)
+    steady_speed = float(np.median(speeds[1:] or speeds)) if speeds else None
     metrics.update(best_epoch=state["best"]["epoch"], best_val_dice=state["best"]["val_dice"],
                    total_seconds=time.time() - t_start, history=run.history, precision=precision_name(run.machine),
-                   images_per_second=steady_speed(run.history), compile_seconds=run.compile_seconds,
+                   images_per_second=steady_speed, compile_seconds=run.compile_seconds,
                    script_sha256=run.script)  # the file as it was when the run began
     if RUN_WARNINGS:
         metrics["warning"] = "; ".join(dict.fromkeys(RUN_WARNINGS))
@@ -1225,9 +1193,9 @@ def finish_run(run: Run, stop: StopFlag, t_start: float) -> dict:
         + ", ".join(f"{name} {t[name]:.4f}" for name in METRICS if name != "dice")
         + (f", HD95 {t['hd95']:.1f} px" if t["hd95"] is not None else ", HD95 undefined (no image where both masks "
                                                                        "have tumour)"))
-    log(f"done in {time.time() - t_start:.1f} s; segment new scans with:\n  "
-        f"{shlex.join([sys.executable, str(Path(__file__).resolve().parent / 'predict.py'), '--model', str(out.resolve())])} "
-        f"SCAN.png ...\nrun folder: {out}")
+    predict = shlex.join([sys.executable, str(Path(__file__).resolve().parent / "predict.py"), "--model",
+                          str(out.resolve())])
+    log(f"done in {time.time() - t_start:.1f} s; segment new scans with:\n  {predict} SCAN.png ...\nrun folder: {out}")
     return metrics
 
 
@@ -1304,9 +1272,8 @@ def mean_dice(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 def evaluate_test(model, run: Run, threshold: float, steps: list[str]) -> dict:
-    """Per-image and pooled scores of every metric and HD95 on the test part (at the threshold, after
-    the post-processing steps), a 95% bootstrap interval over patients, the same by tumour type, a
-    per-image CSV, and the test plots."""
+    """Per-image and pooled scores of every metric and HD95 on the test part (thresholded, post-processed), a
+    95% bootstrap interval over patients, the same by tumour type, a per-image CSV, and the test plots."""
     cfg, idx = run.cfg, run.idx["test"]
     probs = predict_probabilities(model, run.images[idx], cfg.eval_batch_size, run.machine, flip=cfg.tta)
     pred_np = postprocess(probs.cpu().numpy()[:, 0], threshold, steps)
@@ -1347,13 +1314,6 @@ def summarize(scores: dict[str, np.ndarray], counts: np.ndarray) -> dict:
     return {"images": int(len(counts)), **{k: float(scores[k].mean()) for k in METRICS},
             "hd95": float(hd.mean()) if len(hd) else None, "hd95_images": int(len(hd)),
             "pooled_dice": float(2 * c[0] / max(2 * c[0] + c[1] + c[2], 1))}
-
-
-def steady_speed(history: dict) -> float | None:
-    """Training images/s once warm: the median over the epochs after the first (cuDNN autotuning,
-    caches), or the first alone."""
-    speeds = history.get("images_per_second", [])
-    return float(np.median(speeds[1:] if len(speeds) > 1 else speeds)) if speeds else None
 
 
 def hd95(pred: np.ndarray, target: np.ndarray) -> float:
@@ -1468,14 +1428,13 @@ def plot_curves(path: Path, history: dict, best_epoch: int = 0) -> None:
 
 def figure(width: float, height: float):
     """A matplotlib figure that needs no screen and no pyplot state, so the writer thread can draw it."""
-    if "matplotlib.figure" not in sys.modules:  # a bad MPLBACKEND fails the import, and no backend is used
-        backend = os.environ.pop("MPLBACKEND", None)
-        try:
-            import matplotlib.figure  # noqa: F401
-        finally:
-            if backend is not None:
-                os.environ["MPLBACKEND"] = backend
-    from matplotlib.figure import Figure
+    # A bad MPLBACKEND fails the first import, and no backend is used: hidden from that import.
+    backend = os.environ.pop("MPLBACKEND", None) if "matplotlib.figure" not in sys.modules else None
+    try:
+        from matplotlib.figure import Figure
+    finally:
+        if backend is not None:
+            os.environ["MPLBACKEND"] = backend
     return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -1637,7 +1596,8 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
     saved = saved_config(state["config"], path)
     resumed = resumed_settings(saved, cfg, typed)
     if is_finished(path.parent) and resumed.epochs <= state["epoch"]:
-        raise UserError(finished_message(path.parent))
+        raise UserError(f"{path.parent} holds a finished run (metrics.json): nothing is left to do. Train it further "
+                        f"with --resume {path.parent} --epochs N (N above its epochs), or start a new run")
     if resumed.epochs < state["epoch"] + (state["step"] > 0):
         raise UserError(f"--epochs {resumed.epochs}: {path} has trained {state['epoch']} epochs already"
                         f"{' and part of the next' if state['step'] else ''}; pass more")
@@ -1670,22 +1630,18 @@ def is_finished(folder: Path) -> bool:
     return (folder / "metrics.json").is_file()
 
 
-def finished_message(folder: Path) -> str:
-    return (f"{folder} holds a finished run (metrics.json): nothing is left to do. Train it further with --resume "
-            f"{folder} --epochs N (N above its epochs), or start a new run")
-
-
 def check_best_model(state: dict, path: Path, epochs: int) -> None:
     """A resumed run needs the model.pth its state records: if a crash between the two writes or a
     user removed or damaged it, the best model is chosen anew from the epochs still to run."""
     if state["best"]["epoch"] < 1:
         return
+    best = path.parent / "model.pth"
     try:
-        if load_checkpoint(path.parent / "model.pth")["epoch"] == state["best"]["epoch"]:
+        if load_checkpoint(best)["epoch"] == state["best"]["epoch"]:
             return
-        problem = f"{path.parent / 'model.pth'} is not the best epoch this state records (a kill between the two writes)"
+        problem = f"{best} is not the best epoch this state records (a kill between the two writes)"
     except UserError:
-        problem = f"{path.parent / 'model.pth'} is missing or damaged"
+        problem = f"{best} is missing or damaged"
     if state["epoch"] >= epochs:
         raise UserError(f"{problem}, and its run has no epoch left to choose a best model from: train on with "
                         f"--resume {path.parent} --epochs {state['epoch'] + 1} or more, or start a new run")
@@ -1762,7 +1718,7 @@ def saved_config(config: dict, path: Path | str) -> Config:
     if "overwrite" in config and isinstance(config.get("fold"), int):  # saved before --fold became 1-based
         config = {**config, "fold": config["fold"] + 1}
     try:
-        return Config(**{**BEFORE_FIELD_EXISTED, **{k: v for k, v in config.items() if k in Config.__dataclass_fields__}})
+        return Config(**BEFORE_FIELD_EXISTED | {k: v for k, v in config.items() if k in Config.__dataclass_fields__})
     except UserError as e:
         raise UserError(f"{path}: its settings are invalid: {e}") from None
 
@@ -1779,10 +1735,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 @contextlib.contextmanager
 def run_folder(cfg: Config, resume: dict | None, made: bool = False):
-    """The run's folder, locked while the run writes into it, with the console copied to its train.log:
-    a new folder (os.mkdir: a folder that exists is refused, so nothing in it can be replaced), the
-    fold folder its cross-validation just made, or with --resume the run's own. A new run that stops
-    before its first checkpoint removes the files it wrote there and the folder."""
+    """The run's folder, locked while the run writes into it, with the console copied to its train.log: a new
+    folder (new_folder), the fold folder its cross-validation just made, or with --resume the run's own. A new
+    run that stops before its first checkpoint removes the files it wrote there and the folder."""
     folder = Path(cfg.out_dir) if resume or made else new_folder(cfg.out_dir, "outputs", run_name(cfg), "training")
     lock = FileLock(folder / ".lock")
     try:
@@ -2059,8 +2014,7 @@ def check_kaggle_download(root: Path) -> None:
 
 
 def download_dataset(dest: Path) -> Path:
-    """Download the Kaggle dataset with kagglehub (no account needed: it is public) into a temporary
-    folder beside `dest`, check it, then move it into place."""
+    """The Kaggle dataset, downloaded into a temporary folder beside `dest`, checked, then moved into place."""
     made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
@@ -2094,17 +2048,9 @@ def download_dataset(dest: Path) -> Path:
 
 
 def fetch_with_kagglehub(folder: Path) -> None:
-    """Way 1: kagglehub, no account needed for this public dataset."""
+    """kagglehub needs no account for this public dataset."""
     import kagglehub
     kagglehub.dataset_download(KAGGLE_DATASET, output_dir=str(folder))
-
-
-def network_errors() -> tuple:
-    errors = (ConnectionError, TimeoutError)
-    with contextlib.suppress(ImportError):  # both clients speak HTTP through requests
-        import requests
-        errors += (requests.ConnectionError, requests.Timeout)
-    return errors
 
 
 def download_failure(e: BaseException) -> str:
@@ -2112,7 +2058,11 @@ def download_failure(e: BaseException) -> str:
     if isinstance(e, ImportError):
         return (f"the Python package {e.name or 'it needs'} is missing: install the project's requirements "
                 f"(pip install -r requirements.txt)")
-    if isinstance(e, network_errors()):
+    network = (ConnectionError, TimeoutError)
+    with contextlib.suppress(ImportError):  # kagglehub speaks HTTP through requests
+        import requests
+        network += (requests.ConnectionError, requests.Timeout)
+    if isinstance(e, network):
         return "no network: Kaggle could not be reached (name lookup or connection failed)"
     status = getattr(getattr(e, "response", None), "status_code", None)
     if status in (401, 403):
@@ -2132,10 +2082,9 @@ CV_RECORD = "cross_validation.json"  # in a cross-validation's folder: K and the
 
 
 def cross_validate(cfg: Config, typed: frozenset = frozenset()) -> dict:
-    """K models, fold k testing on the k-th fold of patients, each in ROOT/fold_k inside the folder
-    the cross-validation creates (--resume ROOT continues it: finished folds are kept, the others
-    continue or begin; --fold N trains one fold, so that folds can run in parallel). Then, once all
-    K are finished, their summary."""
+    """K models, fold k testing on the k-th fold of patients, each in ROOT/fold_k of the folder it creates
+    (--resume ROOT continues: finished folds are kept, the others continue or begin; --fold N trains one
+    fold, so that folds can run in parallel); then, once all K are finished, their summary."""
     root, cfg, made = cross_validation_folder(cfg, typed)
     try:
         for k in range(1, cfg.folds + 1) if not cfg.fold else [cfg.fold]:
@@ -2234,8 +2183,9 @@ def summarize_cross_validation(root: Path, cfg: Config) -> dict:
                         f"file changed between folds. Train the cross-validation anew on one copy of the data")
     dice = np.array([r["test"]["dice"] for r in done])
     summary = {"folds": cfg.folds, "test_dice_per_fold": dice.tolist(), "test_dice_mean": float(dice.mean()),
-               "test_dice_std": float(dice.std(ddof=1)), "test_iou_mean": float(np.mean([r["test"]["iou"] for r in done])),
-               "test_images": len(tested), "data": data[0]}
+               "test_dice_std": float(dice.std(ddof=1)),
+               "test_iou_mean": float(np.mean([r["test"]["iou"] for r in done])), "test_images": len(tested),
+               "data": data[0]}
     caveats = sorted({r["warning"] for r in done if r.get("warning")})
     if caveats:
         summary["warning"] = "; ".join(caveats)
@@ -2258,10 +2208,9 @@ def field_rule(name: str, rule: str):
 
 
 def check_fields(obj) -> None:
-    """Each field of a settings dataclass against its annotation and the rules beside it, with one
-    sentence naming the field. The type comes from the annotation, not from the default, so that a
-    default edited at the top to the wrong type ("20", 16.0, "False") is refused; an int is a valid
-    float."""
+    """Each field of a settings dataclass against its annotation and rules, in one sentence naming the field.
+    The type comes from the annotation, not from the default, so that a default edited at the top to the wrong
+    type ("20", 16.0, "False") is refused; an int is a valid float."""
     hints, where = get_type_hints(type(obj)), Path(sys.modules[type(obj).__module__].__file__).name
     for f in dataclasses.fields(obj):
         value, kind, rules, flag = getattr(obj, f.name), hints[f.name], f.metadata, option(f.name)
@@ -2314,22 +2263,18 @@ def build_parser(kind, description: str, prog: str | None = None) -> argparse.Ar
             parser.add_argument(f.name, nargs="+", metavar=rules.get("metavar", f.name.upper()), help=rules["help"])
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        names, common = [option(f.name), *rules.get("aliases", ())], dict(dest=f.name, default=argparse.SUPPRESS,
-                                                                            help=f"{rules['help']} (default: {default!r})")
-        choices = choices_of(hint, rules)
+        common = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{rules['help']} (default: {default!r})")
+        names, choices = [option(f.name), *rules.get("aliases", ())], choices_of(hint, rules)
         if hint is bool:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
-        elif "const" in rules:
-            parser.add_argument(*names, nargs="?", const=rules["const"], metavar="PATH", **common)
         else:  # choices are shown, and checked by check_fields: one sentence, as for every other field
-            parser.add_argument(*names, type=str if choices else hint, metavar="{" + ",".join(choices) + "}" if choices
-                                else f.name.upper(), **common)
+            metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+            parser.add_argument(*names, type=str if choices else hint, metavar=metavar, **common)
     return parser
 
 
 def config_from_args(argv: list[str]) -> tuple[Config, frozenset]:
-    """The dataclass's defaults, then the --demo and --recipe seed presets, then what was typed; and
-    the names of the typed fields."""
+    """The defaults, then the --demo and --recipe seed presets, then what was typed; and the typed fields."""
     typed = vars(build_parser(Config, "Train a U-Net to segment brain tumours in MRI slices (predict.py segments "
                                       "new scans with a trained model; compare.py compares runs).").parse_args(argv))
     for name, preset in (("DEMO_DEFAULTS", DEMO_DEFAULTS), ("SEED_RECIPE", SEED_RECIPE)):
@@ -2373,8 +2318,7 @@ def write_failure(e: OSError, program: str) -> str:
 
 
 def run_cli(entry, program: str, oom_hint=lambda: "a smaller --batch-size or --eval-batch-size") -> int:
-    """Run one entry point (training, predict, compare) as a command: every failure the user can act
-    on is one sentence on stderr with exit code 1."""
+    """One entry point as a command: every failure the user can act on is one sentence on stderr, exit code 1."""
     for stream in (sys.stdout, sys.stderr):  # a file name the terminal cannot show must not fail the run
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
@@ -2402,8 +2346,7 @@ def run_cli(entry, program: str, oom_hint=lambda: "a smaller --batch-size or --e
 
 
 def run_tool(kind, entry, description: str, prog: str, argv: list[str] | None) -> int:
-    """predict.py's and compare.py's command line: their settings dataclass, parsed and checked as
-    training's are, then the tool itself under run_cli."""
+    """Another tool's command line (predict, compare, export): its dataclass, parsed and checked as training's."""
     parser = build_parser(kind, description, prog=prog)
     return run_cli(lambda: entry(kind(**vars(parser.parse_args(sys.argv[1:] if argv is None else argv)))), prog)
 
@@ -2424,7 +2367,8 @@ def main(argv: list[str] | None = None) -> int:
             fixed = " (a resumed run keeps its batch size: start a new run for a smaller one)"
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 folder = Path(cfg.resume) if Path(cfg.resume).is_dir() else Path(cfg.resume).parent
-                cfg = dataclasses.replace(cfg, batch_size=json.loads((folder / "config.json").read_text())["batch_size"])
+                saved = json.loads((folder / "config.json").read_text())
+                cfg = dataclasses.replace(cfg, batch_size=saved["batch_size"])
         return f"--batch-size {max(1, cfg.batch_size // 2)}{fixed}"
 
     return run_cli(entry, "training", oom_hint)
