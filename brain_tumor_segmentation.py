@@ -1768,6 +1768,9 @@ def run_folder(cfg: Config, resume: dict | None, made: bool = False):
 def start_records(folder: Path, cfg: Config, split: dict, resume: dict | None) -> None:
     """What the run is (its settings, its split), once everything was checked; a resumed run trains on,
     so its earlier test, which would no longer describe model.pth, goes."""
+    for sub in (folder / "visualizations", folder / "visualizations" / "epochs"):
+        if sub.exists() and not sub.is_dir():  # before anything changes: the plots could not be written
+            raise UserError(f"{sub} is a file where the run's plots go; move it out of {folder} and run again")
     save_json(folder / "config.json", dataclasses.asdict(cfg))
     save_json(folder / "split.json", split)
     for name in TEST_FILES if resume else ():
@@ -2086,8 +2089,12 @@ def cross_validate(cfg: Config, typed: frozenset = frozenset()) -> dict:
     (--resume ROOT continues: finished folds are kept, the others continue or begin; --fold N trains one
     fold, so that folds can run in parallel); then, once all K are finished, their summary."""
     root, cfg, made = cross_validation_folder(cfg, typed)
+    folds = range(1, cfg.folds + 1) if not cfg.fold else [cfg.fold]
+    for k in folds:  # before any fold trains
+        if (root / f"fold_{k}").exists() and not (root / f"fold_{k}").is_dir():
+            raise UserError(f"{root / f'fold_{k}'} is a file where fold {k}'s folder goes; move it out of {root}")
     try:
-        for k in range(1, cfg.folds + 1) if not cfg.fold else [cfg.fold]:
+        for k in folds:
             fold_dir = root / f"fold_{k}"
             if fold_results(fold_dir, cfg, k):
                 log(f"fold {k}: finished already, kept")

@@ -116,6 +116,8 @@ def read_json(path: Path, keys: tuple) -> dict:
 def read_fold(folder: Path, whole: bool = False) -> dict:
     """One finished run: its settings, curves, test Dice and each test image's Dice and patient. A fold
     of a cross-validation only as part of it (`whole`): alone, its test images are one fold's."""
+    if not folder.exists():
+        raise UserError(f"{folder}: not found")
     if not bts.is_finished(folder):
         raise UserError(f"{folder}: not a finished run (no metrics.json, nor a cross-validation's record)")
     metrics = read_json(folder / "metrics.json", ("test", "history", "best_val_dice", "test_split"))
@@ -191,7 +193,13 @@ def run_labels(runs: list[dict]) -> tuple[list[str], list[str]]:
     hash), and each run by its folder's name and its setting."""
     settings = [learned_settings(r) for r in runs]
     keys = sorted({k for s in settings for o in settings for k in s if s.get(k) != o.get(k)})
-    shown = [", ".join(f"{k}={short(s.get(k))}" for k in keys) for s in settings]
+
+    def named(hidden):
+        return [", ".join(f"{k}={short(s.get(k))}" for k in keys if k not in hidden) for s in settings]
+
+    shown = named({"schedule"})  # the learning rate per epoch follows from the fields, but after a resume
+    if len(set(shown)) < len({str(s) for s in settings}):
+        shown = named(set())
     labels = [f"{r['folder'].name} ({n})" if n else r["folder"].name for r, n in zip(runs, shown)]
     return labels, [n or "the runs" for n in shown]
 
@@ -292,31 +300,37 @@ def run_row(r: dict, label: str) -> dict:
 
 
 def plot_comparison(path: Path, runs, labels, settings, differences) -> None:
-    """Validation curves, each run's test Dice with its interval, and the paired differences; the
-    figure grows with the number of runs, and long labels wrap."""
-    wrap = lambda text: textwrap.fill(text, 45)  # noqa: E731
-    fig = bts.figure(18, max(4.5, 1.5 + 0.45 * max(len(runs), len(differences))))
+    """Validation curves, each run's test Dice with its interval, and the paired differences. Settings
+    are named S1, S2 ... in the legend, so that ten runs stay legible; the figure grows with them."""
+    fig = bts.figure(18, max(4.5, 2.0 + 0.3 * max(len(runs), len(differences), len(settings))))
     ax1, ax2, ax3 = fig.subplots(1, 3)
-    colours = {id(r): f"C{i % 10}" for i, s in enumerate(settings) for r in s["runs"]}
+    from matplotlib.lines import Line2D  # after bts.figure, which imports matplotlib whatever MPLBACKEND says
+    number = {s["label"]: f"S{i + 1}" for i, s in enumerate(settings)}
+    colour = {s["label"]: f"C{i % 10}" for i, s in enumerate(settings)}
+    of = {id(r): s["label"] for s in settings for r in s["runs"]}
     for i, r in enumerate(runs):
-        curve = r["history"]["val_dice"]
-        ax1.plot(np.arange(1, len(curve) + 1), curve, "o-", color=colours[id(r)], markersize=3)
+        curve, c = r["history"]["val_dice"], colour[of[id(r)]]
+        ax1.plot(np.arange(1, len(curve) + 1), curve, "o-", color=c, markersize=3)
         if r["interval"]:
             ax2.errorbar([r["dice"]], [i], xerr=[[r["dice"] - r["interval"][0]], [r["interval"][1] - r["dice"]]],
-                         fmt="o", capsize=5, color=colours[id(r)])
+                         fmt="o", capsize=5, color=c)
         else:
-            ax2.plot([r["dice"]], [i], "o", color=colours[id(r)])
-    ax1.set(xlabel="epoch", ylabel="Dice", title="Validation Dice (colours as on the right)")
-    ax2.set_yticks(np.arange(len(runs)), [wrap(label) for label in labels], fontsize=7)
+            ax2.plot([r["dice"]], [i], "o", color=c)
+    ax1.set(xlabel="epoch", ylabel="Dice", title="Validation Dice")
+    ax1.legend([Line2D([], [], color=colour[s["label"]], marker="o") for s in settings],
+               [textwrap.fill(f"{number[s['label']]}: {s['label']}", 60) for s in settings], fontsize=7,
+               loc="upper left", bbox_to_anchor=(0, -0.15))
+    ax2.set_yticks(np.arange(len(runs)), [f"{r['folder'].name} [{number[of[id(r)]]}]" for r in runs], fontsize=8)
     ax2.set(ylim=(len(runs) - 0.5, -0.5), xlabel="test Dice", title="Each run's test Dice: 95% interval over patients")
     for i, d in enumerate(differences):
         ax3.errorbar([d["difference"]], [i], xerr=[[d["difference"] - d["low"]], [d["high"] - d["difference"]]],
-                     fmt="o", capsize=5, color=f"C{(i + 1) % 10}")
+                     fmt="o", capsize=5, color=colour[d["setting"]])
         ax3.annotate(d["verdict"], (d["difference"], i), xytext=(0, 8), textcoords="offset points", ha="center",
                      fontsize=8)
     ax3.axvline(0, color="gray", lw=1)
-    ax3.set_yticks(np.arange(len(differences)), [wrap(d["setting"]) for d in differences], fontsize=7)
-    ax3.set(ylim=(max(len(differences), 1) - 0.5, -0.5), xlabel=wrap(f"mean test Dice minus {settings[0]['label']}"),
+    ax3.set_yticks(np.arange(len(differences)), [f"{number[d['setting']]} vs {number[d['reference']]}"
+                                                 for d in differences], fontsize=8)
+    ax3.set(ylim=(max(len(differences), 1) - 0.5, -0.5), xlabel="mean test Dice difference",
             title="Difference to the first setting, 95% interval\n(paired over test patients, seeds resampled)"
             if differences else "No paired difference: the runs were tested\non different images")
     for ax in (ax1, ax2, ax3):

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import shlex
 import shutil
+import signal
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -16,7 +20,8 @@ import cv2
 import pytest
 
 import brain_tumor_segmentation as bts
-from conftest import TINY_ARGS, make_dataset, one_error, run_cli, snapshot, train_tiny
+import compare
+from conftest import SCRIPT, TINY_ARGS, make_dataset, one_error, run_cli, snapshot, train_tiny
 
 def write_groups(path: Path, patient_of) -> Path:
     path.write_text("image,patient_id\n" + "".join(f"{i},p{patient_of(i)}\n" for i in range(1, 21)))
@@ -257,6 +262,31 @@ def test_folds_of_other_data_or_groups_are_refused_at_the_summary(change, cv, tm
 
 
 @pytest.mark.slow
+def test_a_fold_trained_after_the_groups_file_changed_is_refused_by_the_summary_and_by_compare(cv, tmp_path, capsys):
+    """Issue class H as the issue tells it: fold 3 trained alone (--fold 3) after the groups file's content
+    changed tests some images that fold 1 or 2 tested too. cv_summary.json reported such folds as one
+    cross-validation, and compare accepted them; both refuse them now."""
+    root = copy_of(cv, tmp_path)
+    shutil.rmtree(root / "fold_3")
+    (root / "cv_summary.json").unlink()
+    saved = cv["groups"].read_bytes()
+    try:
+        changed_groups(cv)
+        rc, out, err = run_cli(capsys, "--resume", root, "--fold", "3")
+    finally:
+        cv["groups"].write_bytes(saved)
+    one_error(rc, err, "not one partition of the same data")
+    assert "=== fold 3 of 3" in out and (root / "fold_3" / "metrics.json").is_file()
+    tested = [name for k in (1, 2, 3) for name in read(root / f"fold_{k}" / "split.json")["test"]]
+    assert len(tested) > len(set(tested))  # the folds' test parts overlap: the case of the issue
+    assert not (root / "cv_summary.json").exists()
+    capsys.readouterr()
+    rc = compare.main([str(cv["root"]), str(root), "--out", str(tmp_path / "c")])
+    one_error(rc, capsys.readouterr().err, str(root), "not one cross-validation")
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
 def test_a_relative_groups_path_is_the_same_groups_file_for_every_fold(cv, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copy(cv["groups"], tmp_path / "groups.csv")
@@ -264,6 +294,42 @@ def test_a_relative_groups_path_is_the_same_groups_file_for_every_fold(cv, tmp_p
                            "--fold", "1", "--out-dir", "cv")
     assert rc == 0, err
     assert "1 of 3 folds finished" in out
+
+
+# -----------------------------------------------------------------------------
+# Known before, refused before: nothing trains when a fold's folder cannot be made
+
+
+def test_a_file_where_a_fold_folder_goes_is_refused_before_any_fold_trains(source, tmp_path, capsys):
+    """Issue class Q: a file named fold_2 in the folder of a new cross-validation was found only after fold
+    1 had trained. A new cross-validation's folder must not exist at all now: refused at once."""
+    root = tmp_path / "cv"
+    root.mkdir()
+    (root / "fold_2").write_text("a user's file\n")
+    before = snapshot(tmp_path)
+    data, groups = source
+    rc, out, err = run_cli(capsys, "--data-dir", data, "--groups", groups, *TINY_ARGS, "--folds", "3", "--out-dir", root)
+    one_error(rc, err, f"{root} exists already")
+    assert "=== fold" not in out and "epoch" not in out
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_a_file_where_a_fold_folder_goes_stops_a_resumed_cross_validation_before_any_fold_trains(source, tmp_path,
+                                                                                               capsys):
+    """Issue class Q: what stands where a fold's folder goes is known before any fold trains; a cross-
+    validation continued with --resume ROOT must say so at once, naming it, not after training fold 1."""
+    root = tmp_path / "cv"
+    data, groups = source
+    rc, _, err = run_cli(capsys, "--data-dir", data, "--groups", groups, *TINY_ARGS, "--folds", "3", "--fold", "3",
+                         "--out-dir", root)
+    assert rc == 0, err
+    (root / "fold_2").write_text("a user's file\n")
+    before = snapshot(root)
+    rc, out, err = run_cli(capsys, "--resume", root)
+    assert "=== fold 1" not in out, "fold 1 trained before the file at fold_2 was found"
+    one_error(rc, err, str(root / "fold_2"))
+    assert snapshot(root) == before
 
 
 @pytest.mark.parametrize("args, message", [
@@ -281,3 +347,33 @@ def test_a_cross_validation_that_cannot_start_leaves_no_folder(args, message, so
     rc, _, err = run_cli(capsys, "--data-dir", source[0], *TINY_ARGS, *args, "--out-dir", tmp_path / "cv")
     one_error(rc, err, message)
     assert snapshot(tmp_path) == before
+
+
+# -----------------------------------------------------------------------------
+# A stopped cross-validation: the command it prints continues it
+
+
+@pytest.mark.slow
+def test_a_stopped_cross_validation_prints_a_command_that_continues_it(source, tmp_path, capsys, monkeypatch):
+    """Issue class S: the command to continue is this Python, this script's own path, and the cross-
+    validation's folder, quoted (here it has a space); run as printed, it finishes the folds."""
+    real, sent = bts.compute_loss, []
+
+    def stop_in_fold_2(logits, target, cfg):
+        if logits.requires_grad and cfg.fold == 2 and not sent:  # fold 2's first training step
+            sent.append(os.kill(os.getpid(), signal.SIGINT))
+        return real(logits, target, cfg)
+
+    monkeypatch.setattr(bts, "compute_loss", stop_in_fold_2)
+    data, groups = source
+    root = tmp_path / "my cv"
+    rc, _, err = run_cli(capsys, "--data-dir", data, "--groups", groups, *TINY_ARGS, "--folds", "3", "--out-dir", root)
+    assert rc == 130 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1].strip()
+    command = shlex.split(line)
+    assert command == [sys.executable, str(SCRIPT), "--resume", str(root.resolve())] and line == shlex.join(command)
+    monkeypatch.setattr(bts, "compute_loss", real)
+    rc, out, err = run_cli(capsys, *command[2:])
+    assert rc == 0, err
+    assert "fold 1: finished already, kept" in out and "=== fold 2 of 3" in out
+    assert read(root / "cv_summary.json")["test_images"] == 20

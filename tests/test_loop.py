@@ -261,6 +261,39 @@ def test_the_benchmark_times_the_training_loop_itself(data, monkeypatch, quiet_s
     assert calls == [4] and compile_seconds == 0.0 and machine.device.type == "cpu"
 
 
+class Watchdog(BaseException):
+    """Raised by the alarm of the test below: a BaseException, so that no handler of the trainer takes it."""
+
+
+def test_a_million_epochs_start_training_within_seconds(data, tmp_path, monkeypatch, capsys):
+    """Issue class U: bookkeeping that grew with --epochs kept --epochs 1000000 from ever training (the
+    first epoch had not begun after 5 minutes). Now its first epoch begins as soon as that of a 1-epoch
+    run (about 2 s here: decoding 20 slices, the split, the model); a Ctrl-C there stops it. The alarm
+    stops a run that hangs, so that the test fails instead of waiting."""
+    started = []
+
+    def first_epoch(run, stop):
+        started.append(time.perf_counter())
+        raise KeyboardInterrupt
+
+    def hung(signum, frame):
+        raise Watchdog("no epoch began within 60 s")
+
+    monkeypatch.setattr(bts, "train_epoch", first_epoch)
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        t0 = time.perf_counter()
+        rc, _, err = run_cli(capsys, "--data-dir", data, "--out-dir", tmp_path / "run", *TINY, "--epochs", "1000000")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert started, err
+    assert started[0] - t0 < 10, f"the first epoch began after {started[0] - t0:.1f} s"
+    assert rc == 130 and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()  # stopped before its first checkpoint: nothing left
+
+
 # -----------------------------------------------------------------------------
 # Runs shared by the tests below: two epochs, observed as they end, and the same run again
 

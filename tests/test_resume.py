@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -143,6 +144,35 @@ def test_a_run_resumed_mid_epoch_ends_exactly_as_one_never_stopped(straight, res
     assert (resumed / "history.csv").read_text().count("\n") == 3
     log = (resumed / "train.log").read_text()  # one log, the resumed session's lines after the first's
     assert log.index("SIGINT received") < log.index(f"run folder: {resumed} (resumed)") < log.index("epoch   2/2")
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_the_printed_command_continues_the_run_as_it_is_from_another_working_folder(data, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Issue class S: the run was started with relative --data-dir, --groups and --out-dir (a folder with a
+    space) and stopped by Ctrl-C. The command it printed, copied as it is and run in a fresh process from
+    another working folder, finishes it: it names this Python and the script by their paths, quotes the
+    folder, and the run's saved paths do not depend on the working folder."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(data, work / "data")
+    (work / "groups.csv").write_text("image,patient_id\n" + "".join(f"{i},p{(i + 1) // 2}\n" for i in range(1, 21)))
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.MonkeyPatch.context() as mp:
+        on_training_step(mp, STEPS + 1, lambda: os.kill(os.getpid(), signal.SIGINT))  # epoch 2, step 1
+        rc, _, err = run_cli(capsys, "--data-dir", "data", "--groups", "groups.csv", "--out-dir", "my run", *TINY, *CPU)
+    assert rc == 130 and "Traceback" not in err, err
+    run = work / "my run"
+    assert bts.load_checkpoint(run / "last.pth", resumable=True)["epoch"] == 1
+    command = shlex.split(err.strip().splitlines()[-1])
+    result = subprocess.run(command, cwd=elsewhere, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"resuming {run / 'last.pth'} at epoch 2, step 1" in result.stdout
+    assert json.loads((run / "metrics.json").read_text())["history"]["epoch"] == [1, 2]
+    assert "groups.csv" in json.loads((run / "split.json").read_text())["how"]
+    assert list(elsewhere.iterdir()) == []  # nothing written where it was run from
 
 
 # -----------------------------------------------------------------------------

@@ -155,6 +155,33 @@ def test_a_file_where_a_parent_folder_should_be_is_refused_before_anything_runs(
     assert everything(work, base) == before
 
 
+def test_a_file_where_the_runs_subfolder_goes_is_refused_before_anything_trains(base, tmp_path, capsys):
+    """Issue class Q: --out-dir on a folder holding a file named visualizations trained a whole epoch before
+    the file was found. A run's folder is new now: the existing one is refused before any data is read."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "visualizations").write_text("a user's file\n")
+    before = snapshot(tmp_path)
+    rc, stdout, err = run_cli(capsys, "--data-dir", base["data"], "--out-dir", out, *TINY_ARGS)
+    one_error(rc, err, f"{out} exists already")
+    assert "epoch" not in stdout and "data:" not in stdout
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_a_file_where_a_resumed_runs_subfolder_goes_is_refused_before_the_run_changes(base, tmp_path, capsys):
+    """Issue class Q: what stands where an output folder goes is known before anything is done, in a
+    resumed run's own folder too: one sentence naming it, and the run (a finished one) left as it was."""
+    run = Path(shutil.copytree(base["runs"][0], tmp_path / "run"))
+    shutil.rmtree(run / "visualizations")
+    (run / "visualizations").write_text("a user's file\n")
+    before = snapshot(run, ignore="train.log")
+    rc, stdout, err = run_cli(capsys, "--resume", run, "--epochs", "2")
+    one_error(rc, err, str(run / "visualizations"))
+    assert not re.search(r"^epoch +2/2", stdout, re.M) and bts.load_checkpoint(run / "last.pth")["epoch"] == 1
+    assert snapshot(run, ignore="train.log") == before, "the finished run was changed before the refusal"
+
+
 @pytest.mark.subprocess
 def test_a_parent_folder_without_write_permission_is_one_sentence(base, tmp_path):
     locked = tmp_path / "read-only"
@@ -388,6 +415,21 @@ def test_a_full_disk_in_a_tool_is_one_sentence_naming_the_file_and_leaves_no_fol
     rc, _, err = run_program(program, capsys, base, work / "new")
     message = one_error(rc, err, CAUSE[code], f"(writing {calls[1]})", "written whole")
     assert "--resume" not in message and ".tmp" not in err
+    assert not (work / "new").exists() and everything(work, base) == before
+
+
+@pytest.mark.parametrize("program", ["predict", "compare"])
+def test_a_tool_stopped_by_ctrl_c_never_suggests_resume(program, base, work, capsys, monkeypatch):
+    """Issue class S: predict and compare, stopped while writing, told the user to continue with --resume,
+    which is training's option alone; they say they were aborted, and remove their new folder."""
+    def interrupted(path, fill):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bts, "atomic_write", interrupted)
+    before = everything(work, base)
+    rc, _, err = run_program(program, capsys, base, work / "new")
+    assert rc == 130 and "aborted" in err and "Traceback" not in err, err
+    assert "--resume" not in err
     assert not (work / "new").exists() and everything(work, base) == before
 
 
