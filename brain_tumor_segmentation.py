@@ -18,7 +18,7 @@ and export.py use a finished run and import what they need from here.
 Measured (bench/RESULTS.md): the default run (256x256, 20 epochs, compiled, bf16) takes 59 s start to
 finish on one H200, test Dice 0.712 (95% CI 0.637-0.858, 16 patients; the seed recipe 0.576), and about
 3 hours on 2 cores of an AMD EPYC with AVX-512 BF16; there `make demo` (synthetic, 48x48, 12 epochs)
-takes about 30 s, test Dice 0.97-0.98.
+took 32.2 s start to finish (best of two, 2026-12-04), test Dice 0.973.
 """
 from __future__ import annotations
 
@@ -1383,9 +1383,9 @@ def save_contours(path: Path, pictures: tuple, title: str, names: list[str], dic
     for img, truth, pred, name, d in zip(*pictures, names, dice):
         scale = max(1, -(-256 // img.shape[-1]))
         tile = cv2.cvtColor(cv2.resize(img.astype(np.uint8), None, fx=scale, fy=scale), cv2.COLOR_GRAY2BGR)
-        for mask, colour in ((truth, (0, 200, 0)), (pred, (0, 0, 255))):
+        for mask, colour, width in ((truth, (0, 200, 0), 4), (pred, (0, 0, 255), 2)):  # where they agree, both show
             big = cv2.resize(mask.astype(np.uint8), tile.shape[1::-1], interpolation=cv2.INTER_NEAREST)
-            cv2.drawContours(tile, cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)[0], -1, colour, 2)
+            cv2.drawContours(tile, cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)[0], -1, colour, width)
         label = np.zeros((44, tile.shape[1], 3), np.uint8)
         cv2.putText(label, f"Dice {d:.3f}", (4, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
         cv2.putText(label, ascii_text(name)[:tile.shape[1] // 10], (4, 38), cv2.FONT_HERSHEY_SIMPLEX, 0.45,

@@ -144,8 +144,14 @@ def run_precision(state: dict, amp: str, device: torch.device):
     return dtype
 
 
-NOT_2D = {".nii": "a NIfTI volume", ".gz": "a compressed NIfTI volume", ".dcm": "a DICOM file",
+NOT_2D = {".nii": "a NIfTI volume", ".nii.gz": "a compressed NIfTI volume", ".dcm": "a DICOM file",
           ".mha": "a MetaImage volume", ".nrrd": "an NRRD volume"}
+
+
+def not_2d(path: Path) -> str:
+    """What a volume or DICOM file is, by its name ('' for anything else)."""
+    name = path.name.lower()
+    return next((what for ext, what in NOT_2D.items() if name.endswith(ext)), "")
 
 
 def collect_inputs(inputs: list[str], recursive: bool = False, quiet: bool = False) -> dict[str, Path]:
@@ -165,10 +171,10 @@ def collect_inputs(inputs: list[str], recursive: bool = False, quiet: bool = Fal
         else:
             raise UserError(f"{path}: no such file or folder")
     volumes = [f for item in inputs for f in ([Path(item)] if Path(item).is_file() else Path(item).glob(
-        "**/*" if recursive else "*")) if f.suffix.lower() in NOT_2D and not f.name.startswith(".")]
+        "**/*" if recursive else "*")) if not_2d(f) and not f.name.startswith(".")]
     if volumes:
-        raise UserError(f"{volumes[0]}: {NOT_2D[volumes[0].suffix.lower()]}, which predict.py does not read: it reads "
-                        f"2D images (PNG, JPEG, TIFF, BMP); save the slices as PNG first")
+        raise UserError(f"{volumes[0]}: {not_2d(volumes[0])}, which predict.py does not read: it reads 2D images "
+                        f"(PNG, JPEG, TIFF, BMP); save the slices as PNG first")
     unique: dict[str, Path] = {}
     for f, folder in found:
         name = (folder / bts.image_name(f.name)).as_posix()

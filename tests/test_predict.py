@@ -959,3 +959,55 @@ def test_torchrun_variables_in_the_environment_change_nothing_in_predict(model_r
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "3 images segmented" in result.stdout and f"in {out}/" in result.stdout, result.stdout
     check_outputs(out, {"sq0": (48, 48), "sq1": (48, 48), "sq2": (48, 48)})
+
+
+# -----------------------------------------------------------------------------
+# Folders of subfolders, demo models, volumes (issue #30)
+
+
+def test_recursive_reads_subfolders_and_keeps_their_layout(model_run, tmp_path, capsys):
+    patients = tmp_path / "patients"
+    for patient, seed in (("p1", 3), ("p2", 4)):  # equal names in two subfolders: sq0.png in both
+        squares_dataset(patients / patient, 2, seed=seed)
+    flat = tmp_path / "flat"
+    rc, _, err = run_predict(capsys, patients, "--model", model_run["run"], "--out", flat)
+    one_error(rc, err, "no images found")  # without --recursive, the top folder holds no image
+    assert not flat.exists()
+    out = tmp_path / "out"
+    rc, _, err = run_predict(capsys, patients, "--model", model_run["run"], "--out", out, "--recursive",
+                             "--masks", patients)
+    assert rc == 0, err
+    written = sorted(p.relative_to(out / "masks").as_posix() for p in (out / "masks").rglob("*.png"))
+    assert written == [f"{p}/{kind}/sq{i}.png" for p in ("p1", "p2") for kind in ("images", "masks") for i in (0, 1)]
+    assert len(read_csv(out / "predictions.csv")[1]) == 8 and "same name as" not in err
+    assert all("dice" in row for row in read_csv(out / "predictions.csv")[1])  # each paired with its own mask
+
+
+def test_a_model_trained_on_the_demo_warns_on_other_scans(model_run, scans, tmp_path, capsys):
+    demo = edited_checkpoint(model_run["model"], tmp_path / "demo.pth", config={
+        **bts.load_checkpoint(model_run["model"])["config"], "demo": True})
+    rc, _, err = run_predict(capsys, scans / "images", "--model", demo, "--out", tmp_path / "out")
+    assert rc == 0 and "trained on --demo's synthetic slices" in err
+    rc, _, err = run_predict(capsys, scans / "images", "--model", model_run["model"], "--out", tmp_path / "out2")
+    assert rc == 0 and "--demo" not in err
+
+
+@pytest.mark.parametrize("name, what", [("brain.nii", "a NIfTI volume"), ("brain.nii.gz", "a compressed NIfTI"),
+                                        ("slice.dcm", "a DICOM file")])
+@pytest.mark.parametrize("given", ["file", "folder"])
+def test_volumes_are_refused_in_one_sentence_saying_what_the_tool_reads(name, what, given, model_run, scans,
+                                                                       tmp_path, capsys):
+    volume = scans / "images" / name
+    volume.write_bytes(b"\0" * 352)
+    rc, _, err = run_predict(capsys, volume if given == "file" else scans / "images", "--model", model_run["run"],
+                             "--out", tmp_path / "out")
+    one_error(rc, err, name, what, "reads 2D images (PNG, JPEG, TIFF, BMP)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_files_beside_the_scans_are_not_taken_for_volumes(model_run, scans, tmp_path, capsys):
+    (scans / "images" / "notes.tar.gz").write_bytes(b"\x1f\x8b")
+    (scans / "images" / "README.txt").write_text("scans of the clinic")
+    rc, _, err = run_predict(capsys, scans / "images", "--model", model_run["run"], "--out", tmp_path / "out")
+    assert rc == 0, err
+    assert len(read_csv(tmp_path / "out" / "predictions.csv")[1]) == 3
