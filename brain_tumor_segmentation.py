@@ -1521,8 +1521,21 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
     if device.type == "cuda":
         device = torch.device("cuda", device.index or 0)
+        check_gpu_supported(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
+                            torch.cuda.get_arch_list())
         torch.cuda.set_device(device)  # libraries that say just "cuda" (torchsummary) mean this one
     return device
+
+
+def check_gpu_supported(name: str, capability: tuple[int, int], arch_list: list[str]) -> None:
+    """A PyTorch build carries GPU code for some compute capabilities (`sm_75` ...): a GPU older than
+    all of them fails at its first kernel with a traceback, so say it before."""
+    built = [int(m.group(1)) for m in (re.match(r"sm_(\d+)", a) for a in arch_list) if m]  # sm_90a too
+    if built and capability[0] * 10 + capability[1] < min(built):
+        lowest = min(built)
+        raise UserError(f"{name} (compute capability {capability[0]}.{capability[1]}) is older than every GPU this "
+                        f"PyTorch {torch.__version__} build supports (from {lowest // 10}.{lowest % 10}): install a "
+                        f"PyTorch build for it (README, 'Which GPUs'), or use --device cpu")
 
 
 def cpu_has_native_bf16() -> bool:

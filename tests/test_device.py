@@ -412,3 +412,23 @@ def test_torchrun_variables_in_the_environment_change_nothing(torchrun_environme
     assert {"config.json", "split.json", "train.log", "history.csv", "model.pth", "last.pth", "metrics.json",
             "test_per_image.csv", "visualizations/loss_curves.png"} <= written
     assert json.loads((out / "metrics.json").read_text())["history"]["epoch"] == [1]
+
+
+@pytest.mark.parametrize("capability, arch_list, refused", [((7, 0), ["sm_75", "sm_80", "sm_90"], True),
+                                                            ((6, 1), ["sm_75"], True),
+                                                            ((7, 5), ["sm_75", "sm_80"], False),
+                                                            ((12, 0), ["sm_75", "sm_90"], False),
+                                                            ((7, 0), ["sm_90a", "sm_100a", "compute_90"], True)])
+def test_a_gpu_older_than_the_pytorch_build_is_refused_when_picked(capability, arch_list, refused, monkeypatch):
+    """A V100 under a build from sm_75 on fails at its first kernel: say so, in one sentence, first."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: arch_list)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    if refused:
+        with pytest.raises(bts.UserError, match=r"Tesla V100 \(compute capability .*older than every GPU"):
+            bts.pick_device("cuda")
+    else:
+        assert bts.pick_device("cuda") == torch.device("cuda", 0)
