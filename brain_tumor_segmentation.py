@@ -6,6 +6,7 @@
     python brain_tumor_segmentation.py --data-dir DIR    # any folder with images/ and masks/
     python predict.py --model outputs/RUN SCAN.png       # segment new scans with a finished run
     python compare.py "outputs/*"                        # did my change help?
+    python cross_validate.py --folds 5 --data-dir DIR    # K runs, one per fold of patients
 
 Every run writes into a new folder of its own (outputs/DATE-TIME-NAME, or --out-dir, which must not
 exist yet), and its last line names it; nothing outside it is ever replaced or deleted. Every
@@ -13,7 +14,7 @@ constant is a field of `Config` below: edit a default there, or set it for one r
 line (`--epochs 5 --batch-size 8`); `--help` lists them all. The file reads in the order it runs:
 `Config`, `train()` (the whole run as named steps), the steps that decide the numbers (data, split,
 model, loss, loop, evaluation, plots), then the machinery in a marked tail. predict.py, compare.py
-and export.py use a finished run and import what they need from here.
+and export.py use a finished run, cross_validate.py runs train() once per fold; they import from here.
 
 Measured (bench/RESULTS.md): the default run (256x256, 20 epochs, compiled, bf16) takes 59 s start to
 finish on one H200, test Dice 0.712 (95% CI 0.637-0.858, 16 patients; the seed recipe 0.576), and about
@@ -96,9 +97,10 @@ class Config:
     val_fraction: float = setting(0.2, "fraction of the data for validation", above=0)
     test_fraction: float = setting(0.1, "fraction of the data for the final test", above=0)
     split_seed: int = setting(42, "seed of the split alone: runs of other --seed test on the same images", **SEED_RANGE)
-    folds: int = setting(0, "K >= 3: K-fold cross-validation, one model per fold in OUT_DIR/fold_1..fold_K",
-                         resumable=True)
-    fold: int = setting(0, "with --folds: train only fold N (1 to K); 0: all of them", low=0, **THIS_COMMAND)
+    folds: int = setting(0, "K >= 3: this run is one fold of a K-fold cross-validation (cross_validate.py trains "
+                            "them all)", resumable=True)
+    fold: int = setting(0, "with --folds: the fold N (1 to K) this run tests on (cross_validate.py: 0 for all)", low=0,
+                        **THIS_COMMAND)
     # model
     base_width: int = setting(32, "channels of the first encoder block; the U-Net doubles it 4 times", low=1)
     # training recipe
@@ -147,7 +149,7 @@ class Config:
     # outputs and run control
     panel_images: int = setting(4, "validation images in each epoch's prediction panel", low=0, **HOW_IT_RUNS)
     test_samples: int = setting(10, "random test images in the final panel", low=0, **HOW_IT_RUNS)
-    resume: str = setting("", "continue the run (or cross-validation) in this folder, from its last.pth",
+    resume: str = setting("", "continue the run in this folder, from its last.pth",
                           **THIS_COMMAND)
 
     def __post_init__(self):
@@ -688,7 +690,9 @@ def build_run(cfg: Config, machine: Machine, data: dict, split: dict, idx: dict,
     check_batch_fits(cfg, len(idx["train"]))
     torch.manual_seed(cfg.seed)
     model = UNet(width=cfg.base_width).to(machine.device)
-    model_summary(model, cfg, machine.device)
+    log(f"model: U-Net, width {cfg.base_width}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
+        f"(its layers in train.log)")
+    log(str(model), console=False)
     if machine.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # One fused kernel for all parameters: on a 2-core CPU 9 ms a step instead of 34 ms for the foreach version.
@@ -720,24 +724,6 @@ def build_run(cfg: Config, machine: Machine, data: dict, split: dict, idx: dict,
             raise UserError(f"{cfg.resume}: the resumed state is at step {run.step} of an epoch of {steps} steps: "
                             f"damaged, or saved with other data or batch size; start a new run")
     return run
-
-
-def model_summary(model: nn.Module, cfg: Config, device: torch.device) -> None:
-    """The parameter count on the console; torchsummary's layer table in train.log only."""
-    log(f"model: U-Net, width {cfg.base_width}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
-        f"(layer table in train.log)")
-    try:
-        from torchsummary import summary  # its device argument is a type: pick_device made "cuda" the run's GPU
-    except ImportError:
-        return log("(no layer table: torchsummary is not installed)", console=False)
-    model.eval()  # its forward pass must not update the batch-norm statistics
-    try:
-        with contextlib.redirect_stdout(io.StringIO()) as text, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torchsummary 1.5.1 reads tensors that require grad
-            summary(model, (1, cfg.image_size, cfg.image_size), device=device.type)
-    finally:
-        model.train()
-    log(text.getvalue().rstrip(), console=False)
 
 
 def use_compile(cfg: Config, machine: Machine, train_images: int) -> bool:
@@ -1008,19 +994,17 @@ def save_last(run: Run) -> None:
 
 
 class Interrupted(UserError):
-    def __init__(self, message: str, code: int):
+    def __init__(self, message: str, code: int, where: str = ""):
         super().__init__(message)
-        self.code = code
+        self.code, self.where = code, where
 
 
 def interrupted(run: Run, stop: StopFlag, where: str = "") -> Interrupted:
-    """The stop's message: where the run stopped, and the command (from any folder) that continues the
-    run, or its cross-validation."""
-    at, folder = where or f"stopped at epoch {run.epoch + 1}, step {run.step}", run.out.resolve()
-    again = shlex.join([sys.executable, str(Path(__file__).resolve()), "--resume",
-                        str(folder.parent if run.cfg.folds else folder)])
-    return Interrupted(f"{at}; {run.out / 'last.pth'} holds the run. Continue it with:\n  {again}",
-                       code=130 if stop.signal == signal.SIGINT else 143)
+    """The stop's message: where the run stopped, and the command (from any folder) that continues it."""
+    where = where or f"stopped at epoch {run.epoch + 1}, step {run.step}"
+    again = shlex.join([sys.executable, str(Path(__file__).resolve()), "--resume", str(run.out.resolve())])
+    return Interrupted(f"{where}; {run.out / 'last.pth'} holds the run. Continue it with:\n  {again}",
+                       130 if stop.signal == signal.SIGINT else 143, where)
 
 
 def checkpoint_state(run: Run, kind: str) -> dict:
@@ -1523,7 +1507,7 @@ def pick_device(name: str) -> torch.device:
         device = torch.device("cuda", device.index or 0)
         check_gpu_supported(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
                             torch.cuda.get_arch_list())
-        torch.cuda.set_device(device)  # libraries that say just "cuda" (torchsummary) mean this one
+        torch.cuda.set_device(device)  # libraries that say just "cuda" mean this one
     return device
 
 
@@ -1600,7 +1584,9 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
         raise UserError(f"{path.parent}: no such run folder to resume")
     if not path.exists():
         hint = (f"; {path.parent} holds only model.pth, which cannot be continued: start a new run"
-                if (path.parent / "model.pth").exists() else "; start a new run without --resume")
+                if (path.parent / "model.pth").exists() else f"; it is a cross-validation: continue it with python "
+                f"cross_validate.py --resume {path.parent}" if (path.parent / CV_RECORD).is_file()
+                else "; start a new run without --resume")
         raise UserError(f"{path}: no resumable state (last.pth) to continue" + hint)
     try:
         state = load_checkpoint(path, resumable=True)
@@ -1615,8 +1601,10 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
         raise UserError(f"--epochs {resumed.epochs}: {path} has trained {state['epoch']} epochs already"
                         f"{' and part of the next' if state['step'] else ''}; pass more")
     if saved.folds and resumed.epochs != saved.epochs and not cfg.folds:  # its cross-validation decides, for all
+        again = shlex.join([sys.executable, str(Path(__file__).resolve().parent / "cross_validate.py"), "--resume",
+                            str(path.parent.parent), "--epochs", str(resumed.epochs)])
         raise UserError(f"{path.parent} is fold {saved.fold} of a cross-validation, whose folds share their "
-                        f"epochs: train them all further with --resume {path.parent.parent} --epochs {resumed.epochs}")
+                        f"epochs: train them all further with {again}")
     if resumed.epochs != saved.epochs and saved.schedule == "onecycle":
         warn(f"--epochs {resumed.epochs} (was {saved.epochs}): the one-cycle schedule is stretched to the new length, "
              f"so the learning rate jumps to where that schedule is at this epoch")
@@ -1716,6 +1704,14 @@ def checkpoint_problem(state, resumable: bool, path: Path) -> str:
     except (TypeError, KeyError, AttributeError):
         return "damaged checkpoint, a part of it of the wrong type; use another checkpoint"
     return next((f"damaged checkpoint, {what}" for what, bad in values.items() if bad), "")
+
+
+def learned_fields() -> list[str]:
+    """The settings that change what a run learns (the others: the machine, the outputs, run control)."""
+    return [f.name for f in dataclasses.fields(Config) if f.metadata.get("learns", True)]
+
+
+CV_RECORD = "cross_validation.json"  # in the folder cross_validate.py creates: K and the settings its folds share
 
 
 def saved_config(config: dict, path: Path | str) -> Config:
@@ -2091,131 +2087,6 @@ def download_failure(e: BaseException) -> str:
 
 
 # -----------------------------------------------------------------------------
-# Cross-validation: one folder, one run per fold inside it
-
-
-CV_RECORD = "cross_validation.json"  # in a cross-validation's folder: K and the settings its folds share
-
-
-def cross_validate(cfg: Config, typed: frozenset = frozenset()) -> dict:
-    """K models, fold k testing on the k-th fold of patients, each in ROOT/fold_k of the folder it creates
-    (--resume ROOT continues: finished folds are kept, the others continue or begin; --fold N trains one
-    fold, so that folds can run in parallel); then, once all K are finished, their summary."""
-    root, cfg, made = cross_validation_folder(cfg, typed)
-    folds = range(1, cfg.folds + 1) if not cfg.fold else [cfg.fold]
-    for k in folds:  # before any fold trains
-        if (root / f"fold_{k}").exists() and not (root / f"fold_{k}").is_dir():
-            raise UserError(f"{root / f'fold_{k}'} is a file where fold {k}'s folder goes; move it out of {root}")
-    try:
-        for k in folds:
-            fold_dir = root / f"fold_{k}"
-            if fold_results(fold_dir, cfg, k):
-                log(f"fold {k}: finished already, kept")
-                continue
-            log(f"=== fold {k} of {cfg.folds} ===")
-            given = typed - {"out_dir", "resume"}
-            if fold_dir.exists():
-                train(dataclasses.replace(cfg, fold=k, out_dir="", resume=str(fold_dir)), given | {"resume"})
-            else:
-                create_folder(fold_dir, "cross-validation")
-                train(dataclasses.replace(cfg, fold=k, out_dir=str(fold_dir), resume=""), given, made=True)
-    except Interrupted as e:  # the way on is the whole cross-validation's, or this fold's
-        raise Interrupted(f"{e}{f' --fold {cfg.fold}' if cfg.fold else ''}", e.code) from None
-    except BaseException:
-        if made and not any(root.glob("fold_*")):  # it stopped before any fold saved a state
-            discard(root, [CV_RECORD])
-        raise
-    return summarize_cross_validation(root, cfg)
-
-
-def cross_validation_folder(cfg: Config, typed: frozenset) -> tuple[Path, Config, bool]:
-    """A new cross-validation's folder, with its record; or with --resume ROOT, that folder and the
-    settings its record holds, with the changes a resume allows."""
-    if not cfg.resume:
-        root = new_folder(cfg.out_dir, "outputs", run_name(cfg), "cross-validation")
-        cfg = dataclasses.replace(cfg, out_dir=str(root.resolve()))
-        save_json(root / CV_RECORD, {"folds": cfg.folds, "config": dataclasses.asdict(cfg)})
-        return root, cfg, True
-    root = Path(cfg.resume)
-    if "out_dir" in typed and Path(cfg.out_dir).resolve() != root.resolve():
-        raise UserError(f"--out-dir {cfg.out_dir} and --resume {cfg.resume} name two folders: a cross-validation "
-                        f"continues in its own folder. Leave out --out-dir")
-    try:
-        record = json.loads((root / CV_RECORD).read_text(encoding="utf-8"))
-        saved = saved_config(record["config"], root / CV_RECORD)
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{root / CV_RECORD}: missing or not a cross-validation's record; --resume takes the "
-                        f"folder of a run or of a cross-validation") from None
-    resumed = dataclasses.replace(resumed_settings(saved, cfg, typed), out_dir=str(root.resolve()), resume="")
-    if resumed.epochs < saved.epochs or cfg.fold and resumed.epochs != saved.epochs:
-        raise UserError(f"{root}: its folds train {saved.epochs} epochs; --resume may add epochs to all folds "
-                        f"together (without --fold), never fewer")
-    if resumed.fold > resumed.folds:
-        raise UserError(f"--fold {resumed.fold}: {root} has folds 1 to {resumed.folds}")
-    if resumed.epochs != saved.epochs:  # the folds train on together: the record says so before they begin
-        save_json(root / CV_RECORD, {**record, "config": dataclasses.asdict(resumed)})
-    return root, resumed, False
-
-
-def learned_fields() -> list[str]:
-    """The settings that change what a run learns (the others: the machine, the outputs, run control)."""
-    return [f.name for f in dataclasses.fields(Config) if f.metadata.get("learns", True)]
-
-
-def fold_results(fold_dir: Path, cfg: Config, k: int) -> dict | None:
-    """Fold k's metrics.json when it finished with these epochs; None when it has yet to (train on).
-    A finished run there that is not fold k with these settings is refused, never counted as the fold."""
-    if not is_finished(fold_dir):
-        return None
-    try:
-        metrics = json.loads((fold_dir / "metrics.json").read_text())
-        done = len(metrics["history"]["epoch"]) == cfg.epochs
-        saved = saved_config(json.loads((fold_dir / "config.json").read_text()), fold_dir / "config.json")
-        split = json.loads((fold_dir / "split.json").read_text())
-        if not all(isinstance(metrics["test"][key], float) for key in ("dice", "iou")):
-            raise TypeError("a test score that is not a number")
-    except (OSError, ValueError, KeyError, TypeError, UserError):
-        raise UserError(f"{fold_dir} is not a finished fold of this script (damaged or edited); move it out of "
-                        f"{fold_dir.parent} and train that fold again with --resume {fold_dir.parent} --fold {k}") \
-            from None
-    differ = [f for f in learned_fields() if f != "epochs" and getattr(saved, f) != getattr(cfg, f)]
-    if differ or saved.fold != k:
-        raise UserError(f"{fold_dir} is not fold {k} of this cross-validation (it differs in "
-                        f"{', '.join(option(f) for f in differ or ['fold'])}); move it out of {fold_dir.parent} and "
-                        f"train that fold again with --resume {fold_dir.parent} --fold {k}")
-    return {**metrics, "split": split} if done else None
-
-
-def summarize_cross_validation(root: Path, cfg: Config) -> dict:
-    """cv_summary.json, once all K folds are finished and their test parts are one partition of the
-    same data: the mean and spread of their test Dice."""
-    done = [r for r in (fold_results(root / f"fold_{k}", cfg, k) for k in range(1, cfg.folds + 1)) if r]
-    if len(done) < cfg.folds:
-        log(f"cross-validation: {len(done)} of {cfg.folds} folds finished; the summary waits for the rest "
-            f"(--resume {root})")
-        return {}
-    data = [data_fingerprint(r["split"]) for r in done]
-    tested = [name for r in done for name in r["split"]["test"]]
-    if len(set(data)) > 1 or len(tested) != len(set(tested)) or set(tested) != set(done[0]["split"]["files"]):
-        raise UserError(f"{root}: its folds' test parts are not one partition of the same data (fingerprints "
-                        f"{', '.join(f'fold {k + 1}: {d}' for k, d in enumerate(data))}; {len(tested)} tests of "
-                        f"{len(set(tested))} images, of {len(done[0]['split']['files'])}): the data or the groups "
-                        f"file changed between folds. Train the cross-validation anew on one copy of the data")
-    dice = np.array([r["test"]["dice"] for r in done])
-    summary = {"folds": cfg.folds, "test_dice_per_fold": dice.tolist(), "test_dice_mean": float(dice.mean()),
-               "test_dice_std": float(dice.std(ddof=1)),
-               "test_iou_mean": float(np.mean([r["test"]["iou"] for r in done])), "test_images": len(tested),
-               "data": data[0]}
-    caveats = sorted({r["warning"] for r in done if r.get("warning")})
-    if caveats:
-        summary["warning"] = "; ".join(caveats)
-    save_json(root / "cv_summary.json", summary)
-    log(f"cross-validation over {cfg.folds} folds of patients: test Dice {summary['test_dice_mean']:.4f} +- "
-        f"{summary['test_dice_std']:.4f} (mean +- sd over folds); {root / 'cv_summary.json'}\nfolder: {root}")
-    return summary
-
-
-# -----------------------------------------------------------------------------
 # Settings from the command line, checked against the fields' own rules
 
 
@@ -2293,10 +2164,11 @@ def build_parser(kind, description: str, prog: str | None = None) -> argparse.Ar
     return parser
 
 
-def config_from_args(argv: list[str]) -> tuple[Config, frozenset]:
+def config_from_args(argv: list[str], description: str = "Train a U-Net to segment brain tumours in MRI slices "
+                     "(predict.py segments new scans with a trained model; compare.py compares runs).") \
+        -> tuple[Config, frozenset]:
     """The defaults, then the --demo and --recipe seed presets, then what was typed; and the typed fields."""
-    typed = vars(build_parser(Config, "Train a U-Net to segment brain tumours in MRI slices (predict.py segments "
-                                      "new scans with a trained model; compare.py compares runs).").parse_args(argv))
+    typed = vars(build_parser(Config, description).parse_args(argv))
     for name, preset in (("DEMO_DEFAULTS", DEMO_DEFAULTS), ("SEED_RECIPE", SEED_RECIPE)):
         unknown = sorted(set(preset) - {f.name for f in dataclasses.fields(Config)})
         if unknown:
@@ -2328,7 +2200,7 @@ def write_failure(e: OSError, program: str) -> str:
     """One sentence for an output that could not be written (reads became warnings or UserError)."""
     where = e.filename or "an output file"
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        way = " (--resume continues a training run from its last.pth)" if program == "training" else ""
+        way = " (--resume continues a training run from its last.pth)" if program in ("training", "cross-validation") else ""
         cause = "the disk is full" if e.errno != errno.EFBIG else "the file is larger than this system allows"
         return (f"{cause} (writing {where}). Files are written whole or not at all, so the earlier versions are "
                 f"intact; free some space and run again{way}")
@@ -2351,7 +2223,7 @@ def run_cli(entry, program: str, oom_hint=lambda: "a smaller --batch-size or --e
     except Interrupted as e:
         code, message = e.code, str(e)
     except KeyboardInterrupt:
-        way = "; a run that had saved last.pth continues with --resume RUN_FOLDER" if program == "training" else ""
+        way = "; a run that had saved last.pth continues with --resume RUN_FOLDER" if program in ("training", "cross-validation") else ""
         code, message = 130, f"aborted (Ctrl-C or SIGTERM); files are written whole, so nothing is half-written{way}"
     except UserError as e:
         message = f"error: {e}"
@@ -2378,8 +2250,10 @@ def main(argv: list[str] | None = None) -> int:
     def entry():
         cfg, typed = config_from_args(argv)
         state["cfg"] = cfg
-        cv = cfg.folds or (cfg.resume and (Path(cfg.resume) / CV_RECORD).is_file())
-        cross_validate(cfg, typed) if cv else train(cfg, typed)
+        if cfg.folds and not cfg.fold:
+            raise UserError(f"--folds {cfg.folds} without --fold N trains {cfg.folds} models: python cross_validate.py "
+                            f"--folds {cfg.folds} ... runs them all in one folder; --fold N trains fold N's run alone")
+        train(cfg, typed)
 
     def oom_hint():
         cfg, fixed = state.get("cfg", Config()), ""

@@ -642,8 +642,9 @@ def test_a_real_cross_validation_is_read_whole_and_pooled(runs, tmp_path, capsys
     no_training_figures(monkeypatch)
     data = squares_dataset(tmp_path / "data", 24, seed=4)
     cv = tmp_path / "cv"
-    assert bts.main(["--data-dir", str(data), "--out-dir", str(cv), *TINY_ARGS, "--folds", "3", "--split", "random",
-                     "--device", "cpu"]) == 0
+    import cross_validate
+    assert cross_validate.main(["--data-dir", str(data), "--out-dir", str(cv), *TINY_ARGS, "--folds", "3", "--split",
+                                "random", "--device", "cpu"]) == 0
     per_image = {}
     for k in (1, 2, 3):
         per_image.update({r["image"]: float(r["dice"]) for r in read_csv(cv / f"fold_{k}" / "test_per_image.csv")})

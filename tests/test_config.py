@@ -295,9 +295,12 @@ def test_a_fold_outside_1_to_k_is_refused_and_creates_nothing(args, message, dat
 
 @pytest.mark.slow
 def test_fold_k_trains_only_the_folder_fold_k_whose_test_part_is_the_kth(data, tmp_path, capsys):
+    import cross_validate
     root = tmp_path / "cv"
-    rc, out, err = run_cli(capsys, "--data-dir", data, "--out-dir", root, *TINY_ARGS, "--split", "random",
-                           "--folds", "3", "--fold", "3")
+    capsys.readouterr()
+    rc = cross_validate.main([str(a) for a in ("--data-dir", data, "--out-dir", root, *TINY_ARGS, "--split", "random",
+                                               "--folds", "3", "--fold", "3")])
+    out, err = capsys.readouterr()
     assert rc == 0, err
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["fold_3"]
     assert not (root / "cv_summary.json").exists() and "1 of 3 folds finished" in out

@@ -1,5 +1,5 @@
-"""Cross-validation through the command line: `--folds K` creates ROOT with its record
-(cross_validation.json) and one run per fold in ROOT/fold_1 .. fold_K (`--fold N` is 1-based);
+"""Cross-validation through its command line, cross_validate.py: `--folds K` creates ROOT with its
+record (cross_validation.json) and one run per fold in ROOT/fold_1 .. fold_K (`--fold N` is 1-based);
 `--resume ROOT` continues it (finished folds kept, more epochs for all folds, never fewer, never for
 one fold alone); cv_summary.json only once all K folds are finished and their test parts are one
 partition of the same data. Tiny data (20 slices of 10 patients), one epoch per fold."""
@@ -21,7 +21,19 @@ import pytest
 
 import brain_tumor_segmentation as bts
 import compare
-from conftest import SCRIPT, TINY_ARGS, make_dataset, one_error, run_cli, snapshot, train_tiny
+import cross_validate
+from conftest import REPO_ROOT, TINY_ARGS, make_dataset, one_error, run_cli, snapshot, train_tiny
+
+CV_SCRIPT = REPO_ROOT / "cross_validate.py"
+
+
+def run_cv(capsys, *args) -> tuple[int, str, str]:
+    """cross_validate.main(args) in this process; returns (return code, stdout, stderr)."""
+    capsys.readouterr()
+    rc = cross_validate.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
 
 def write_groups(path: Path, patient_of) -> Path:
     path.write_text("image,patient_id\n" + "".join(f"{i},p{patient_of(i)}\n" for i in range(1, 21)))
@@ -43,7 +55,7 @@ def cv(source, tmp_path_factory):
     data, groups = source
     printed = io.StringIO()
     with redirect_stdout(printed):
-        rc = bts.main(["--data-dir", str(data), "--groups", str(groups), "--folds", "3", "--out-dir",
+        rc = cross_validate.main(["--data-dir", str(data), "--groups", str(groups), "--folds", "3", "--out-dir",
                        str(root / "cv"), *TINY_ARGS])
     assert rc == 0
     return {"root": root / "cv", "data": data, "groups": groups, "stdout": printed.getvalue(),
@@ -104,19 +116,19 @@ def test_fold_n_is_one_based_and_folds_k_on_an_existing_folder_names_the_way_on(
     """--fold 2 trains fold_2 alone, the fold_2 of the whole cross-validation; --folds 3 --out-dir on that
     folder is refused at once, naming --resume ROOT, which then finishes it with the folds kept."""
     root = tmp_path / "cv"
-    rc, out, err = run_cli(capsys, *cv["args"], "--folds", "3", "--fold", "2", "--out-dir", root)
+    rc, out, err = run_cv(capsys, *cv["args"], "--folds", "3", "--fold", "2", "--out-dir", root)
     assert rc == 0, err
     assert sorted(p.name for p in root.iterdir()) == ["cross_validation.json", "fold_2"]
     assert read(root / "fold_2" / "split.json")["test"] == read(cv["root"] / "fold_2" / "split.json")["test"]
     assert "1 of 3 folds finished; the summary waits for the rest" in out
 
     before = snapshot(root)
-    rc, out, err = run_cli(capsys, *cv["args"], "--folds", "3", "--out-dir", root)
+    rc, out, err = run_cv(capsys, *cv["args"], "--folds", "3", "--out-dir", root)
     message = one_error(rc, err, f"{root} exists already")
     assert "=== fold" not in out and snapshot(root) == before  # refused before any training
     kept = (root / "fold_2" / "model.pth").stat()
 
-    rc, out, err = run_cli(capsys, *advice(message, r"--resume \S+$"))
+    rc, out, err = run_cv(capsys, *advice(message, r"--resume \S+$"))
     assert rc == 0, err
     assert "fold 2: finished already, kept" in out
     assert (root / "fold_2" / "model.pth").stat().st_mtime_ns == kept.st_mtime_ns
@@ -134,7 +146,7 @@ def test_a_plain_run_or_another_fold_at_fold_n_is_refused_naming_it(foreign, cv,
     else:
         train_tiny(capsys, cv["data"], root / "fold_2", "--groups", cv["groups"])
     before = snapshot(root)
-    rc, _, err = run_cli(capsys, "--resume", root)
+    rc, _, err = run_cv(capsys, "--resume", root)
     one_error(rc, err, f"{root / 'fold_2'} is not fold 2 of this cross-validation",
               "--fold" if foreign == "another fold" else "--folds")
     assert snapshot(root) == before
@@ -145,11 +157,11 @@ def test_the_way_on_from_a_foreign_fold_retrains_that_fold_alone(cv, tmp_path, c
     root = copy_of(cv, tmp_path)
     shutil.rmtree(root / "fold_2")
     shutil.copytree(root / "fold_1", root / "fold_2")
-    rc, _, err = run_cli(capsys, "--resume", root)
+    rc, _, err = run_cv(capsys, "--resume", root)
     message = one_error(rc, err, "move it out of")
     shutil.move(root / "fold_2", tmp_path / "moved")
     others = {k: snapshot(root / f"fold_{k}") for k in (1, 3)}
-    rc, _, err = run_cli(capsys, *advice(message, r"--resume \S+ --fold 2$"))
+    rc, _, err = run_cv(capsys, *advice(message, r"--resume \S+ --fold 2$"))
     assert rc == 0, err
     assert read(root / "fold_2" / "config.json")["fold"] == 2
     assert {k: snapshot(root / f"fold_{k}") for k in (1, 3)} == others
@@ -168,10 +180,13 @@ def extended(cv, tmp_path_factory):
     result = {"root": root, "before": snapshot(root)}
     for step, args in (("refused", ["--resume", str(root / "fold_1"), "--epochs", "2"]), ("advised", None)):
         printed, errors = io.StringIO(), io.StringIO()
-        if args is None:
-            args = advice(result["refused"][1].strip().splitlines()[-1], r"--resume \S+ --epochs 2$")
+        program = bts.main
+        if args is None:  # the trainer names the cross-validation's own command
+            command = shlex.split(result["refused"][1].strip().split("further with ")[-1])
+            assert command[:2] == [sys.executable, str(CV_SCRIPT)], command
+            args, program = command[2:], cross_validate.main
         with redirect_stdout(printed), redirect_stderr(errors):
-            rc = bts.main(args)
+            rc = program(args)
         result[step] = (rc, errors.getvalue(), printed.getvalue())
         if step == "refused":
             result["after refusal"] = snapshot(root)
@@ -198,11 +213,11 @@ def test_one_fold_alone_is_refused_more_epochs_and_the_command_named_trains_them
 def test_fewer_epochs_than_the_folds_train_are_refused(source, tmp_path, capsys):
     root = tmp_path / "cv"
     data, groups = source
-    rc, _, err = run_cli(capsys, "--data-dir", data, "--groups", groups, *TINY_ARGS, "--epochs", "2", "--folds", "3",
+    rc, _, err = run_cv(capsys, "--data-dir", data, "--groups", groups, *TINY_ARGS, "--epochs", "2", "--folds", "3",
                          "--fold", "3", "--out-dir", root)
     assert rc == 0, err
     before = snapshot(root)
-    rc, out, err = run_cli(capsys, "--resume", root, "--epochs", "1")
+    rc, out, err = run_cv(capsys, "--resume", root, "--epochs", "1")
     one_error(rc, err, f"{root}: its folds train 2 epochs", "never fewer")
     assert "=== fold" not in out and snapshot(root) == before
 
@@ -211,10 +226,10 @@ def test_fewer_epochs_than_the_folds_train_are_refused(source, tmp_path, capsys)
 def test_a_cross_validation_trained_further_resumes_and_refuses_fewer_epochs(extended, tmp_path, capsys):
     root = Path(shutil.copytree(extended["root"], tmp_path / "cv"))
     before = snapshot(root, ignore="cv_summary.json")
-    rc, out, err = run_cli(capsys, "--resume", root)
+    rc, out, err = run_cv(capsys, "--resume", root)
     assert rc == 0, err
     assert out.count("finished already, kept") == 3 and snapshot(root, ignore="cv_summary.json") == before
-    rc, _, err = run_cli(capsys, "--resume", root, "--epochs", "1")
+    rc, _, err = run_cv(capsys, "--resume", root, "--epochs", "1")
     one_error(rc, err, "never fewer")
 
 
@@ -222,7 +237,7 @@ def test_a_cross_validation_trained_further_resumes_and_refuses_fewer_epochs(ext
 @pytest.mark.parametrize("folds", [["--folds", "3"], []], ids=["with-folds", "alone"])
 def test_more_epochs_for_one_fold_alone_are_refused(folds, cv, capsys):
     before = snapshot(cv["root"])
-    rc, out, err = run_cli(capsys, "--resume", cv["root"], *folds, "--fold", "1", "--epochs", "2")
+    rc, out, err = run_cv(capsys, "--resume", cv["root"], *folds, "--fold", "1", "--epochs", "2")
     one_error(rc, err, "add epochs to all folds together (without --fold)")
     assert "=== fold" not in out and snapshot(cv["root"]) == before
 
@@ -252,7 +267,7 @@ def test_folds_of_other_data_or_groups_are_refused_at_the_summary(change, cv, tm
     saved = {p: p.read_bytes() for p in (cv["data"] / "images" / "5.png", cv["groups"])}
     try:
         change(cv)
-        rc, out, err = run_cli(capsys, "--resume", root)
+        rc, out, err = run_cv(capsys, "--resume", root)
     finally:
         for path, content in saved.items():
             path.write_bytes(content)
@@ -272,7 +287,7 @@ def test_a_fold_trained_after_the_groups_file_changed_is_refused_by_the_summary_
     saved = cv["groups"].read_bytes()
     try:
         changed_groups(cv)
-        rc, out, err = run_cli(capsys, "--resume", root, "--fold", "3")
+        rc, out, err = run_cv(capsys, "--resume", root, "--fold", "3")
     finally:
         cv["groups"].write_bytes(saved)
     one_error(rc, err, "not one partition of the same data")
@@ -290,7 +305,7 @@ def test_a_fold_trained_after_the_groups_file_changed_is_refused_by_the_summary_
 def test_a_relative_groups_path_is_the_same_groups_file_for_every_fold(cv, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copy(cv["groups"], tmp_path / "groups.csv")
-    rc, out, err = run_cli(capsys, "--data-dir", cv["data"], "--groups", "groups.csv", *TINY_ARGS, "--folds", "3",
+    rc, out, err = run_cv(capsys, "--data-dir", cv["data"], "--groups", "groups.csv", *TINY_ARGS, "--folds", "3",
                            "--fold", "1", "--out-dir", "cv")
     assert rc == 0, err
     assert "1 of 3 folds finished" in out
@@ -308,7 +323,7 @@ def test_a_file_where_a_fold_folder_goes_is_refused_before_any_fold_trains(sourc
     (root / "fold_2").write_text("a user's file\n")
     before = snapshot(tmp_path)
     data, groups = source
-    rc, out, err = run_cli(capsys, "--data-dir", data, "--groups", groups, *TINY_ARGS, "--folds", "3", "--out-dir", root)
+    rc, out, err = run_cv(capsys, "--data-dir", data, "--groups", groups, *TINY_ARGS, "--folds", "3", "--out-dir", root)
     one_error(rc, err, f"{root} exists already")
     assert "=== fold" not in out and "epoch" not in out
     assert snapshot(tmp_path) == before
@@ -321,12 +336,12 @@ def test_a_file_where_a_fold_folder_goes_stops_a_resumed_cross_validation_before
     validation continued with --resume ROOT must say so at once, naming it, not after training fold 1."""
     root = tmp_path / "cv"
     data, groups = source
-    rc, _, err = run_cli(capsys, "--data-dir", data, "--groups", groups, *TINY_ARGS, "--folds", "3", "--fold", "3",
+    rc, _, err = run_cv(capsys, "--data-dir", data, "--groups", groups, *TINY_ARGS, "--folds", "3", "--fold", "3",
                          "--out-dir", root)
     assert rc == 0, err
     (root / "fold_2").write_text("a user's file\n")
     before = snapshot(root)
-    rc, out, err = run_cli(capsys, "--resume", root)
+    rc, out, err = run_cv(capsys, "--resume", root)
     assert "=== fold 1" not in out, "fold 1 trained before the file at fold_2 was found"
     one_error(rc, err, str(root / "fold_2"))
     assert snapshot(root) == before
@@ -344,7 +359,7 @@ def test_a_cross_validation_that_cannot_start_leaves_no_folder(args, message, so
     if "--groups" not in args:
         args += ["--groups", str(source[1])]
     before = snapshot(tmp_path)
-    rc, _, err = run_cli(capsys, "--data-dir", source[0], *TINY_ARGS, *args, "--out-dir", tmp_path / "cv")
+    rc, _, err = run_cv(capsys, "--data-dir", source[0], *TINY_ARGS, *args, "--out-dir", tmp_path / "cv")
     one_error(rc, err, message)
     assert snapshot(tmp_path) == before
 
@@ -367,13 +382,48 @@ def test_a_stopped_cross_validation_prints_a_command_that_continues_it(source, t
     monkeypatch.setattr(bts, "compute_loss", stop_in_fold_2)
     data, groups = source
     root = tmp_path / "my cv"
-    rc, _, err = run_cli(capsys, "--data-dir", data, "--groups", groups, *TINY_ARGS, "--folds", "3", "--out-dir", root)
+    rc, _, err = run_cv(capsys, "--data-dir", data, "--groups", groups, *TINY_ARGS, "--folds", "3", "--out-dir", root)
     assert rc == 130 and "Traceback" not in err, err
     line = err.strip().splitlines()[-1].strip()
     command = shlex.split(line)
-    assert command == [sys.executable, str(SCRIPT), "--resume", str(root.resolve())] and line == shlex.join(command)
+    assert command == [sys.executable, str(CV_SCRIPT), "--resume", str(root.resolve())] and line == shlex.join(command)
     monkeypatch.setattr(bts, "compute_loss", real)
-    rc, out, err = run_cli(capsys, *command[2:])
+    rc, out, err = run_cv(capsys, *command[2:])
     assert rc == 0, err
     assert "fold 1: finished already, kept" in out and "=== fold 2 of 3" in out
     assert read(root / "cv_summary.json")["test_images"] == 20
+
+
+# -----------------------------------------------------------------------------
+# The trainer and the cross-validation: each refuses the other's work, naming the command that does it
+
+
+def test_the_trainer_refuses_folds_without_fold_naming_cross_validate(source, tmp_path, capsys):
+    before = snapshot(tmp_path)
+    rc, out, err = run_cli(capsys, "--data-dir", source[0], *TINY_ARGS, "--folds", "3", "--out-dir", tmp_path / "cv")
+    one_error(rc, err, "--folds 3 without --fold N", "python cross_validate.py --folds 3")
+    assert snapshot(tmp_path) == before and "epoch" not in out
+
+
+@pytest.mark.slow
+def test_the_trainer_trains_one_fold_alone_as_a_plain_run(source, cv, tmp_path, capsys):
+    data, groups = source
+    rc, _, err = run_cli(capsys, "--data-dir", data, "--groups", groups, *TINY_ARGS, "--folds", "3", "--fold", "2",
+                         "--out-dir", tmp_path / "f2")
+    assert rc == 0, err
+    assert read(tmp_path / "f2" / "split.json")["test"] == read(cv["root"] / "fold_2" / "split.json")["test"]
+
+
+def test_resuming_a_cross_validation_with_the_trainer_names_cross_validate(cv, capsys):
+    before = snapshot(cv["root"])
+    rc, _, err = run_cli(capsys, "--resume", cv["root"])
+    one_error(rc, err, "it is a cross-validation", f"cross_validate.py --resume {cv['root']}")
+    assert snapshot(cv["root"]) == before
+
+
+def test_cross_validate_needs_folds_or_resume_and_its_resume_needs_a_record(tmp_path, capsys):
+    rc, _, err = run_cv(capsys, "--epochs", "1")
+    one_error(rc, err, "--folds K")
+    (tmp_path / "run").mkdir()
+    rc, _, err = run_cv(capsys, "--resume", tmp_path / "run")
+    one_error(rc, err, "not a cross-validation's record", "brain_tumor_segmentation.py --resume")

@@ -367,7 +367,7 @@ def test_a_dataset_too_small_to_split_is_one_sentence_with_the_advice_that_fits(
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("extra", [[], ["--folds", "5"]])
+@pytest.mark.parametrize("extra", [[], ["--folds", "5", "--fold", "1"]])
 def test_too_few_images_even_one_per_group_get_no_split_random_advice(extra, tmp_path, capsys):
     folder = make_dataset(tmp_path / "data", n=2 if not extra else 3)
     write_groups(tmp_path / "one.csv", {str(i): "p1" for i in range(1, 4)})  # one patient
@@ -384,7 +384,7 @@ def test_a_cross_validation_with_more_folds_than_images_leaves_no_folder(tmp_pat
     folder = make_dataset(tmp_path / "data", n=20)
     before = snapshot(tmp_path)
     rc, _, err = run_cli(capsys, "--data-dir", folder, "--out-dir", tmp_path / "cv", *TINY_ARGS, "--folds", "40",
-                         "--split", "random")
+                         "--fold", "1", "--split", "random")
     message = one_error(rc, err, "20 patients/groups are too few for 40 folds; add data")
     assert "--split random" not in message and snapshot(tmp_path) == before
 
