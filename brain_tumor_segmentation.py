@@ -215,17 +215,15 @@ def train(cfg: Config, typed: frozenset = frozenset(), made: bool = False) -> di
         split, idx = split_for(cfg, data, resume)                # by patient, from split_seed alone
         run = build_run(cfg, machine, data, split, idx, resume)  # model, optimizer, compiled if that works
         start_records(folder, cfg, split, resume)               # config.json, split.json; an old test goes
-        with StopFlag() as stop, run.writer:                     # checkpoints and plots in the background
-            while run.epoch < cfg.epochs:
-                t_epoch = time.time()
-                stopped = train_epoch(run, stop)                 # the training loop itself
-                if run.step == run.epoch_steps:                  # the epoch ran to its end
+        try:
+            with run.writer:                                     # checkpoints and plots in the background
+                while run.epoch < cfg.epochs:
+                    t_epoch = time.time()
+                    train_epoch(run)                             # the training loop itself
                     end_epoch(run, time.time() - t_epoch)        # validation, model.pth, last.pth, plots
-                else:
-                    save_last(run)
-                if stopped and run.epoch < cfg.epochs:
-                    raise interrupted(run, stop)
-            return finish_run(run, stop, t_start)                # threshold, post-processing, test, metrics.json
+                return finish_run(run, t_start)                  # threshold, post-processing, test, metrics.json
+        except KeyboardInterrupt as e:                           # Ctrl-C or SIGTERM: the writer has finished
+            raise interrupted(run, e) from None
 
 
 # -----------------------------------------------------------------------------
@@ -675,10 +673,7 @@ class Run:
     writer: Writer
     history: dict = field(default_factory=dict)  # a list per key of end_epoch's record
     best: dict = field(default_factory=lambda: dict(NO_BEST))
-    epoch: int = 0
-    step: int = 0
-    epoch_steps: int = 0
-    seen: int = 0  # training images of this epoch in this session (for the images/s)
+    epoch: int = 0  # epochs finished: where a resumed run continues
     losses: torch.Tensor | None = None  # this epoch's per-step training losses (summed whole, in one order)
     compile_seconds: float = 0.0
     curves_drawn: float = 0.0  # when the loss curves were last handed to the writer
@@ -717,12 +712,7 @@ def build_run(cfg: Config, machine: Machine, data: dict, split: dict, idx: dict,
     run = Run(cfg, machine, Path(cfg.out_dir), data["names"], images, masks, split, idx, model, train_model, optimizer,
               scaler, Writer(), compile_seconds=compile_seconds)
     if resume:
-        run.history, run.best = resume["history"], resume["best"]
-        run.epoch, run.step, run.losses = resume["epoch"], resume["step"], resume["epoch_losses"].to(machine.device)
-        steps = max(1, len(idx["train"]) // cfg.batch_size)
-        if run.step > steps:
-            raise UserError(f"{cfg.resume}: the resumed state is at step {run.step} of an epoch of {steps} steps: "
-                            f"damaged, or saved with other data or batch size; start a new run")
+        run.history, run.best, run.epoch = resume["history"], resume["best"], resume["epoch"]
     return run
 
 
@@ -797,43 +787,17 @@ def compute_loss(logits, target, cfg: Config) -> torch.Tensor:
 # The training loop
 
 
-class StopFlag:
-    """Set by SIGINT/SIGTERM: training stops at the end of the current step, the final test between
-    its parts. A second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # only the main thread can install handlers
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):  # no printing here: the signal may come while the loop prints
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-def train_epoch(run: Run, stop: StopFlag) -> bool:
-    """The steps of epoch `run.epoch` from `run.step` on; returns whether a stop signal came. Nothing
-    in a step waits for the device, but the loss check (on a GPU every nan_check_every steps)."""
-    cfg, m, first = run.cfg, run.machine, run.step
+def train_epoch(run: Run) -> None:
+    """The steps of epoch `run.epoch`. Nothing in a step waits for the device, but the loss check (on a
+    GPU every nan_check_every steps)."""
+    cfg, m = run.cfg, run.machine
     order = epoch_order(run)
-    if run.losses is None or len(run.losses) != len(order):
-        run.losses = torch.zeros(len(order), device=m.device)
-    losses, batch_size = run.losses, order.shape[1]
-    bar = tqdm(total=len(order) * batch_size, initial=first * batch_size, desc=f"epoch {run.epoch + 1}/{cfg.epochs}",
-               unit="img", dynamic_ncols=True, leave=False, mininterval=1)
+    run.losses = losses = torch.zeros(len(order), device=m.device)
+    bar = tqdm(total=order.numel(), desc=f"epoch {run.epoch + 1}/{cfg.epochs}", unit="img", dynamic_ncols=True,
+               leave=False, mininterval=1)
     run.model.train()
-    stopped, checked = False, first
-    for step in range(first, len(order)):
+    checked = 0
+    for step in range(len(order)):
         global_step = run.epoch * len(order) + step
         for group in run.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, global_step, cfg.epochs * len(order))
@@ -857,16 +821,8 @@ def train_epoch(run: Run, stop: StopFlag) -> bool:
             checked = step + 1
         run.scaler.step(run.optimizer)
         run.scaler.update()
-        run.step = step + 1
-        bar.update(batch_size)
-        if stop.signal is not None:
-            stopped = True
-            break
+        bar.update(len(batch))
     bar.close()
-    if stopped:
-        log(f"{signal.Signals(stop.signal).name} received: stopped after step {run.step}")
-    run.seen = (run.step - first) * batch_size
-    return stopped
 
 
 def epoch_order(run: Run) -> torch.Tensor:
@@ -874,7 +830,6 @@ def epoch_order(run: Run) -> torch.Tensor:
     device per epoch, so that no step waits for one."""
     cfg, m = run.cfg, run.machine
     order = batch_order(len(run.idx["train"]), cfg.batch_size, cfg.seed, run.epoch)
-    run.epoch_steps = len(order)
     if m.device.type == "cuda":  # a copy from pageable memory would make the host wait for the GPU
         order = order.pin_memory()
     return run.idx["train"][order.to(m.device, non_blocking=True)]
@@ -954,8 +909,8 @@ def end_epoch(run: Run, seconds: float) -> None:
     all by the background writer, so that the next epoch starts at once."""
     cfg, m = run.cfg, run.machine
     val, panel = evaluate(run.model, m, run.images, run.masks, run.idx["val"], cfg, cfg.threshold, cfg.panel_images)
-    images = run.seen
-    record = {"epoch": run.epoch + 1, "train_loss": float(run.losses.sum()) / run.epoch_steps, "val_loss": val["loss"],
+    images = len(run.losses) * min(cfg.batch_size, len(run.idx["train"]))
+    record = {"epoch": run.epoch + 1, "train_loss": float(run.losses.mean()), "val_loss": val["loss"],
               **{f"val_{k}": val[k] for k in EPOCH_METRICS}, "lr": run.optimizer.param_groups[0]["lr"],
               "epoch_seconds": seconds, "images_per_second": images / seconds, "precision": precision_name(m)}
     for key, value in record.items():
@@ -966,10 +921,10 @@ def end_epoch(run: Run, seconds: float) -> None:
     log(f"epoch {run.epoch + 1:3d}/{cfg.epochs}  train loss {record['train_loss']:.4f} | val loss {val['loss']:.4f} "
         + " ".join(f"{k} {val[k]:.4f}" for k in EPOCH_METRICS) + f" | {seconds:.1f} s, {images / seconds:.1f} img/s"
         + ("  * best, saved" if improved else ""))
-    run.epoch, run.step, run.losses = run.epoch + 1, 0, None
+    run.epoch += 1
     if improved:
         run.writer.submit(save_checkpoint, run.out / "model.pth", checkpoint_state(run, "best"))
-    save_last(run)
+    run.writer.submit(save_checkpoint, run.out / "last.pth", checkpoint_state(run, "last"))  # what --resume continues
     history = copied(run.history)
     run.writer.submit(save_csv, run.out / "history.csv", history_rows(history))
     if len(panel["images"]):
@@ -988,23 +943,28 @@ def history_rows(history: dict) -> list[dict]:
     return [{k: v[i - n + len(v)] if i >= n - len(v) else "" for k, v in history.items()} for i in range(n)]
 
 
-def save_last(run: Run) -> None:
-    """last.pth: the state --resume continues from."""
-    run.writer.submit(save_checkpoint, run.out / "last.pth", checkpoint_state(run, "last"))
-
-
 class Interrupted(UserError):
     def __init__(self, message: str, code: int, where: str = ""):
         super().__init__(message)
         self.code, self.where = code, where
 
 
-def interrupted(run: Run, stop: StopFlag, where: str = "") -> Interrupted:
-    """The stop's message: where the run stopped, and the command (from any folder) that continues it."""
-    where = where or f"stopped at epoch {run.epoch + 1}, step {run.step}"
-    again = shlex.join([sys.executable, str(Path(__file__).resolve()), "--resume", str(run.out.resolve())])
-    return Interrupted(f"{where}; {run.out / 'last.pth'} holds the run. Continue it with:\n  {again}",
-                       130 if stop.signal == signal.SIGINT else 143, where)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, which stops a command as Ctrl-C does, with its own exit code."""
+
+
+def interrupted(run: Run, e: KeyboardInterrupt) -> Interrupted:
+    """A stop's message: where the run stopped, and the command (from any folder) that continues it
+    from its last finished epoch; a stop before the first one keeps nothing."""
+    code, where = 143 if isinstance(e, Terminated) else 130, f"stopped in epoch {run.epoch + 1}"
+    if run.epoch == run.cfg.epochs:
+        where = "stopped after training, before the test was written"
+    if not (run.out / "last.pth").is_file():
+        return Interrupted(f"{where}, before the first checkpoint: nothing was kept; start the run again", code, where)
+    again = shlex.join([sys.executable, str(Path(__file__).resolve()), "--resume", str(run.out.resolve()),
+                        *(["--epochs", str(run.cfg.epochs)] if run.cfg.resume else [])])  # last.pth may have fewer
+    return Interrupted(f"{where}; {run.out / 'last.pth'} holds its last finished epoch. Continue the run with:\n  "
+                       f"{again}", code, where)
 
 
 def checkpoint_state(run: Run, kind: str) -> dict:
@@ -1012,12 +972,11 @@ def checkpoint_state(run: Run, kind: str) -> dict:
     writer saves it), as tensors and plain Python types only, which torch.load(weights_only=True) reads."""
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": kind,
              "model": copied(run.model.state_dict()), "config": dataclasses.asdict(run.cfg), "split": run.split,
-             "history": copied(run.history), "epoch": run.epoch, "step": run.step, "best": dict(run.best),
+             "history": copied(run.history), "epoch": run.epoch, "best": dict(run.best),
              # the threshold in use: config's, until --tune-threshold replaces it after training
              "threshold": run.cfg.threshold, "precision": precision_name(run.machine)}
     if kind == "last":
         state.update(optimizer=copied(run.optimizer.state_dict()),
-                     epoch_losses=copied(run.losses) if run.losses is not None else torch.zeros(0),
                      scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None)
     return state
 
@@ -1146,7 +1105,7 @@ def scores_from_counts(counts) -> dict[str, np.ndarray]:
     return {name: ratio(*fraction(tp, fp, fn)) for name, fraction in METRICS.items()}
 
 
-def finish_run(run: Run, stop: StopFlag, t_start: float) -> dict:
+def finish_run(run: Run, t_start: float) -> dict:
     """The best epoch's model: the threshold chosen on validation, then one evaluation on the test part. A
     stop here leaves a state that --resume finishes; metrics.json, written last, marks the run finished."""
     cfg, out = run.cfg, run.out
@@ -1156,8 +1115,6 @@ def finish_run(run: Run, stop: StopFlag, t_start: float) -> dict:
     threshold, steps = choose_on_validation(model, run.machine, run.images, run.masks, run.idx["val"], cfg)
     save_checkpoint(out / "model.pth", {**state, "threshold": threshold, "postprocess": steps,
                                         "precision": precision_name(run.machine)})
-    if stop.signal is not None:
-        raise interrupted(run, stop, "stopped after training, before the test")
     metrics = evaluate_test(model, run, threshold, steps)
     speeds = run.history.get("images_per_second", [])  # once warm: the median after the first epoch (autotuning)
     steady_speed = float(np.median(speeds[1:] or speeds)) if speeds else None
@@ -1168,8 +1125,6 @@ def finish_run(run: Run, stop: StopFlag, t_start: float) -> dict:
     if RUN_WARNINGS:
         metrics["warning"] = "; ".join(dict.fromkeys(RUN_WARNINGS))
     run.writer.drain()
-    if stop.signal is not None:
-        raise interrupted(run, stop, "stopped after training, in the test")
     save_json(out / "metrics.json", metrics)
     t, unit = metrics["test"], run.split["unit"]
     interval = f"95% CI {t['dice_ci95'][0]:.4f}-{t['dice_ci95'][1]:.4f}" if t["dice_ci95"] else "no interval"
@@ -1597,9 +1552,8 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
     if is_finished(path.parent) and resumed.epochs <= state["epoch"]:
         raise UserError(f"{path.parent} holds a finished run (metrics.json): nothing is left to do. Train it further "
                         f"with --resume {path.parent} --epochs N (N above its epochs), or start a new run")
-    if resumed.epochs < state["epoch"] + (state["step"] > 0):
-        raise UserError(f"--epochs {resumed.epochs}: {path} has trained {state['epoch']} epochs already"
-                        f"{' and part of the next' if state['step'] else ''}; pass more")
+    if resumed.epochs < state["epoch"]:
+        raise UserError(f"--epochs {resumed.epochs}: {path} has trained {state['epoch']} epochs already; pass more")
     if saved.folds and resumed.epochs != saved.epochs and not cfg.folds:  # its cross-validation decides, for all
         again = shlex.join([sys.executable, str(Path(__file__).resolve().parent / "cross_validate.py"), "--resume",
                             str(path.parent.parent), "--epochs", str(resumed.epochs)])
@@ -1609,8 +1563,7 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
         warn(f"--epochs {resumed.epochs} (was {saved.epochs}): the one-cycle schedule is stretched to the new length, "
              f"so the learning rate jumps to where that schedule is at this epoch")
     cfg = dataclasses.replace(resumed, resume=str(path), out_dir=str(path.parent), fold=saved.fold)  # a run's own
-    check_best_model(state, path, cfg.epochs)
-    log(f"resuming {path} at epoch {state['epoch'] + 1}, step {state['step']}")
+    log(f"resuming {path} at epoch {state['epoch'] + 1}")
     return cfg, state
 
 
@@ -1631,28 +1584,9 @@ def is_finished(folder: Path) -> bool:
     return (folder / "metrics.json").is_file()
 
 
-def check_best_model(state: dict, path: Path, epochs: int) -> None:
-    """A resumed run needs the model.pth its state records: if a crash between the two writes or a
-    user removed or damaged it, the best model is chosen anew from the epochs still to run."""
-    if state["best"]["epoch"] < 1:
-        return
-    best = path.parent / "model.pth"
-    try:
-        if load_checkpoint(best)["epoch"] == state["best"]["epoch"]:
-            return
-        problem = f"{best} is not the best epoch this state records (a kill between the two writes)"
-    except UserError:
-        problem = f"{best} is missing or damaged"
-    if state["epoch"] >= epochs:
-        raise UserError(f"{problem}, and its run has no epoch left to choose a best model from: train on with "
-                        f"--resume {path.parent} --epochs {state['epoch'] + 1} or more, or start a new run")
-    warn(f"{problem}: the best model is chosen anew from the epochs still to run")
-    state["best"] = dict(NO_BEST)
-
-
 # What every checkpoint holds; a resumable state (last.pth) holds RESUMABLE too.
-CHECKPOINT = ("model", "config", "split", "history", "threshold", "epoch", "step", "best")
-RESUMABLE = ("optimizer", "epoch_losses")
+CHECKPOINT = ("model", "config", "split", "history", "threshold", "epoch", "best")
+RESUMABLE = ("optimizer",)
 
 
 def load_checkpoint(path: Path | str, resumable: bool = False) -> dict:
@@ -1694,12 +1628,12 @@ def checkpoint_problem(state, resumable: bool, path: Path) -> str:
         return str(e).removeprefix(f"{path}: ")
     try:
         values = {"threshold not between 0 and 1": not 0 <= state["threshold"] <= 1,
-                  "epoch or step below 0": min(state["epoch"], state["step"]) < 0,
+                  "epoch below 0": state["epoch"] < 0,
+                  "saved within an epoch by an earlier version of this script": resumable and state.get("step", 0),
                   "best epoch unknown": not 0 <= state["best"]["epoch"] <= state["epoch"] + 1,
                   "split parts missing": not all(isinstance(state["split"][p], list) for p in ("train", "val", "test"))
                   or resumable and not {"how", "unit", "groups", "files"} <= set(state["split"]),
                   "history not a table of lists": not all(isinstance(v, list) for v in state["history"].values()),
-                  "the epoch's losses missing": resumable and not isinstance(state["epoch_losses"], torch.Tensor),
                   "weights that are not finite": not all(torch.isfinite(v).all() for v in state["model"].values())}
     except (TypeError, KeyError, AttributeError):
         return "damaged checkpoint, a part of it of the wrong type; use another checkpoint"
@@ -2200,7 +2134,7 @@ def write_failure(e: OSError, program: str) -> str:
     """One sentence for an output that could not be written (reads became warnings or UserError)."""
     where = e.filename or "an output file"
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        way = " (--resume continues a training run from its last.pth)" if program in ("training", "cross-validation") else ""
+        way = " (--resume continues a run from its last.pth)" if program in ("training", "cross-validation") else ""
         cause = "the disk is full" if e.errno != errno.EFBIG else "the file is larger than this system allows"
         return (f"{cause} (writing {where}). Files are written whole or not at all, so the earlier versions are "
                 f"intact; free some space and run again{way}")
@@ -2214,17 +2148,19 @@ def run_cli(entry, program: str, oom_hint=lambda: "a smaller --batch-size or --e
     for stream in (sys.stdout, sys.stderr):  # a file name the terminal cannot show must not fail the run
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
-    with contextlib.suppress(ValueError):  # before and after training, SIGTERM stops as Ctrl-C does: cleanly
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with contextlib.suppress(ValueError):  # SIGTERM stops as Ctrl-C does (which a parent may have ignored)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, stop_by_sigterm)
     code = 1
     try:
         entry()
         return 0
     except Interrupted as e:
         code, message = e.code, str(e)
-    except KeyboardInterrupt:
-        way = "; a run that had saved last.pth continues with --resume RUN_FOLDER" if program in ("training", "cross-validation") else ""
-        code, message = 130, f"aborted (Ctrl-C or SIGTERM); files are written whole, so nothing is half-written{way}"
+    except KeyboardInterrupt as e:
+        way = "; a run continues with --resume RUN_FOLDER" if program in ("training", "cross-validation") else ""
+        code = 143 if isinstance(e, Terminated) else 130
+        message = f"aborted (Ctrl-C or SIGTERM); files are written whole, so nothing is half-written{way}"
     except UserError as e:
         message = f"error: {e}"
     except OSError as e:
@@ -2235,6 +2171,10 @@ def run_cli(entry, program: str, oom_hint=lambda: "a smaller --batch-size or --e
         message = f"error: out of memory ({first_line(e)}). Try {oom_hint()}, or close other programs"
     print(message, file=sys.stderr, flush=True)
     return code
+
+
+def stop_by_sigterm(signum, frame):
+    raise Terminated
 
 
 def run_tool(kind, entry, description: str, prog: str, argv: list[str] | None) -> int:

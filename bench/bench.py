@@ -74,12 +74,11 @@ def training_loop(cfg, data, steps):
     idx = {"train": torch.arange(len(names)), "val": torch.arange(0), "test": torch.arange(0)}
     with contextlib.redirect_stdout(io.StringIO()):
         run = bts.build_run(cfg, machine, data, split, idx, None)
-    stop = bts.StopFlag()
 
     def step():
-        run.epoch, run.step, run.losses = 0, 0, None
+        run.epoch = 0
         with contextlib.redirect_stderr(io.StringIO()):  # the progress bar
-            bts.train_epoch(run, stop)
+            bts.train_epoch(run)
 
     return step, machine, run.compile_seconds
 

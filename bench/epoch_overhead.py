@@ -49,7 +49,6 @@ def main():
     loop, writer = [], []
     with run.writer:
         for _ in range(args.repeats):
-            run.step, run.epoch_steps, run.seen = 2, 2, 32
             run.losses = torch.ones(2)
             run.best = dict(bts.NO_BEST)  # every epoch improves: model.pth is written too
             t0 = time.perf_counter()

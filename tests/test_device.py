@@ -346,7 +346,6 @@ def out_of_memory_at(monkeypatch, training_call: int = 0, evaluating: bool = Fal
         return real(self, x)
 
     monkeypatch.setattr(bts.UNet, "forward", forward)
-    monkeypatch.setattr(bts, "model_summary", lambda *args: None)  # its pass is in eval mode too
 
 
 @pytest.mark.slow

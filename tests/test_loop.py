@@ -204,11 +204,6 @@ def test_augment_batch_ranges_are_the_aug_fields():
 # The loop itself
 
 
-@pytest.fixture
-def quiet_summary(monkeypatch):
-    monkeypatch.setattr(bts, "model_summary", lambda *args: None)
-
-
 def a_run(dataset, out: Path, steps: int) -> bts.Run:
     """A Run of `steps` training steps of 4 images, built as train() builds one."""
     cfg, _ = bts.config_from_args([*TINY, "--data-dir", str(dataset), "--out-dir", str(out)])
@@ -236,24 +231,24 @@ class DeviceCopies(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def test_an_epoch_copies_to_the_device_a_constant_number_of_times_not_one_per_step(data, tmp_path, quiet_summary):
+def test_an_epoch_copies_to_the_device_a_constant_number_of_times_not_one_per_step(data, tmp_path):
     counts = []
     for steps in (2, 4):
         run = a_run(data, tmp_path, steps)
         with DeviceCopies() as copies:
-            assert bts.train_epoch(run, bts.StopFlag()) is False
-        assert run.step == run.epoch_steps == steps and torch.isfinite(run.losses).all()
+            bts.train_epoch(run)
+        assert len(run.losses) == steps and torch.isfinite(run.losses).all()
         counts.append(copies.count)
     assert counts[0] == counts[1] <= 2, counts
     assert not any(tmp_path.iterdir())  # the steps themselves write nothing
 
 
-def test_the_benchmark_times_the_training_loop_itself(data, monkeypatch, quiet_summary):
+def test_the_benchmark_times_the_training_loop_itself(data, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))
     import bench
     calls = []
     real = bts.train_epoch
-    monkeypatch.setattr(bts, "train_epoch", lambda run, stop: calls.append(run.cfg.batch_size) or real(run, stop))
+    monkeypatch.setattr(bts, "train_epoch", lambda run: calls.append(run.cfg.batch_size) or real(run))
     cfg, _ = bts.config_from_args([*TINY, "--recipe", "seed", *CPU])
     loaded = bts.load_dataset(data, 32, workers=1)
     step, machine, compile_seconds = bench.training_loop(cfg, loaded, steps=3)
@@ -272,7 +267,7 @@ def test_a_million_epochs_start_training_within_seconds(data, tmp_path, monkeypa
     stops a run that hangs, so that the test fails instead of waiting."""
     started = []
 
-    def first_epoch(run, stop):
+    def first_epoch(run):
         started.append(time.perf_counter())
         raise KeyboardInterrupt
 
@@ -306,11 +301,11 @@ def two_epochs(data, tmp_path_factory):
     seen = []
     real = bts.train_epoch
 
-    def observing(run, stop):
+    def observing(run):
         if run.epoch:  # an epoch has ended: what its end wrote, once the writer is done
             run.writer.drain()
             seen.append(read_history(out / "history.csv"))
-        return real(run, stop)
+        return real(run)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bts, "train_epoch", observing)
@@ -411,7 +406,7 @@ def test_a_nan_after_the_first_epoch_names_the_step_and_the_checkpoints_from_bef
                                                                  f"from before it", "--lr")
     assert "removed" not in message
     last = bts.load_checkpoint(out / "last.pth", resumable=True)
-    assert (last["epoch"], last["step"]) == (1, 0)
+    assert last["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert bts.load_checkpoint(out / "model.pth")["epoch"] == 1
     assert len(read_history(out / "history.csv")) == 1 and not (out / "metrics.json").exists()
@@ -455,29 +450,27 @@ def test_ctrl_c_while_the_writer_is_busy_writes_last_pth_and_prints_a_copyable_c
     rc, _, err = run_cli(capsys, "--data-dir", data, "--out-dir", "my run", *TINY, "--epochs", "2")
     assert rc == 130 and "Traceback" not in err, err
     folder = (tmp_path / "my run").resolve()
-    assert "stopped at epoch 2, step 1;" in err and "last.pth holds the run" in err
+    assert "stopped in epoch 2;" in err and "last.pth holds its last finished epoch" in err
     command = err.strip().splitlines()[-1].strip()
     expected = [sys.executable, str(SCRIPT), "--resume", str(folder)]
     assert shlex.split(command) == expected and command == shlex.join(expected)  # quoted: the folder has a space
     assert Path(expected[0]).is_absolute() and Path(expected[1]).is_absolute()
     state = bts.load_checkpoint(folder / "last.pth", resumable=True)
-    assert (state["epoch"], state["step"]) == (1, 1)
+    assert state["epoch"] == 1
     assert bts.load_checkpoint(folder / "model.pth")["epoch"] == 1
     assert not (folder / "metrics.json").exists() and not list(folder.rglob(".*.tmp"))
-    assert "SIGINT received: stopped after step 1" in (folder / "train.log").read_text()
+    assert "stopped in epoch 2" in (folder / "train.log").read_text()
 
 
 @pytest.mark.slow
-def test_sigterm_in_the_first_epoch_keeps_the_run_it_saved(data, tmp_path, monkeypatch, capsys):
+def test_sigterm_in_the_first_epoch_keeps_nothing_and_says_so(data, tmp_path, monkeypatch, capsys):
+    """A run resumes from its last finished epoch: stopped in its first, it has none, so its folder goes."""
     on_training_step(monkeypatch, 1, signal_at(signal.SIGTERM))
     out = tmp_path / "run"
     rc, _, err = run_cli(capsys, "--data-dir", data, "--out-dir", out, *TINY, "--epochs", "2")
-    assert rc == 143 and "stopped at epoch 1, step 1;" in err and "Traceback" not in err, err
-    assert shlex.split(err.strip().splitlines()[-1]) == [sys.executable, str(SCRIPT), "--resume", str(out.resolve())]
-    state = bts.load_checkpoint(out / "last.pth", resumable=True)
-    assert (state["epoch"], state["step"]) == (0, 1) and state["best"]["epoch"] == 0
-    assert {"config.json", "split.json", "train.log", "last.pth"} <= {p.name for p in out.iterdir()}
-    assert not (out / "model.pth").exists()  # no epoch ended: no best model yet
+    assert rc == 143 and "Traceback" not in err, err
+    assert "stopped in epoch 1, before the first checkpoint: nothing was kept; start the run again" in err
+    assert not out.exists()
 
 
 def test_a_stop_outside_the_training_loop_says_the_way_on_for_training_only(capsys):
