@@ -60,18 +60,11 @@ from tqdm import tqdm
 
 
 def setting(default, help, **rules):
-    """A Config field with the rules that the checks and the command line read: low, high (inclusive),
-    above (exclusive), share (0 to 1), choices (a function, for tables defined below), resumable (may
-    change on --resume), learns=False (compare leaves it out), now (always this command's), positional,
-    metavar and aliases (the command line)."""
+    """A field with the rules check_fields and build_parser read: low, high, above, share (0 to 1), choices (a
+    function), resumable (may change on --resume), learns=False, now (this command's), positional, metavar, aliases."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **rules})
     return field(default=default, metadata={"help": help, **rules})
-
-
-def training_setting(name: str, **rules):
-    """Another tool's field that is also training's: the same default, help and rules."""
-    return setting(Config.__dataclass_fields__[name].default, **{**Config.__dataclass_fields__[name].metadata, **rules})
 
 
 SEED_RANGE = dict(low=0, high=2 ** 31 - 1)
@@ -1792,11 +1785,9 @@ def atomic_write(path: Path | str, write) -> None:
     it over `path`: a crash at any moment leaves either the old file or the new one, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)  # a long name fits too
+    tmp = path.parent / f".{path.name[:64]}.{os.urandom(6).hex()}.tmp"  # a long name fits too
     try:
-        with contextlib.suppress(AttributeError, OSError):  # no fchmod on Windows
-            os.fchmod(fd, 0o666 & ~UMASK)
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:  # unlike mkstemp's private file, the user's umask decides who reads it
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -1807,10 +1798,6 @@ def atomic_write(path: Path | str, write) -> None:
         if isinstance(e, OSError) and not e.filename:  # a write's error names no file: name the one meant
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
-
-
-UMASK = os.umask(0o022)  # read once (reading sets it, so it is put back at once) for mkstemp's private files
-os.umask(UMASK)
 
 
 def save_json(path, obj) -> None:

@@ -28,7 +28,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import brain_tumor_segmentation as bts  # noqa: E402
-from brain_tumor_segmentation import UserError, setting, training_setting  # noqa: E402
+from brain_tumor_segmentation import Config, UserError, setting  # noqa: E402
+
+
+def training_setting(name: str, **rules):
+    """A field that is also training's: the same default, help and rules."""
+    return setting(Config.__dataclass_fields__[name].default, **{**Config.__dataclass_fields__[name].metadata, **rules})
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -473,6 +474,18 @@ def test_a_really_full_disk_during_training_is_one_sentence(base, tmp_path, caps
         assert not list(disk.rglob("*.tmp"))
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_files_are_written_whole_with_the_permissions_the_umask_gives(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        bts.save_json(tmp_path / "a.json", {"x": 1})
+        bts.save_json(tmp_path / "a.json", {"x": 2})  # replaced whole
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary file left
 
 
 def test_a_scan_with_a_249_character_name_is_predicted(base, tmp_path, capsys):
