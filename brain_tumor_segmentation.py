@@ -2145,7 +2145,7 @@ def run_cli(entry, program: str, oom_hint=lambda: "a smaller --batch-size or --e
     except Interrupted as e:
         code, message = e.code, str(e)
     except KeyboardInterrupt as e:
-        way = "; a run continues with --resume RUN_FOLDER" if program in ("training", "cross-validation") else ""
+        way = "; a run that saved last.pth continues with --resume" if program in ("training", "cross-validation") else ""
         code = 143 if isinstance(e, Terminated) else 130
         message = f"aborted (Ctrl-C or SIGTERM); files are written whole, so nothing is half-written{way}"
     except UserError as e:
