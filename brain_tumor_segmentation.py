@@ -91,7 +91,7 @@ class Config:
     test_fraction: float = setting(0.1, "fraction of the data for the final test", above=0)
     split_seed: int = setting(42, "seed of the split alone: runs of other --seed test on the same images", **SEED_RANGE)
     folds: int = setting(0, "K >= 3: this run is one fold of a K-fold cross-validation (cross_validate.py trains "
-                            "them all)", resumable=True)
+                            "them all)")
     fold: int = setting(0, "with --folds: the fold N (1 to K) this run tests on (cross_validate.py: 0 for all)", low=0,
                         **THIS_COMMAND)
     # model
@@ -1577,6 +1577,18 @@ def is_finished(folder: Path) -> bool:
     return (folder / "metrics.json").is_file()
 
 
+def model_caveat(path: Path, state: dict) -> str:
+    """Why a checkpoint that predict.py or export.py uses may predict worse than its run's test, or ''."""
+    if state.get("optimizer") is not None:  # a resumable state
+        return (f"{path} is the latest training state (epoch {state['epoch']}), not the best model: it predicts with "
+                f"the untuned threshold {state['threshold']:.2f}; model.pth beside it holds the best epoch and the "
+                f"threshold chosen on validation")
+    if (Path(path).parent / "config.json").is_file() and not is_finished(Path(path).parent):  # in its run's folder
+        return (f"{path} is from an unfinished run (epoch {state['epoch']}, no metrics.json beside it): its threshold "
+                f"{state['threshold']:.2f} and post-processing may not be chosen yet (--resume finishes it)")
+    return ""
+
+
 # What every checkpoint holds; a resumable state (last.pth) holds RESUMABLE too.
 CHECKPOINT = ("model", "config", "split", "history", "threshold", "epoch", "best")
 RESUMABLE = ("optimizer",)
@@ -1697,7 +1709,7 @@ def run_folder(cfg: Config, resume: dict | None, made: bool = False):
         lock.release()
         if not keep:  # its own files only: an epoch's plots may be written before a checkpoint fails
             plots = [p.relative_to(folder) for p in folder.glob("visualizations/epochs/epoch_[0-9][0-9][0-9].png")]
-            discard(folder, ["train.log", "config.json", "split.json", "history.csv", ".lock",
+            discard(folder, ["train.log", "config.json", "split.json", "history.csv", ".lock", "model.pth",
                              "visualizations/loss_curves.png", *plots])
 
 
@@ -2121,7 +2133,8 @@ def write_failure(e: OSError, program: str) -> str:
     """One sentence for an output that could not be written (reads became warnings or UserError)."""
     where = e.filename or "an output file"
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        way = " (--resume continues a run from its last.pth)" if program in ("training", "cross-validation") else ""
+        saved = program in ("training", "cross-validation")
+        way = " (a run that saved last.pth continues with --resume)" if saved else ""
         cause = "the disk is full" if e.errno != errno.EFBIG else "the file is larger than this system allows"
         return (f"{cause} (writing {where}). Files are written whole or not at all, so the earlier versions are "
                 f"intact; free some space and run again{way}")
@@ -2145,7 +2158,8 @@ def run_cli(entry, program: str, oom_hint=lambda: "a smaller --batch-size or --e
     except Interrupted as e:
         code, message = e.code, str(e)
     except KeyboardInterrupt as e:
-        way = "; a run that saved last.pth continues with --resume" if program in ("training", "cross-validation") else ""
+        saved = program in ("training", "cross-validation")
+        way = "; a run that saved last.pth continues with --resume" if saved else ""
         code = 143 if isinstance(e, Terminated) else 130
         message = f"aborted (Ctrl-C or SIGTERM); files are written whole, so nothing is half-written{way}"
     except UserError as e:
@@ -2177,6 +2191,9 @@ def main(argv: list[str] | None = None) -> int:
     def entry():
         cfg, typed = config_from_args(argv)
         state["cfg"] = cfg
+        if cfg.resume and {"folds", "fold"} & typed:
+            raise UserError("--folds and --fold choose a new run's split: a resumed run keeps its own (a cross-"
+                            "validation's folds continue with python cross_validate.py --resume ROOT)")
         if cfg.folds and not cfg.fold:
             raise UserError(f"--folds {cfg.folds} without --fold N trains {cfg.folds} models: python cross_validate.py "
                             f"--folds {cfg.folds} ... runs them all in one folder; --fold N trains fold N's run alone")

@@ -35,6 +35,10 @@ def cross_validate(cfg: Config, typed: frozenset = frozenset()) -> dict:
     for k in folds:  # before any fold trains
         if (root / f"fold_{k}").exists() and not (root / f"fold_{k}").is_dir():
             raise UserError(f"{root / f'fold_{k}'} is a file where fold {k}'s folder goes; move it out of {root}")
+        fold_results(root / f"fold_{k}", cfg, k)  # a folder there that is not this fold is refused now
+    record = json.loads((root / CV_RECORD).read_text(encoding="utf-8"))
+    if record["config"]["epochs"] != cfg.epochs:  # checked: the folds train on together, to the record's epochs
+        bts.save_json(root / CV_RECORD, {**record, "config": dataclasses.asdict(cfg)})
     try:
         for k in folds:
             fold_dir = root / f"fold_{k}"
@@ -42,9 +46,11 @@ def cross_validate(cfg: Config, typed: frozenset = frozenset()) -> dict:
                 log(f"fold {k}: finished already, kept")
                 continue
             log(f"=== fold {k} of {cfg.folds} ===")
+            (root / "cv_summary.json").unlink(missing_ok=True)  # it would no longer describe the folds
             given = typed - {"out_dir", "resume"}
-            if fold_dir.exists():
-                bts.train(dataclasses.replace(cfg, fold=k, out_dir="", resume=str(fold_dir)), given | {"resume"})
+            if fold_dir.exists():  # to the record's epochs, typed now or not
+                bts.train(dataclasses.replace(cfg, fold=k, out_dir="", resume=str(fold_dir)),
+                          given | {"resume", "epochs"})
             else:
                 bts.create_folder(fold_dir, "cross-validation")
                 bts.train(dataclasses.replace(cfg, fold=k, out_dir=str(fold_dir), resume=""), given, made=True)
@@ -88,8 +94,6 @@ def cross_validation_folder(cfg: Config, typed: frozenset) -> tuple[Path, Config
                         f"together (without --fold), never fewer")
     if resumed.fold > resumed.folds:
         raise UserError(f"--fold {resumed.fold}: {root} has folds 1 to {resumed.folds}")
-    if resumed.epochs != saved.epochs:  # the folds train on together: the record says so before they begin
-        bts.save_json(root / CV_RECORD, {**record, "config": dataclasses.asdict(resumed)})
     return root, resumed, False
 
 

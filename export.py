@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import logging
+import shlex
 import sys
 import warnings
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ class Probabilities(nn.Module):
         return torch.sigmoid(self.unet(images))
 
 
+PREDICT = Path(__file__).resolve().parent / "predict.py"
+
+
 def export(cfg: ExportConfig) -> Path:
     """Write the ONNX file of a checkpoint with its metadata; returns its path."""
     try:
@@ -74,7 +78,9 @@ def export(cfg: ExportConfig) -> Path:
                 "threshold": float(state["threshold"]), "tta": bool(state["config"].get("tta", bts.BEFORE_FIELD_EXISTED[
                     "tta"])), "postprocess": state.get("postprocess", []), "demo": bool(state["config"].get("demo")),
                 "epoch": state["epoch"], "tested_precision": state.get("precision", "float32"),
-                "source": str(path.resolve())}
+                "source": str(path.resolve()), "caveat": bts.model_caveat(path, state)}
+    if metadata["caveat"]:
+        bts.warn(metadata["caveat"])
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=json.dumps(value))
     out = new_file(cfg.out, path)
@@ -82,7 +88,7 @@ def export(cfg: ExportConfig) -> Path:
     onnx.checker.check_model(str(out))
     bts.log(f"exported {path} (epoch {state['epoch']}, {size}x{size}, threshold {metadata['threshold']:.2f}, "
             f"mirror averaging {metadata['tta']}, post-processing {', '.join(metadata['postprocess']) or 'none'}) "
-            f"to {out}\npredict with: python predict.py --model {out} SCAN.png ...")
+            f"to {out}\npredict with: {shlex.join([sys.executable, str(PREDICT), '--model', str(out)])} SCAN.png ...")
     return out
 
 

@@ -94,13 +94,11 @@ def torch_model(path: Path, cfg: PredictConfig):
     """A checkpoint's probabilities function (uint8 images (N,1,S,S) -> probabilities (N,S,S)), the
     settings it predicts with, and where it runs."""
     state = bts.load_checkpoint(path)
-    if state.get("optimizer") is not None:  # a resumable state: last.pth
-        bts.warn(f"{path} is the latest training state (epoch {state['epoch']}), not the best model: it predicts "
-                 f"with the untuned threshold {state['threshold']:.2f}; model.pth beside it holds the best epoch and "
-                 f"the threshold chosen on validation")
     device = bts.pick_device(cfg.device)
     machine = bts.Machine(device, run_precision(state, cfg.amp, device))
     model = bts.model_from_checkpoint(state, path, device)
+    if bts.model_caveat(path, state):
+        bts.warn(bts.model_caveat(path, state))
     how = {"image_size": state["config"]["image_size"], "threshold": float(state["threshold"]),
            "tta": bool(state["config"].get("tta", bts.BEFORE_FIELD_EXISTED["tta"])),
            "postprocess": state.get("postprocess", []), "demo": bool(state["config"].get("demo"))}
@@ -127,6 +125,11 @@ def onnx_model(path: Path):
         raise UserError(f"{path}: not an ONNX model onnxruntime can load ({bts.first_line(e)})") from None
     if how.get("format") != "brain-tumor-segmentation-unet-onnx":
         raise UserError(f"{path}: not an ONNX file written by export.py (its metadata names no image size or threshold)")
+    if how.get("caveat"):
+        bts.warn(f"exported from a checkpoint with a caveat: {how['caveat']}")
+    if how.get("tested_precision", "float32") != "float32":  # onnxruntime computes in float32
+        bts.warn(f"{path} computes in float32, its run was tested in {how['tested_precision']}: a few pixels near "
+                 f"the threshold can differ from predict.py --model on the run (--amp off there gives these masks)")
 
     def probabilities(images: np.ndarray) -> np.ndarray:
         x = images.astype(np.float32) / 255

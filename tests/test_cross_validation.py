@@ -427,3 +427,53 @@ def test_cross_validate_needs_folds_or_resume_and_its_resume_needs_a_record(tmp_
     (tmp_path / "run").mkdir()
     rc, _, err = run_cv(capsys, "--resume", tmp_path / "run")
     one_error(rc, err, "not a cross-validation's record", "brain_tumor_segmentation.py --resume")
+
+
+# -----------------------------------------------------------------------------
+# A resumed cross-validation: checked before its record changes, its old summary gone before a fold trains
+
+
+@pytest.mark.slow
+def test_a_refused_extension_changes_nothing_and_a_plain_resume_then_finishes(cv, tmp_path, capsys):
+    root = copy_of(cv, tmp_path)
+    shutil.rmtree(root / "fold_3")
+    (root / "cv_summary.json").unlink()
+    (root / "fold_3").write_text("a user's file\n")
+    before = snapshot(root)
+    rc, out, err = run_cv(capsys, "--resume", root, "--epochs", "2")
+    one_error(rc, err, str(root / "fold_3"))
+    assert snapshot(root) == before and read(root / "cross_validation.json")["config"]["epochs"] == 1
+    (root / "fold_3").unlink()
+    rc, out, err = run_cv(capsys, "--resume", root)
+    assert rc == 0, err
+    assert read(root / "cv_summary.json")["test_images"] == 20
+
+
+@pytest.mark.slow
+def test_an_extension_stopped_in_its_first_fold_has_removed_the_old_summary_and_continues(cv, tmp_path, capsys,
+                                                                                        monkeypatch):
+    root = copy_of(cv, tmp_path)
+    real = bts.compute_loss
+
+    def stop(logits, target, cfg):
+        if logits.requires_grad:
+            raise KeyboardInterrupt
+        return real(logits, target, cfg)
+
+    monkeypatch.setattr(bts, "compute_loss", stop)
+    rc, _, err = run_cv(capsys, "--resume", root, "--epochs", "2")
+    assert rc == 130 and "Traceback" not in err, err
+    assert not (root / "cv_summary.json").exists()  # it described the 1-epoch folds
+    monkeypatch.setattr(bts, "compute_loss", real)
+    rc, _, err = run_cv(capsys, *shlex.split(err.strip().splitlines()[-1])[2:])
+    assert rc == 0, err  # the printed command trains every fold to the record's 2 epochs
+    assert [len(read(root / f"fold_{k}" / "metrics.json")["history"]["epoch"]) for k in (1, 2, 3)] == [2, 2, 2]
+
+
+def test_folds_or_fold_on_a_resume_are_refused(cv, capsys):
+    before = snapshot(cv["root"])
+    rc, _, err = run_cli(capsys, "--resume", cv["root"] / "fold_1", "--folds", "3", "--fold", "1", "--epochs", "2")
+    one_error(rc, err, "a resumed run keeps its own", "cross_validate.py --resume")
+    rc, _, err = run_cv(capsys, "--resume", cv["root"], "--folds", "4")
+    one_error(rc, err, "--folds", "a resumed run keeps the settings it was trained with")
+    assert snapshot(cv["root"]) == before

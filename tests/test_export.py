@@ -156,3 +156,29 @@ def test_training_and_predict_with_a_checkpoint_never_import_the_onnx_packages()
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxscript', 'onnxruntime')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
+def test_an_unfinished_or_bf16_tested_run_is_exported_with_its_caveats_which_predict_repeats(exported, tmp_path,
+                                                                                            capsys):
+    """Class K/M of the hostile rounds: an export of a run without metrics.json (its threshold may be
+    untuned) or tested in bf16 (onnxruntime computes in float32) predicts other masks than the run's
+    test; export and predict say so instead of keeping quiet."""
+    import shutil
+    run = Path(shutil.copytree(exported["run"], tmp_path / "run"))
+    (run / "metrics.json").unlink()
+    state = torch.load(run / "model.pth", weights_only=True)
+    bts.save_checkpoint(run / "model.pth", {**state, "precision": "bfloat16"})
+    capsys.readouterr()
+    assert export.main(["--model", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "from an unfinished run" in err and "--resume finishes it" in err
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert "unfinished run" in meta["caveat"] and meta["tested_precision"] == "bfloat16"
+    images = exported["data"] / "images"
+    assert predict.main([str(images), "--model", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "p")]) == 0
+    err = capsys.readouterr().err
+    assert "unfinished run" in err and "computes in float32, its run was tested in bfloat16" in err
+    assert predict.main([str(images), "--model", str(run), "--out", str(tmp_path / "q")]) == 0
+    assert "from an unfinished run" in capsys.readouterr().err
+    assert predict.main([str(images), "--model", str(exported["onnx"]), "--out", str(tmp_path / "r")]) == 0
+    assert "warning" not in capsys.readouterr().err  # a finished float32 run's export: nothing to say

@@ -617,3 +617,23 @@ def test_a_kill_inside_a_background_checkpoint_write_leaves_the_previous_one_rea
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert bts.load_checkpoint(path, resumable=True)["epoch"] == 1  # the previous state, whole
+
+
+@pytest.mark.slow
+def test_a_stop_between_the_best_model_and_the_state_of_epoch_1_leaves_no_folder(data, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """A stop as epoch 1 ends, after model.pth but before last.pth is written: nothing can continue the
+    run, so it says so and removes its folder, model.pth too (a folder holding only model.pth could
+    neither be resumed nor started again)."""
+    real = bts.save_checkpoint
+
+    def stop_before_the_state(path, state):
+        if path.name == "last.pth":
+            return os.kill(os.getpid(), signal.SIGINT)  # the writer thread: the signal reaches training
+        real(path, state)
+
+    monkeypatch.setattr(bts, "save_checkpoint", stop_before_the_state)
+    out = tmp_path / "run"
+    rc, _, err = run_cli(capsys, "--data-dir", data, "--out-dir", out, *TINY, "--epochs", "3")
+    assert rc == 130 and "nothing was kept; start the run again" in err and "Traceback" not in err, err
+    assert not out.exists()
