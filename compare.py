@@ -97,6 +97,8 @@ def kind_of(folder: Path) -> str | None:
             if isinstance(k, int) and all(bts.is_finished(folder / f"fold_{i + 1}") for i in range(k)):
                 return "cross-validation"
         return "an unfinished cross-validation (a fold without metrics.json)"
+    if (folder.parent / bts.CV_RECORD).is_file():
+        return f"a fold of the cross-validation {folder.parent}, which compare reads whole"
     if (folder / "config.json").is_file():
         return "run" if bts.is_finished(folder) else "an unfinished run (no metrics.json yet)"
     return None

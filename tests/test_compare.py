@@ -658,6 +658,10 @@ def test_a_real_cross_validation_is_read_whole_and_pooled(runs, tmp_path, capsys
     rc, _, err = run_compare(capsys, runs / "base", cv / "fold_1", "--out", tmp_path / "c2")
     one_error(rc, err, "cross-validation whole")
     assert not (tmp_path / "c2").exists()
+    rc, _, err = run_compare(capsys, runs / "base", cv, f"{cv}/*", "--out", tmp_path / "c3")  # a glob inside it
+    assert rc == 0, err
+    assert all(f"{cv / f'fold_{k}'}: skipped, a fold of the cross-validation {cv}" in err for k in (1, 2, 3)), err
+    assert len(read_csv(tmp_path / "c3" / "comparison.csv")) == 2
 
 
 # -----------------------------------------------------------------------------
