@@ -954,8 +954,8 @@ def interrupted(run: Run, e: KeyboardInterrupt) -> Interrupted:
         where = "stopped after training, before the test was written"
     if not (run.out / "last.pth").is_file():
         return Interrupted(f"{where}, before the first checkpoint: nothing was kept; start the run again", code, where)
-    again = shlex.join([sys.executable, str(Path(__file__).resolve()), "--resume", str(run.out.resolve()),
-                        *(["--epochs", str(run.cfg.epochs)] if run.cfg.resume else [])])  # last.pth may have fewer
+    again = command(Path(__file__).name, "--resume", run.out.resolve(),
+                    *(["--epochs", run.cfg.epochs] if run.cfg.resume else []))  # last.pth may have fewer
     return Interrupted(f"{where}; {run.out / 'last.pth'} holds its last finished epoch. Continue the run with:\n  "
                        f"{again}", code, where)
 
@@ -1125,8 +1125,7 @@ def finish_run(run: Run, t_start: float) -> dict:
         + ", ".join(f"{name} {t[name]:.4f}" for name in METRICS if name != "dice")
         + (f", HD95 {t['hd95']:.1f} px" if t["hd95"] is not None else ", HD95 undefined (no image where both masks "
                                                                        "have tumour)"))
-    predict = shlex.join([sys.executable, str(Path(__file__).resolve().parent / "predict.py"), "--model",
-                          str(out.resolve())])
+    predict = command("predict.py", "--model", out.resolve())
     log(f"done in {time.time() - t_start:.1f} s; segment new scans with:\n  {predict} SCAN.png ...\nrun folder: {out}")
     return metrics
 
@@ -1532,8 +1531,8 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
         raise UserError(f"{path.parent}: no such run folder to resume")
     if not path.exists():
         hint = (f"; {path.parent} holds only model.pth, which cannot be continued: start a new run"
-                if (path.parent / "model.pth").exists() else f"; it is a cross-validation: continue it with python "
-                f"cross_validate.py --resume {path.parent}" if (path.parent / CV_RECORD).is_file()
+                if (path.parent / "model.pth").exists() else f"; it is a cross-validation: continue it with "
+                f"{command('cross_validate.py', '--resume', path.parent)}" if (path.parent / CV_RECORD).is_file()
                 else "; start a new run without --resume")
         raise UserError(f"{path}: no resumable state (last.pth) to continue" + hint)
     try:
@@ -1548,8 +1547,7 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
     if resumed.epochs < state["epoch"]:
         raise UserError(f"--epochs {resumed.epochs}: {path} has trained {state['epoch']} epochs already; pass more")
     if saved.folds and resumed.epochs != saved.epochs and not cfg.folds:  # its cross-validation decides, for all
-        again = shlex.join([sys.executable, str(Path(__file__).resolve().parent / "cross_validate.py"), "--resume",
-                            str(path.parent.parent), "--epochs", str(resumed.epochs)])
+        again = command("cross_validate.py", "--resume", path.parent.parent, "--epochs", resumed.epochs)
         raise UserError(f"{path.parent} is fold {saved.fold} of a cross-validation, whose folds share their "
                         f"epochs: train them all further with {again}")
     if resumed.epochs != saved.epochs and saved.schedule == "onecycle":
@@ -1764,7 +1762,7 @@ def create_folder(path: Path, program: str, quiet: bool = False) -> Path:
     except FileExistsError:
         if quiet:
             raise
-        way = f"; to continue that run, pass --resume {path}" if program in ("training", "cross-validation") else ""
+        way = f"; to continue that run, pass --resume {path}" if resumes(program) else ""
         raise UserError(f"{path} exists already: {program} writes only into a folder it creates, so it never changes "
                         f"what is there. Name a new folder, or leave the option out for a new time-stamped one{way}") \
             from None
@@ -2117,6 +2115,17 @@ def config_from_args(argv: list[str], description: str = "Train a U-Net to segme
     return Config(**values), frozenset(typed)
 
 
+def command(script: str, *args) -> str:
+    """A command line that runs `script` of this project as this one runs, from any folder: copied from a
+    message to a shell as it is (this Python, absolute paths, quoted)."""
+    return shlex.join([sys.executable, str(Path(__file__).resolve().parent / script), *map(str, args)])
+
+
+def resumes(program: str) -> bool:
+    """Whether --resume continues what `program` was doing (predict, compare and export have none)."""
+    return program in ("training", "cross-validation")
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an error's text, cut at 120 characters: enough to name a cause."""
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -2133,8 +2142,7 @@ def write_failure(e: OSError, program: str) -> str:
     """One sentence for an output that could not be written (reads became warnings or UserError)."""
     where = e.filename or "an output file"
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        saved = program in ("training", "cross-validation")
-        way = " (a run that saved last.pth continues with --resume)" if saved else ""
+        way = " (a run that saved last.pth continues with --resume)" if resumes(program) else ""
         cause = "the disk is full" if e.errno != errno.EFBIG else "the file is larger than this system allows"
         return (f"{cause} (writing {where}). Files are written whole or not at all, so the earlier versions are "
                 f"intact; free some space and run again{way}")
@@ -2158,8 +2166,7 @@ def run_cli(entry, program: str, oom_hint=lambda: "a smaller --batch-size or --e
     except Interrupted as e:
         code, message = e.code, str(e)
     except KeyboardInterrupt as e:
-        saved = program in ("training", "cross-validation")
-        way = "; a run that saved last.pth continues with --resume" if saved else ""
+        way = "; a run that saved last.pth continues with --resume" if resumes(program) else ""
         code = 143 if isinstance(e, Terminated) else 130
         message = f"aborted (Ctrl-C or SIGTERM); files are written whole, so nothing is half-written{way}"
     except UserError as e:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -30,13 +29,12 @@ def cross_validate(cfg: Config, typed: frozenset = frozenset()) -> dict:
     """K models, fold k testing on the k-th fold of patients, each in ROOT/fold_k of the folder it creates
     (--resume ROOT continues: finished folds are kept, the others continue or begin; --fold N trains one
     fold); then, once all K are finished, their summary."""
-    root, cfg, made = cross_validation_folder(cfg, typed)
+    root, cfg, made, record = cross_validation_folder(cfg, typed)
     folds = range(1, cfg.folds + 1) if not cfg.fold else [cfg.fold]
     for k in folds:  # before any fold trains
         if (root / f"fold_{k}").exists() and not (root / f"fold_{k}").is_dir():
             raise UserError(f"{root / f'fold_{k}'} is a file where fold {k}'s folder goes; move it out of {root}")
         fold_results(root / f"fold_{k}", cfg, k)  # a folder there that is not this fold is refused now
-    record = json.loads((root / CV_RECORD).read_text(encoding="utf-8"))
     if record["config"]["epochs"] != cfg.epochs:  # checked: the folds train on together, to the record's epochs
         bts.save_json(root / CV_RECORD, {**record, "config": dataclasses.asdict(cfg)})
     try:
@@ -66,17 +64,19 @@ def cross_validate(cfg: Config, typed: frozenset = frozenset()) -> dict:
 
 def continue_command(root: Path, *args: str) -> str:
     """The command, runnable from any folder, that continues the cross-validation in `root`."""
-    return shlex.join([sys.executable, str(Path(__file__).resolve()), "--resume", str(root.resolve()), *args])
+    return bts.command("cross_validate.py", "--resume", root.resolve(), *args)
 
 
-def cross_validation_folder(cfg: Config, typed: frozenset) -> tuple[Path, Config, bool]:
+def cross_validation_folder(cfg: Config, typed: frozenset) -> tuple[Path, Config, bool, dict]:
     """A new cross-validation's folder, with its record; or with --resume ROOT, that folder and the
-    settings its record holds, with the changes a resume allows."""
+    settings its record holds, with the changes a resume allows. Also: whether the folder is new, and
+    the record as it stands."""
     if not cfg.resume:
         root = bts.new_folder(cfg.out_dir, "outputs", bts.run_name(cfg), "cross-validation")
         cfg = dataclasses.replace(cfg, out_dir=str(root.resolve()))
-        bts.save_json(root / CV_RECORD, {"folds": cfg.folds, "config": dataclasses.asdict(cfg)})
-        return root, cfg, True
+        record = {"folds": cfg.folds, "config": dataclasses.asdict(cfg)}
+        bts.save_json(root / CV_RECORD, record)
+        return root, cfg, True, record
     root = Path(cfg.resume)
     if "out_dir" in typed and Path(cfg.out_dir).resolve() != root.resolve():
         raise UserError(f"--out-dir {cfg.out_dir} and --resume {cfg.resume} name two folders: a cross-validation "
@@ -94,7 +94,7 @@ def cross_validation_folder(cfg: Config, typed: frozenset) -> tuple[Path, Config
                         f"together (without --fold), never fewer")
     if resumed.fold > resumed.folds:
         raise UserError(f"--fold {resumed.fold}: {root} has folds 1 to {resumed.folds}")
-    return root, resumed, False
+    return root, resumed, False, record
 
 
 def fold_results(fold_dir: Path, cfg: Config, k: int) -> dict | None:

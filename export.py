@@ -18,7 +18,6 @@ import contextlib
 import io
 import json
 import logging
-import shlex
 import sys
 import warnings
 from dataclasses import dataclass
@@ -59,9 +58,6 @@ class Probabilities(nn.Module):
         return torch.sigmoid(self.unet(images))
 
 
-PREDICT = Path(__file__).resolve().parent / "predict.py"
-
-
 def export(cfg: ExportConfig) -> Path:
     """Write the ONNX file of a checkpoint with its metadata; returns its path."""
     try:
@@ -88,7 +84,7 @@ def export(cfg: ExportConfig) -> Path:
     onnx.checker.check_model(str(out))
     bts.log(f"exported {path} (epoch {state['epoch']}, {size}x{size}, threshold {metadata['threshold']:.2f}, "
             f"mirror averaging {metadata['tta']}, post-processing {', '.join(metadata['postprocess']) or 'none'}) "
-            f"to {out}\npredict with: {shlex.join([sys.executable, str(PREDICT), '--model', str(out)])} SCAN.png ...")
+            f"to {out}\npredict with: {bts.command('predict.py', '--model', out)} SCAN.png ...")
     return out
 
 

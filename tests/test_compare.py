@@ -26,7 +26,7 @@ import torch
 
 import brain_tumor_segmentation as bts
 import compare
-from conftest import REPO_ROOT, TINY_ARGS, one_error, run_folders, snapshot, squares_dataset
+from conftest import REPO_ROOT, TINY_ARGS, no_training_figures, one_error, run_folders, snapshot, squares_dataset
 
 torch.set_num_threads(1)
 
@@ -46,13 +46,6 @@ def read_csv(path: Path) -> list[dict]:
 
 # -----------------------------------------------------------------------------
 # Real tiny runs
-
-
-def no_training_figures(mp: pytest.MonkeyPatch) -> None:
-    """Training exactly as it is, less the figures it draws at its end (loss curves, test panels and
-    histogram), which these tests never read: a third of each tiny run's time."""
-    mp.setattr(bts, "plot_curves", lambda *args: None)
-    mp.setattr(bts, "plot_test_results", lambda *args: None)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ import torch
 
 import brain_tumor_segmentation as bts
 import predict
-from conftest import REAL_DIR, REPO_ROOT, TINY_ARGS, one_error, run_folders, snapshot, squares_dataset
+from conftest import (REAL_DIR, REPO_ROOT, TINY_ARGS, no_training_figures, one_error, run_folders, snapshot,
+                      squares_dataset)
 
 torch.set_num_threads(1)
 
@@ -137,13 +138,6 @@ def own_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 
 # -----------------------------------------------------------------------------
 # The model, trained once; scans to segment
-
-
-def no_training_figures(mp: pytest.MonkeyPatch) -> None:
-    """Training exactly as it is, less the figures it draws at its end (loss curves, test panels and
-    histogram), which these tests never read: a third of each tiny run's time."""
-    mp.setattr(bts, "plot_curves", lambda *args: None)
-    mp.setattr(bts, "plot_test_results", lambda *args: None)
 
 
 @pytest.fixture(scope="module")
