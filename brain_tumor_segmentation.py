@@ -79,7 +79,8 @@ class Config:
                                 "downloaded when missing)", **HOW_IT_RUNS)
     out_dir: str = setting("", "the run's folder, which the run creates (it must not exist yet); default: a new "
                                "outputs/DATE-TIME-NAME", **THIS_COMMAND)
-    demo: bool = setting(False, "train on generated synthetic slices (offline, seconds on a CPU)")
+    demo: bool = setting(False, "train on synthetic slices generated into the run's folder (offline, seconds on a "
+                                "CPU)")
     demo_images: int = setting(600, "synthetic slices generated for --demo", low=10)
     limit: int = setting(0, "use only the first N image pairs (0: all)", low=0)
     image_size: int = setting(256, "images and masks are resized to this square size (a multiple of 16)", low=16,
@@ -171,7 +172,7 @@ class Config:
 SEED_RECIPE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", loss="dice",
                    augment=False, tune_threshold=False, tta=False)
 # --demo: a synthetic dataset small enough to train well in seconds on a CPU.
-DEMO_DEFAULTS = dict(image_size=48, base_width=16, epochs=12, batch_size=16, data_dir="data/synthetic-demo")
+DEMO_DEFAULTS = dict(image_size=48, base_width=16, epochs=12, batch_size=16)
 KAGGLE_DATASET = "nikhilroxtomar/brain-tumor-segmentation"
 KAGGLE_PAIRS = 3064  # image/mask pairs in that dataset, as patients.csv lists them
 DEFAULT_DATA_DIR = "data/brain-tumor-segmentation"
@@ -202,7 +203,7 @@ def train(cfg: Config, typed: frozenset = frozenset(), made: bool = False) -> di
     cfg, resume = resumed_state(cfg, typed)                      # --resume: the checkpoint and its settings
     with run_folder(cfg, resume, made) as folder:                # new (or the resumed run's own), locked
         machine = set_up_machine(cfg)                            # device, precision and layout, by fixed rules
-        data_dir = resolve_data_dir(cfg)                         # downloaded or generated once, if needed
+        data_dir = resolve_data_dir(cfg, folder)                 # downloaded once, or the demo's generated
         cfg = dataclasses.replace(cfg, out_dir=str(folder.resolve()), data_dir=str(data_dir))  # absolute: saved
         data = load_dataset(data_dir, cfg.image_size, cfg.limit, cfg.workers)  # decoded once, uint8 tensors
         split, idx = split_for(cfg, data, resume)                # by patient, from split_seed alone
@@ -350,16 +351,6 @@ def decode_file(path: Path | str, convert) -> tuple[np.ndarray, str]:
         raise ValueError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
     except (cv2.error, MemoryError) as e:
         raise ValueError(f"{path}: the decoder refused it (too large, or a damaged header: {first_line(e)})") from None
-
-
-def read_image(path: Path | str) -> np.ndarray:
-    """Any PNG/JPEG/TIFF/BMP (gray or colour, 8 or 16 bit, float) -> float32 gray in [0, 1], original size."""
-    return decode_file(path, gray_in_unit_range)[0]
-
-
-def read_mask(path: Path | str) -> np.ndarray:
-    """A mask file -> bool array at its original size (tumour_pixels says how)."""
-    return decode_file(path, tumour_pixels)[0]
 
 
 def gray_in_unit_range(image: np.ndarray) -> np.ndarray:
@@ -1575,18 +1566,6 @@ def is_finished(folder: Path) -> bool:
     return (folder / "metrics.json").is_file()
 
 
-def model_caveat(path: Path, state: dict) -> str:
-    """Why a checkpoint that predict.py or export.py uses may predict worse than its run's test, or ''."""
-    if state.get("optimizer") is not None:  # a resumable state
-        return (f"{path} is the latest training state (epoch {state['epoch']}), not the best model: it predicts with "
-                f"the untuned threshold {state['threshold']:.2f}; model.pth beside it holds the best epoch and the "
-                f"threshold chosen on validation")
-    if (Path(path).parent / "config.json").is_file() and not is_finished(Path(path).parent):  # in its run's folder
-        return (f"{path} is from an unfinished run (epoch {state['epoch']}, no metrics.json beside it): its threshold "
-                f"{state['threshold']:.2f} and post-processing may not be chosen yet (--resume finishes it)")
-    return ""
-
-
 # What every checkpoint holds; a resumable state (last.pth) holds RESUMABLE too.
 CHECKPOINT = ("model", "config", "split", "history", "threshold", "epoch", "best")
 RESUMABLE = ("optimizer",)
@@ -1706,6 +1685,7 @@ def run_folder(cfg: Config, resume: dict | None, made: bool = False):
         log_file.close()
         lock.release()
         if not keep:  # its own files only: an epoch's plots may be written before a checkpoint fails
+            shutil.rmtree(folder / "demo-data", ignore_errors=True)
             plots = [p.relative_to(folder) for p in folder.glob("visualizations/epochs/epoch_[0-9][0-9][0-9].png")]
             discard(folder, ["train.log", "config.json", "split.json", "history.csv", ".lock", "model.pth",
                              "visualizations/loss_curves.png", *plots])
@@ -1747,16 +1727,13 @@ def new_folder(given: str, parent: str, name: str, program: str) -> Path:
 
 
 def create_folder(path: Path, program: str, quiet: bool = False) -> Path:
-    """Create `path` (and missing parents); an existing path of any kind is refused in one sentence."""
+    """Create `path` (and missing parents); an existing path of any kind is refused in one sentence (a
+    permission or a file in the way is an OSError, which run_cli words)."""
     made = [p for p in path.parents if not p.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"cannot create the folder {path}: a file stands where one of its folders should be; "
-                        f"choose another") from None
-    except PermissionError:
-        raise UserError(f"cannot create the folder {path}: no permission to write in a folder above it; choose "
-                        f"another") from None
+    except FileExistsError as e:  # a file in the way: not the FileExistsError a taken default name raises
+        raise NotADirectoryError(errno.ENOTDIR, e.strerror, e.filename) from None
     try:
         path.mkdir()
     except FileExistsError:
@@ -1766,9 +1743,6 @@ def create_folder(path: Path, program: str, quiet: bool = False) -> Path:
         raise UserError(f"{path} exists already: {program} writes only into a folder it creates, so it never changes "
                         f"what is there. Name a new folder, or leave the option out for a new time-stamped one{way}") \
             from None
-    except PermissionError:
-        raise UserError(f"cannot create the folder {path}: no permission to write in {path.parent}; choose "
-                        f"another") from None
     MADE_PARENTS[path] = made
     return path
 
@@ -1855,44 +1829,26 @@ def save_figure(path, fig) -> None:
 # Data: the folder, downloaded or generated once
 
 
-def resolve_data_dir(cfg: Config) -> Path:
-    """The data folder: --data-dir as given; --demo's synthetic slices, generated once; else the
-    Kaggle dataset in ./data, downloaded once (under a lock, so that runs started together fetch it
-    once). Absolute, so that a saved run resumes from any working folder."""
-    if cfg.data_dir and not cfg.demo:
+def resolve_data_dir(cfg: Config, folder: Path) -> Path:
+    """The data folder, absolute (a saved run resumes from anywhere): --demo's synthetic slices, generated
+    into the run's own folder; --data-dir as given; else the Kaggle dataset in ./data, downloaded once
+    (under a lock, so that runs started together fetch it once)."""
+    if cfg.demo:
+        demo = folder / "demo-data"
+        if not demo.is_dir():  # a resumed demo run has them already
+            log(f"generating {cfg.demo_images} synthetic slices in {demo}")
+            make_synthetic_dataset(demo, cfg.demo_images, seed=42)  # the same for every seed: runs compare
+        return demo.resolve()
+    if cfg.data_dir:
         return Path(cfg.data_dir).resolve()
-    folder = Path(cfg.data_dir or DEFAULT_DATA_DIR)
+    folder = Path(DEFAULT_DATA_DIR)
     # The lock lives in the temporary folder, so that the data folder's parent holds nothing else.
     key = hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:16]
     with FileLock(Path(tempfile.gettempdir()) / f"brain-tumor-segmentation-{key}.lock"):
-        if cfg.demo:
-            return generate_demo_data(folder, cfg.demo_images).resolve()
         if folder.is_dir():  # downloaded by an earlier run: checked, never fetched again
             check_kaggle_download(folder)
             return folder.resolve()
         return download_dataset(folder).resolve()
-
-
-DEMO_MARKER = ".synthetic-demo"  # marks a folder --demo generated, and so may regenerate
-
-
-def generate_demo_data(folder: Path, n: int) -> Path:
-    """--demo's slices: the same for every training seed, so that demo runs compare image for image.
-    The folder's marker says how many it holds; an interrupted generation ("incomplete N") is redone."""
-    marker = folder / DEMO_MARKER
-    made = marker.read_text().split() if marker.is_file() else None
-    if made == [str(n)]:
-        return folder
-    if folder.exists() and (not made or made[0] != "incomplete"):
-        raise UserError(f"{folder}: --demo writes {n} synthetic slices there, but the folder holds "
-                        + (f"{made[0]} (--demo-images {made[0]})" if made else "files --demo did not make")
-                        + "; pass another --data-dir (it is never deleted or changed)")
-    log(f"generating {n} synthetic slices in {folder}")
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"incomplete {n}\n")  # written first: an interrupted generation is still ours
-    make_synthetic_dataset(folder, n, seed=42)  # the same names again: it replaces only its own files
-    marker.write_text(f"{n}\n")
-    return folder
 
 
 def make_synthetic_dataset(folder: Path | str, n: int, size: int = 128, seed: int = 0) -> Path:
@@ -2107,6 +2063,8 @@ def config_from_args(argv: list[str], description: str = "Train a U-Net to segme
                             f"field of Config (edited at the top of {Path(__file__).name}?)")
     values = {**(DEMO_DEFAULTS if typed.get("demo", Config.demo) else {}),
               **(SEED_RECIPE if typed.get("recipe", Config.recipe) == "seed" else {}), **typed}
+    if values.get("demo") and "data_dir" in typed:
+        raise UserError("--demo generates its slices into the run's folder: drop --data-dir, or --demo")
     if values.get("groups"):  # saved absolute, so that a run resumes from any working folder
         values["groups"] = str(Path(values["groups"]).resolve())
     if values.get("folds") and {"val_fraction", "test_fraction"} & set(typed):
@@ -2148,6 +2106,8 @@ def write_failure(e: OSError, program: str) -> str:
                 f"intact; free some space and run again{way}")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"no permission to write {where}; choose another output folder"
+    if e.errno == errno.ENOTDIR:
+        return f"cannot create {where}: a file stands where one of its folders should be; choose another"
     return f"cannot write {where}: {e.strerror or e}"
 
 

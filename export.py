@@ -28,6 +28,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import brain_tumor_segmentation as bts  # noqa: E402
+import predict  # noqa: E402
 from brain_tumor_segmentation import UserError, setting  # noqa: E402
 
 OPSET = 18
@@ -74,7 +75,7 @@ def export(cfg: ExportConfig) -> Path:
                 "threshold": float(state["threshold"]), "tta": bool(state["config"].get("tta", bts.BEFORE_FIELD_EXISTED[
                     "tta"])), "postprocess": state.get("postprocess", []), "demo": bool(state["config"].get("demo")),
                 "epoch": state["epoch"], "tested_precision": state.get("precision", "float32"),
-                "source": str(path.resolve()), "caveat": bts.model_caveat(path, state)}
+                "source": str(path.resolve()), "caveat": predict.model_caveat(path, state)}
     if metadata["caveat"]:
         bts.warn(metadata["caveat"])
     for key, value in metadata.items():

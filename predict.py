@@ -57,6 +57,28 @@ class PredictConfig:
             raise UserError("--model: name a finished run's folder (or its model.pth)")
 
 
+def read_image(path: Path | str) -> np.ndarray:
+    """Any PNG/JPEG/TIFF/BMP (gray or colour, 8 or 16 bit, float) -> float32 gray in [0, 1], original size."""
+    return bts.decode_file(path, bts.gray_in_unit_range)[0]
+
+
+def read_mask(path: Path | str) -> np.ndarray:
+    """A mask file -> bool array at its original size (the trainer's tumour_pixels says how)."""
+    return bts.decode_file(path, bts.tumour_pixels)[0]
+
+
+def model_caveat(path: Path, state: dict) -> str:
+    """Why a checkpoint that predict.py or export.py uses may predict worse than its run's test, or ''."""
+    if state.get("optimizer") is not None:  # a resumable state
+        return (f"{path} is the latest training state (epoch {state['epoch']}), not the best model: it predicts with "
+                f"the untuned threshold {state['threshold']:.2f}; model.pth beside it holds the best epoch and the "
+                f"threshold chosen on validation")
+    if (Path(path).parent / "config.json").is_file() and not bts.is_finished(Path(path).parent):  # in a run's folder
+        return (f"{path} is from an unfinished run (epoch {state['epoch']}, no metrics.json beside it): its threshold "
+                f"{state['threshold']:.2f} and post-processing may not be chosen yet (--resume finishes it)")
+    return ""
+
+
 def predict(cfg: PredictConfig) -> list[dict]:
     """Segment every input image into a new folder: a mask at its own size, an overlay and a CSV row
     each (with scores when --masks has its mask). A failure leaves no partial folder behind."""
@@ -97,8 +119,8 @@ def torch_model(path: Path, cfg: PredictConfig):
     device = bts.pick_device(cfg.device)
     machine = bts.Machine(device, run_precision(state, cfg.amp, device))
     model = bts.model_from_checkpoint(state, path, device)
-    if bts.model_caveat(path, state):
-        bts.warn(bts.model_caveat(path, state))
+    if model_caveat(path, state):
+        bts.warn(model_caveat(path, state))
     how = {"image_size": state["config"]["image_size"], "threshold": float(state["threshold"]),
            "tta": bool(state["config"].get("tta", bts.BEFORE_FIELD_EXISTED["tta"])),
            "postprocess": state.get("postprocess", []), "demo": bool(state["config"].get("demo"))}
@@ -205,7 +227,7 @@ def segment(probabilities, how: dict, files: dict, truth: dict, cfg: PredictConf
         batch = []
         for name, f in items[start:start + cfg.eval_batch_size]:
             try:
-                batch.append((name, f, bts.read_image(f)))
+                batch.append((name, f, read_image(f)))
             except ValueError as e:
                 bts.warn(f"{e}; skipped")
         if not batch:
@@ -233,7 +255,7 @@ def true_mask(name: str, f: Path, shape: tuple, truth: dict, masks_dir: str) -> 
             bts.warn(f"{f.name}: no mask named {name}.* in {masks_dir}; no scores for it")
         return None
     try:
-        target = bts.read_mask(truth[name])
+        target = read_mask(truth[name])
     except ValueError as e:
         bts.warn(f"{e}; no scores for {f.name}")
         return None

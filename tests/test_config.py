@@ -195,8 +195,8 @@ def test_recipe_seed_sets_its_fields_and_typed_ones_win():
 def test_demo_sets_its_fields_and_typed_ones_win():
     demo, typed = bts.config_from_args(["--demo"])
     assert {k: getattr(demo, k) for k in bts.DEMO_DEFAULTS} == bts.DEMO_DEFAULTS and typed == {"demo"}
-    sized, _ = bts.config_from_args(["--demo", "--image-size", "96", "--data-dir", "mine"])
-    assert sized.image_size == 96 and sized.data_dir == "mine" and sized.base_width == bts.DEMO_DEFAULTS["base_width"]
+    sized, _ = bts.config_from_args(["--demo", "--image-size", "96"])
+    assert sized.image_size == 96 and sized.base_width == bts.DEMO_DEFAULTS["base_width"]
     both, _ = bts.config_from_args(["--demo", "--recipe", "seed", "--epochs", "2"])
     assert both.optimizer == "adam" and both.image_size == bts.DEMO_DEFAULTS["image_size"] and both.epochs == 2
     assert bts.config_from_args(["--no-demo"])[0].image_size == 256  # --no-demo: no preset
@@ -209,7 +209,7 @@ def preset_run(tmp_path_factory):
     outputs/ folder, with a groups file named by a relative path."""
     work = tmp_path_factory.mktemp("preset")
     (work / "groups.csv").write_text("image,patient_id\n" + "".join(f"{i},p{i}\n" for i in range(1, 13)))
-    args = ["--demo", "--demo-images", "12", "--data-dir", "demo", "--recipe", "seed", "--lr", "3e-4",
+    args = ["--demo", "--demo-images", "12", "--recipe", "seed", "--lr", "3e-4",
             "--groups", "groups.csv", *[a for a in TINY_ARGS if a not in ("--batch-size", "8")]]
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
@@ -238,7 +238,7 @@ def test_a_preset_run_records_the_presets_and_the_typed_fields(preset_run):
 @pytest.mark.slow
 def test_config_json_holds_absolute_paths(preset_run):
     config = json.loads((preset_run / "config.json").read_text())
-    assert Path(config["data_dir"]).is_absolute() and Path(config["data_dir"]) == preset_run.parents[1] / "demo"
+    assert Path(config["data_dir"]).is_absolute() and Path(config["data_dir"]) == preset_run / "demo-data"
     assert Path(config["groups"]).is_absolute() and Path(config["groups"]) == preset_run.parents[1] / "groups.csv"
     assert Path(config["out_dir"]).is_absolute() and Path(config["out_dir"]) == preset_run
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import brain_tumor_segmentation as bts
+import predict
 from conftest import (TINY_ARGS, make_dataset, one_error, run_cli, snapshot, square_pair, write_pair)
 
 
@@ -56,7 +57,7 @@ def test_read_image_8bit_gray_divides_by_255(tmp_path):
     image = np.zeros((20, 30), np.uint8)  # not square: the size is kept as (h, w)
     image[3, 4], image[5, 6] = 51, 255
     cv2.imwrite(str(tmp_path / "g.png"), image)
-    out = bts.read_image(tmp_path / "g.png")
+    out = predict.read_image(tmp_path / "g.png")
     check_gray(out, (20, 30))
     assert out[3, 4] == pytest.approx(51 / 255, abs=1e-7) and out[5, 6] == 1.0 and out[0, 0] == 0.0
     np.testing.assert_allclose(out, image.astype(np.float32) / 255, atol=1e-7)
@@ -66,7 +67,7 @@ def test_read_image_8bit_is_not_rescaled_to_its_own_max(tmp_path):
     image = np.full((16, 16), 100, np.uint8)
     image[0, 0] = 128
     cv2.imwrite(str(tmp_path / "dim.png"), image)
-    out = bts.read_image(tmp_path / "dim.png")
+    out = predict.read_image(tmp_path / "dim.png")
     assert out.max() == pytest.approx(128 / 255, abs=1e-7) and out[1, 1] == pytest.approx(100 / 255, abs=1e-7)
 
 
@@ -74,7 +75,7 @@ def test_read_image_rgb_to_gray(tmp_path):
     image = np.full((16, 24, 3), 102, np.uint8)  # equal channels: gray 102
     image[0, 0] = (0, 0, 255)  # pure red in BGR order: luma 0.299
     cv2.imwrite(str(tmp_path / "rgb.png"), image)
-    out = bts.read_image(tmp_path / "rgb.png")
+    out = predict.read_image(tmp_path / "rgb.png")
     check_gray(out, (16, 24))
     assert out[5, 5] == pytest.approx(102 / 255, abs=1e-6) and out[0, 0] == pytest.approx(0.299, abs=2 / 255)
 
@@ -85,7 +86,7 @@ def test_read_image_rgba_ignores_alpha(tmp_path):
     image[2, 2, 3] = 255  # the rest fully transparent: alpha must not darken or drop the gray value
     cv2.imwrite(str(tmp_path / "rgba.png"), image)
     assert cv2.imread(str(tmp_path / "rgba.png"), cv2.IMREAD_UNCHANGED).shape == (16, 16, 4)
-    out = bts.read_image(tmp_path / "rgba.png")
+    out = predict.read_image(tmp_path / "rgba.png")
     check_gray(out, (16, 16))
     np.testing.assert_allclose(out, 153 / 255, atol=1e-6)
 
@@ -95,7 +96,7 @@ def test_read_image_16bit_divides_by_its_own_max(tmp_path):
     image[1, 1], image[2, 2] = 1000, 4000
     cv2.imwrite(str(tmp_path / "deep.png"), image)
     assert cv2.imread(str(tmp_path / "deep.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
-    out = bts.read_image(tmp_path / "deep.png")
+    out = predict.read_image(tmp_path / "deep.png")
     check_gray(out, (16, 20))
     assert out[2, 2] == 1.0 and out[1, 1] == pytest.approx(0.25, abs=1e-6) and out[0, 0] == 0.0
 
@@ -105,14 +106,14 @@ def test_read_image_16bit_colour(tmp_path):
     image[..., :] = 3000
     image[0, 0] = 6000
     cv2.imwrite(str(tmp_path / "rgb16.png"), image)
-    out = bts.read_image(tmp_path / "rgb16.png")
+    out = predict.read_image(tmp_path / "rgb16.png")
     check_gray(out, (8, 8))
     assert out[0, 0] == pytest.approx(1.0) and out[4, 4] == pytest.approx(0.5, abs=1e-4)
 
 
 def test_read_image_16bit_all_zero_is_not_nan(tmp_path):
     cv2.imwrite(str(tmp_path / "black16.png"), np.zeros((16, 16), np.uint16))
-    out = bts.read_image(tmp_path / "black16.png")
+    out = predict.read_image(tmp_path / "black16.png")
     check_gray(out, (16, 16))
     assert np.all(out == 0)
 
@@ -122,18 +123,18 @@ def test_read_image_float_is_shifted_from_negative_and_divided_by_its_max(dtype,
     image = np.array([[-1.0, 0.0], [0.5, 2.0]], dtype)  # a scanner's float values, below 0 too
     assert cv2.imwrite(str(tmp_path / "f.tiff"), image)
     assert cv2.imread(str(tmp_path / "f.tiff"), cv2.IMREAD_UNCHANGED).dtype == dtype
-    out = bts.read_image(tmp_path / "f.tiff")
+    out = predict.read_image(tmp_path / "f.tiff")
     check_gray(out, (2, 2))
     np.testing.assert_allclose(out, [[0.0, 1 / 3], [0.5, 1.0]], atol=1e-6)
     small = np.array([[0.0, 0.25], [0.5, 0.125]], np.float32)  # all in [0, 0.5]: divided by 0.5, its own max
     cv2.imwrite(str(tmp_path / "s.tiff"), small)
-    np.testing.assert_allclose(bts.read_image(tmp_path / "s.tiff"), small * 2, atol=1e-6)
+    np.testing.assert_allclose(predict.read_image(tmp_path / "s.tiff"), small * 2, atol=1e-6)
 
 
 def test_read_image_jpeg(tmp_path):
     image, _ = square_pair(size=40)
     cv2.imwrite(str(tmp_path / "scan.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
-    out = bts.read_image(tmp_path / "scan.jpg")
+    out = predict.read_image(tmp_path / "scan.jpg")
     check_gray(out, (40, 40))
     assert abs(float(out[18, 20]) - 220 / 255) < 0.05 and out[18, 20] > out[2, 2] + 0.5
 
@@ -143,7 +144,7 @@ def test_read_image_tiff(dtype, tmp_path):
     image = np.zeros((16, 24), dtype)
     image[4, 5], image[6, 7] = (60, 120) if dtype == np.uint8 else (3000, 6000)
     assert cv2.imwrite(str(tmp_path / "scan.tif"), image)
-    out = bts.read_image(tmp_path / "scan.tif")
+    out = predict.read_image(tmp_path / "scan.tif")
     check_gray(out, (16, 24))
     if dtype == np.uint8:
         assert out[4, 5] == pytest.approx(60 / 255, abs=1e-6)
@@ -164,11 +165,11 @@ def test_an_unreadable_file_is_a_value_error_naming_it(kind, content, message, t
         content = cv2.imencode(".png", image)[1].tobytes()[:60]
     path.write_bytes(content)
     with pytest.raises(ValueError) as info:
-        bts.read_image(path)
+        predict.read_image(path)
     assert str(info.value).startswith(f"{path}: {message}")
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match=re.escape(str(path))):
-        bts.read_mask(path)
+        predict.read_mask(path)
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
@@ -177,9 +178,9 @@ def test_non_finite_pixels_are_a_value_error_naming_the_file(value, tmp_path):
     image[3, 3] = value
     cv2.imwrite(str(tmp_path / "bad.tiff"), image)
     with pytest.raises(ValueError, match=r"bad.tiff: holds NaN or infinite pixels"):
-        bts.read_image(tmp_path / "bad.tiff")
+        predict.read_image(tmp_path / "bad.tiff")
     with pytest.raises(ValueError, match=r"bad.tiff: holds NaN or infinite pixels"):
-        bts.read_mask(tmp_path / "bad.tiff")
+        predict.read_mask(tmp_path / "bad.tiff")
 
 
 def test_a_file_that_cannot_be_opened_is_a_value_error_naming_the_cause(tmp_path, monkeypatch):
@@ -193,11 +194,11 @@ def test_a_file_that_cannot_be_opened_is_a_value_error_naming_the_cause(tmp_path
 
     monkeypatch.setattr(bts.np, "fromfile", refusing)
     with pytest.raises(ValueError, match=r"locked.png: cannot be read \(Permission denied\)"):
-        bts.read_image(tmp_path / "locked.png")
+        predict.read_image(tmp_path / "locked.png")
     monkeypatch.undo()
     (tmp_path / "folder.png").mkdir()
     with pytest.raises(ValueError, match=r"folder.png: cannot be read"):
-        bts.read_image(tmp_path / "folder.png")
+        predict.read_image(tmp_path / "folder.png")
 
 
 # -----------------------------------------------------------------------------
@@ -209,14 +210,14 @@ def test_read_mask_binarizes_0_255_and_0_1(on_value, tmp_path):
     truth = np.zeros((24, 32), bool)
     truth[5:15, 8:20] = True
     cv2.imwrite(str(tmp_path / "m.png"), truth.astype(np.uint8) * on_value)
-    out = bts.read_mask(tmp_path / "m.png")
+    out = predict.read_mask(tmp_path / "m.png")
     assert out.dtype == bool and out.shape == (24, 32)
     np.testing.assert_array_equal(out, truth)
 
 
 def test_read_mask_all_empty(tmp_path):
     cv2.imwrite(str(tmp_path / "none.png"), np.zeros((16, 16), np.uint8))
-    out = bts.read_mask(tmp_path / "none.png")
+    out = predict.read_mask(tmp_path / "none.png")
     assert out.dtype == bool and out.shape == (16, 16) and not out.any()
 
 
@@ -226,7 +227,7 @@ def test_jpeg_masks_keep_their_tumour_under_compression_noise(high, quality, tmp
     mask[20:40, 16:44] = high
     cv2.imwrite(str(tmp_path / "m.jpg"), mask, [cv2.IMWRITE_JPEG_QUALITY, quality])
     assert not np.array_equal(cv2.imread(str(tmp_path / "m.jpg"), cv2.IMREAD_UNCHANGED), mask)  # noise is there
-    read = bts.read_mask(tmp_path / "m.jpg")
+    read = predict.read_mask(tmp_path / "m.jpg")
     assert read.dtype == bool and iou(read, mask > 0) > 0.9
     assert not read[:8, :8].any()  # no speckles far from the square
 
@@ -236,12 +237,12 @@ def test_colour_masks_count_any_strong_channel(tmp_path):
         mask = np.zeros((20, 20, 3), np.uint8)
         mask[5:10, 5:10, channel] = 255
         cv2.imwrite(str(tmp_path / f"c{channel}.png"), mask)
-        assert bts.read_mask(tmp_path / f"c{channel}.png").sum() == 25
+        assert predict.read_mask(tmp_path / f"c{channel}.png").sum() == 25
     rgba = np.zeros((20, 20, 4), np.uint8)
     rgba[..., 3] = 255  # opaque everywhere: alpha is not tumour
     rgba[2:4, 2:6, 2] = 200
     cv2.imwrite(str(tmp_path / "rgba.png"), rgba)
-    assert bts.read_mask(tmp_path / "rgba.png").sum() == 8
+    assert predict.read_mask(tmp_path / "rgba.png").sum() == 8
 
 
 @pytest.mark.parametrize("kind", ["stray-3-in-0-1", "stray-255-in-0-1", "16-bit-0-1000-stray", "two-labels",
@@ -270,7 +271,7 @@ def test_more_mask_encodings_keep_their_tumour(kind, tmp_path):
         mask[..., :3] = 255
         mask[truth] = (0, 0, 255, 255)
     cv2.imwrite(str(tmp_path / name), mask)
-    read = bts.read_mask(tmp_path / name)
+    read = predict.read_mask(tmp_path / name)
     assert read[truth].all() and read.sum() <= truth.sum() + 1
 
 
@@ -597,7 +598,7 @@ def test_load_dataset_reads_the_real_512_sample(real_dir):
     assert data["images"].shape == (3, 1, 64, 64) and data["images"].dtype == torch.uint8
     assert set(data["masks"].unique().tolist()) <= {0, 1} and data["masks"].sum() > 0
     assert data["images"].float().std() > 10  # a real scan, not a blank
-    full = bts.read_image(sample / "images" / f"{data['names'][0]}.png")
+    full = predict.read_image(sample / "images" / f"{data['names'][0]}.png")
     assert full.shape == (512, 512)
 
 
@@ -726,35 +727,3 @@ def test_make_synthetic_dataset_is_deterministic(tmp_path):
     b = bts.make_synthetic_dataset(tmp_path / "b", 4, size=32, seed=7)
     c = bts.make_synthetic_dataset(tmp_path / "c", 4, size=32, seed=8)
     assert snapshot(a) == snapshot(b) and snapshot(a) != snapshot(c)
-
-
-def test_demo_data_is_generated_once_and_an_interrupted_generation_redone(tmp_path, capsys):
-    folder = tmp_path / "demo"
-    bts.generate_demo_data(folder, 10)
-    assert (folder / bts.DEMO_MARKER).read_text() == "10\n" and len(list((folder / "images").iterdir())) == 10
-    before = snapshot(folder, inodes=True)
-    capsys.readouterr()
-    bts.generate_demo_data(folder, 10)
-    assert snapshot(folder, inodes=True) == before and "generating" not in capsys.readouterr().out
-    (folder / bts.DEMO_MARKER).write_text("incomplete 10\n")  # a generation stopped halfway
-    (folder / "images" / "10.png").unlink()
-    bts.generate_demo_data(folder, 10)
-    assert (folder / bts.DEMO_MARKER).read_text() == "10\n" and (folder / "images" / "10.png").is_file()
-
-
-@pytest.mark.parametrize("case", ["not-made-by-demo", "another-size"])
-def test_demo_never_changes_a_folder_it_did_not_make_for_this_size(case, tmp_path, capsys):
-    folder = tmp_path / "demo"
-    if case == "not-made-by-demo":
-        (folder / "images").mkdir(parents=True)
-        (folder / "images" / "keep.png").write_bytes(b"not mine to delete")
-        message = "holds files --demo did not make; pass another --data-dir (it is never deleted or changed)"
-    else:
-        bts.generate_demo_data(folder, 10)
-        (folder / "NOTES.txt").write_text("mine")
-        message = "--demo writes 12 synthetic slices there, but the folder holds 10 (--demo-images 10)"
-    before = snapshot(tmp_path)
-    rc, _, err = run_cli(capsys, "--demo", "--data-dir", folder, "--out-dir", tmp_path / "o", "--demo-images", "12",
-                         *TINY_ARGS)
-    one_error(rc, err, message, "never deleted")
-    assert snapshot(tmp_path) == before

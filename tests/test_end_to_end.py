@@ -1,7 +1,7 @@
 """Whole commands, each in a fresh Python process, as a user types them in a working folder of their
 own: `--demo` at a tiny size (two seeds), the predict command it prints, compare on the two runs, a
 run on real data, and the Makefile's targets. The processes that do not depend on each other run side
-by side (the demo's data is generated once under its lock, whichever starts first)."""
+by side (each demo generates its slices into its own run folder)."""
 from __future__ import annotations
 
 import csv
@@ -27,7 +27,7 @@ TIMEOUT = 300
 
 @pytest.fixture(scope="module")
 def temp(tmp_path_factory) -> Path:
-    """The commands' temporary folder (TMPDIR): where the demo's lock goes, instead of the system's."""
+    """The commands' temporary folder (TMPDIR), instead of the system's: the demo leaves nothing there."""
     return tmp_path_factory.mktemp("tmp")
 
 
@@ -81,30 +81,30 @@ def readme_outputs() -> list[str]:
 def test_the_demo_writes_every_file_the_readme_lists_into_a_new_folder_named_last(demos, temp):
     work = demos["work"]
     runs = [run_of(demos, 42), run_of(demos, 1)]
-    assert sorted(p.name for p in work.iterdir()) == ["data", "outputs"]  # nothing else written
+    assert sorted(p.name for p in work.iterdir()) == ["outputs"]  # nothing else written
     assert sorted(run_folders(work / "outputs")) == sorted(runs)
     listed = readme_outputs()
-    assert {"config.json", "train.log", "history.csv", "model.pth", "metrics.json"} <= set(listed)
+    assert {"config.json", "train.log", "history.csv", "model.pth", "metrics.json", "demo-data/"} <= set(listed)
     for run in runs:
-        files = {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
-        expected = {name.replace("NNN", "001") for name in listed} | {"visualizations/epochs/epoch_002.png", ".lock"}
-        assert files == expected
-        assert all((run / name).stat().st_size > 0 for name in expected - {".lock"})
+        files = {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "demo-data" not in p.parts}
+        expected = {name.replace("NNN", "001") for name in listed if name != "demo-data/"}
+        assert files == expected | {"visualizations/epochs/epoch_002.png", ".lock"}
+        assert all((run / name).stat().st_size > 0 for name in expected)
+        for part in ("images", "masks"):
+            assert sorted(p.name for p in (run / "demo-data" / part).iterdir()) == sorted(f"{i}.png" for i in
+                                                                                        range(1, 61))
         with open(run / "history.csv", newline="") as f:
             assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
         log = (run / "train.log").read_text()
         assert f"run folder: {run.relative_to(work)}" in log  # the console
         assert "(bottleneck): Sequential(" in log  # and the model's layers
+        assert "generating 60 synthetic slices" in log
         metrics = json.loads((run / "metrics.json").read_text())
         assert 0 <= metrics["test"]["dice"] <= 1 and len(metrics["history"]["epoch"]) == 2
         config = json.loads((run / "config.json").read_text())
-        assert config["data_dir"] == str(work / "data" / "synthetic-demo")  # absolute: resumable from anywhere
-    assert (work / "data" / "synthetic-demo" / ".synthetic-demo").read_text() == "60\n"
-    assert sorted(p.name for p in (work / "data").iterdir()) == ["synthetic-demo"]
-    generated = sum("generating 60 synthetic slices" in demos["results"][k].stdout for k in ("seed42", "seed1"))
-    assert generated == 1  # once, by whichever run came first; the other waited for it and took it
-    locks = [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")]  # torch's own cache aside
-    assert len(locks) == 1 and re.fullmatch(r"brain-tumor-segmentation-\w+\.lock", locks[0])  # the demo's lock
+        assert config["data_dir"] == str((run / "demo-data").resolve())  # absolute: resumable from anywhere
+    assert snapshot(runs[0] / "demo-data") == snapshot(runs[1] / "demo-data")  # the same slices for every seed
+    assert [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")] == []  # torch's cache aside
 
 
 def test_the_paths_a_run_in_its_default_folder_saves_are_absolute(demos):
@@ -119,7 +119,7 @@ def tools(demos, tmp_path_factory, temp):
     """Side by side: the predict command the seed-42 demo printed, copied as it is with two scans (and
     their masks) in place of SCAN.png ..., from another working folder; and compare on "outputs/*"."""
     work = demos["work"]
-    data = work / "data" / "synthetic-demo"
+    data = run_of(demos, 42) / "demo-data"
     printed = succeeded(demos["results"]["seed42"]).stdout.strip().splitlines()[-2].strip()
     command = shlex.split(printed)
     assert command[-2:] == ["SCAN.png", "..."], printed

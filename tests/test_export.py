@@ -89,7 +89,7 @@ def test_predict_with_the_onnx_file_writes_the_checkpoints_masks_and_csv(exporte
     state = bts.load_checkpoint(exported["run"] / "model.pth")
     for name in sorted(p.name for p in (outs["pth"] / "masks").iterdir()):
         a, b = (cv2.imread(str(outs[k] / "masks" / name), cv2.IMREAD_GRAYSCALE) for k in ("pth", "onnx"))
-        gray = bts.read_image(scans / name)
+        gray = predict.read_image(scans / name)
         probs = torch_probabilities(exported["run"], bts.preprocess_image(gray, 32)[None, None])[0, 0]
         near = np.abs(cv2.resize(probs, gray.shape[::-1]) - state["threshold"]) < 1e-4  # may round either way
         assert np.array_equal(a[~near], b[~near]), name

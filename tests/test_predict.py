@@ -78,7 +78,7 @@ def model_probabilities(model_path: Path, image_path: Path) -> tuple[np.ndarray,
     model = bts.UNet(width=state["config"]["base_width"])
     model.load_state_dict(state["model"])
     model.eval()
-    gray = bts.read_image(image_path)
+    gray = predict.read_image(image_path)
     x = torch.from_numpy(bts.preprocess_image(gray, state["config"]["image_size"])).float().div(255)[None, None]
     with torch.no_grad():
         prob = torch.sigmoid(model(x))[0, 0]
@@ -919,7 +919,7 @@ def test_bookkeeping_stays_a_small_part_of_predicting_many_scans(model_run, tmp_
         probabilities, how, where = real_torch_model(path, cfg)
         return timed("model", probabilities), how, where
 
-    monkeypatch.setattr(bts, "read_image", timed("decoding", bts.read_image))
+    monkeypatch.setattr(predict, "read_image", timed("decoding", predict.read_image))
     monkeypatch.setattr(bts, "save_png", timed("writing", bts.save_png))
     monkeypatch.setattr(predict, "torch_model", timed_model)
     t0 = time.perf_counter()

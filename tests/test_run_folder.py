@@ -142,13 +142,13 @@ DEFAULT_PARENT = {"training": "outputs", "predict": "predictions", "compare": "c
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_a_file_where_a_parent_folder_should_be_is_refused_before_anything_runs(program, given, work, base, capsys):
     if given:
-        target, named = work / "afile" / "below" / "new", str(work / "afile" / "below" / "new")
+        target, named = work / "afile" / "below" / "new", str(work / "afile" / "below")
     else:  # the default folder's parent (outputs/, predictions/, comparisons/) is a file
         parent = work / DEFAULT_PARENT[program]
         if parent.is_dir():
             shutil.rmtree(parent)
         parent.write_text("a file of the same name\n")
-        target, named = "", f"{DEFAULT_PARENT[program]}/"
+        target, named = "", f"cannot create {DEFAULT_PARENT[program]}:"
     before = everything(work, base)
     rc, out, err = run_program(program, capsys, base, target)
     one_error(rc, err, named, "a file stands where one of its folders should be")
@@ -192,7 +192,7 @@ def test_a_parent_folder_without_write_permission_is_one_sentence(base, tmp_path
                *TINY_ARGS]
     result = subprocess.run(without_root_override(command), capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    one_error(result.returncode, result.stderr, "no permission to write in", str(locked))
+    one_error(result.returncode, result.stderr, "no permission to write", str(locked / "run"))
     assert list(locked.iterdir()) == []
 
 
