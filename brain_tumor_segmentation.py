@@ -143,8 +143,7 @@ class Config:
     # outputs and run control
     panel_images: int = setting(4, "validation images in each epoch's prediction panel", low=0, **HOW_IT_RUNS)
     test_samples: int = setting(10, "random test images in the final panel", low=0, **HOW_IT_RUNS)
-    resume: str = setting("", "continue the run in this folder, from its last.pth",
-                          **THIS_COMMAND)
+    resume: str = setting("", "continue the run in this folder, from its last.pth", **THIS_COMMAND)
 
     def __post_init__(self):
         check_fields(self)
@@ -195,9 +194,8 @@ class UserError(Exception):
 
 
 def train(cfg: Config, typed: frozenset = frozenset(), made: bool = False) -> dict:
-    """One training run, start to finish; each step is a function below. `typed` names the fields
-    given on the command line (a resumed run keeps its own settings otherwise); `made`: the folder
-    OUT_DIR was just created for this run (a cross-validation's fold). Returns the test metrics."""
+    """One training run, each step a function below; returns the test metrics. `typed`: the fields given on
+    the command line (a resumed run keeps its others); `made`: OUT_DIR was just made (a cross-validation's)."""
     t_start = time.time()
     RUN_WARNINGS.clear()
     cfg, resume = resumed_state(cfg, typed)                      # --resume: the checkpoint and its settings
@@ -225,9 +223,8 @@ def train(cfg: Config, typed: frozenset = frozenset(), made: bool = False) -> di
 
 
 def load_dataset(data_dir: Path | str, size: int, limit: int = 0, workers: int = 0) -> dict:
-    """Every readable pair decoded once: names, images (N,1,S,S) uint8 0..255, masks (N,1,S,S) uint8 0/1,
-    and each pair's hash of its files' bytes (so runs at other sizes share it). A pair that cannot be
-    used is skipped with a warning naming the file; nothing is ever written."""
+    """Every readable pair decoded once: names, images and masks as uint8 (N,1,S,S) tensors, and each pair's
+    hash of its files' bytes (the same at every size). A pair that cannot be used is skipped with a warning."""
     pairs = find_pairs(data_dir)[:limit or None]
 
     def load(pair):
@@ -320,8 +317,7 @@ def name_order(name: str):
 
 
 def read_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray, np.ndarray, str, str]:
-    """An image and its mask as the model sees them: uint8 image, uint8 0/1 mask, the pair's content
-    hash, and a warning or ''. Raises ValueError naming the file when the pair cannot be used."""
+    """uint8 image, uint8 0/1 mask, the pair's content hash and a warning or ''; ValueError naming the file."""
     gray, image_hash = decode_file(image_path, gray_in_unit_range)
     mask, mask_hash = decode_file(mask_path, tumour_pixels)
     if mask.shape != gray.shape[:2]:
@@ -337,8 +333,7 @@ def read_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray,
 
 
 def decode_file(path: Path | str, convert) -> tuple[np.ndarray, str]:
-    """`convert` of the pixels OpenCV decodes (any depth and channels), and the sha256 of the file's bytes.
-    Every way a read can fail raises ValueError naming the file, so callers skip it with one warning."""
+    """`convert` of the decoded pixels, and the file's sha256; every failed read is a ValueError naming it."""
     try:
         data = np.fromfile(path, dtype=np.uint8)  # imdecode also copes with non-ASCII paths
         image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
@@ -398,9 +393,8 @@ def preprocess_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 def make_split(cfg: Config, data: dict) -> dict:
-    """Train/val/test by patient (or --split random: by image), each tumour type spread evenly; with
-    --folds K, fold --fold is the test part and the next fold validation. It depends on the data, the
-    groups and split_seed only, so runs with other training seeds test on the same images."""
+    """Train/val/test by patient, each tumour type spread evenly (--folds K: fold --fold tests, the next one
+    validates), from the data, groups and split_seed alone: runs of other seeds test on the same images."""
     names = data["names"]
     groups, strata, source, unit = find_groups(cfg, names, data["images"])
     if cfg.folds:
@@ -459,31 +453,25 @@ def read_groups_csv(path: Path | str) -> dict[str, tuple[str, str]]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets add a byte-order mark
+        if "\0" in text:
+            raise csv.Error("it holds NUL bytes")
+        rows = [[c.strip() for c in row] for row in csv.reader(io.StringIO(text)) if any(c.strip() for c in row)]
     except OSError as e:
         raise UserError(f"{path}: cannot read the groups file ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: the groups file is not UTF-8 text; save it as CSV (UTF-8)") from None
-    if "\0" in text:
-        raise UserError(f"{path}: the groups file holds NUL bytes, so it is no text CSV; save it as CSV (UTF-8)")
-    try:
-        rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
-    except csv.Error as e:  # a field over the csv module's size limit
-        raise UserError(f"{path}: not a readable CSV groups file ({e}); save it as plain CSV") from None
-    header = [cell.strip() for cell in rows[0]] if rows else []
-    twice = sorted({h for h in header if header.count(h) > 1})
-    if twice:
-        raise UserError(f"{path}: the column {twice[0]!r} appears twice in the header; keep one")
-    if not {"image", "patient_id"} <= set(header):
-        raise UserError(f"{path}: a groups file needs the columns image,patient_id (and optionally tumor_type)")
+    except (UnicodeDecodeError, csv.Error) as e:  # also a field over the csv module's size limit
+        raise UserError(f"{path}: not a readable CSV groups file ({first_line(e)}); save it as CSV (UTF-8)") from None
+    header = rows[0] if rows else []
+    if len(set(header)) < len(header) or not {"image", "patient_id"} <= set(header):
+        raise UserError(f"{path}: a groups file needs the columns image,patient_id (and optionally tumor_type), "
+                        f"each once")
     table, line_of = {}, {}
     for line, row in enumerate(rows[1:], 2):
-        r = dict(zip(header, (cell.strip() for cell in row)))
+        r = dict(zip(header, row))
         if not r.get("image") or not r.get("patient_id"):
             raise UserError(f"{path}: row {line} lacks an image or a patient_id; every row needs both")
         name = image_name(r["image"])
         if name in table:
-            raise UserError(f"{path}: image {r['image']!r} is listed twice (rows {line_of[name]} and {line}); keep one "
-                            f"row per image")
+            raise UserError(f"{path}: image {r['image']!r} is listed twice (rows {line_of[name]} and {line}); keep one")
         table[name], line_of[name] = (r["patient_id"], r.get("tumor_type") or ""), line
     return table
 
@@ -510,8 +498,7 @@ def table_fits_images(images: torch.Tensor, names: list[str], patients: list[str
 
 
 def group_by_similarity(images: torch.Tensor, names: list[str], min_corr: float = 0.8) -> list[str]:
-    """Approximate patients: consecutive slices (by name) whose 64x64 thumbnails correlate above
-    `min_corr` are put in one group (neighbouring slices of one patient do so in most cases)."""
+    """Approximate patients: consecutive slices whose thumbnails correlate above `min_corr`, one group."""
     order, corr = neighbour_correlations(images, names)
     groups = [""] * len(names)
     for position, i in enumerate(order):
@@ -537,9 +524,8 @@ def group_folds(groups: list[str], strata: list[str], n_folds: int, seed: int) -
 
 
 def split_by_group(groups: list[str], strata: list[str], fractions: tuple[float, float], seed: int) -> dict:
-    """Indices of train/val/test such that no group is in two parts and each stratum is split in the
-    same proportions: stratified group folds, the first ones test, the next ones validation. The fold
-    count is the first of 20, 50, 100 that expresses both fractions (val, test), at most one per group."""
+    """Train/val/test indices from stratified group folds (the first test, the next validation): the first
+    of 20, 50, 100 folds that expresses both fractions, at most one per group."""
     val, test = fractions
     folds = next((k for k in (20, 50, 100) if all(abs(round(f * k) - f * k) < 0.01 for f in (val, test))), 100)
 
@@ -570,8 +556,7 @@ def split_for(cfg: Config, data: dict, resume: dict | None) -> tuple[dict, dict[
 
 
 def split_indices(split: dict, data: dict) -> dict[str, torch.Tensor]:
-    """Each part's positions in the data, once every image of the split is known to be there with
-    the same bytes as when the split was made (the data identify a run, not their file names)."""
+    """Each part's positions in the data, once every image of the split is there with its bytes unchanged."""
     position = {n: i for i, n in enumerate(data["names"])}
     recorded = split.get("files", {})
     changed = [n for part in ("train", "val", "test") for n in split[part]
@@ -602,9 +587,8 @@ def data_fingerprint(split: dict) -> str:
 
 
 class UNet(nn.Module):
-    """U-Net: 4 encoder blocks 1->w->2w->4w->8w with max pooling, a 16w bottleneck (512 channels at 16x16 for
-    w=32 and a 256x256 input), 4 decoder blocks that upsample with 2x2 transposed convolutions and concatenate
-    the encoder features, and a 1x1 convolution to one logit."""
+    """Encoder 1->w->2w->4w->8w with max pooling, a 16w bottleneck (512 at 16x16 for w=32 at 256x256), decoder
+    of 2x2 transposed convolutions concatenated with the encoder's features, a 1x1 convolution to one logit."""
 
     def __init__(self, in_channels: int = 1, width: int = 32):
         super().__init__()
@@ -718,9 +702,8 @@ CPU_COMPILE_FROM = 1e9
 
 
 def compiled_if_it_works(model: nn.Module, cfg: Config, machine: Machine, x: torch.Tensor, y: torch.Tensor):
-    """torch.compile(model) when it is wanted and works here: a forward and backward pass on a real
-    batch compile it now, before the loop, and the batch-norm statistics and gradients they touched
-    are put back. Where it fails (no compiler, an unsupported GPU), a warning, and the model itself."""
+    """torch.compile(model), compiled now by a step on a real batch whose effects are put back; where that
+    fails (no compiler, an unsupported GPU), a warning and the model itself."""
     compiled = torch.compile(model, mode=cfg.compile_mode)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     try:
@@ -745,8 +728,7 @@ def compiled_if_it_works(model: nn.Module, cfg: Config, machine: Machine, x: tor
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, per_image: bool = False):
-    """The seed's loss, 1 - (2*sum(p*t) + smooth) / (sum(p^2) + sum(t^2) + smooth), on sigmoid
-    probabilities; sums over the whole batch, or per image and then averaged."""
+    """The seed's 1 - (2*sum(p*t) + smooth) / (sum(p^2) + sum(t^2) + smooth), over the batch or per image."""
     p, t = torch.sigmoid(logits.float()), target.float()
     dims = (1, 2, 3) if per_image else (0, 1, 2, 3)
     intersection = (p * t).sum(dims)
@@ -772,8 +754,7 @@ def compute_loss(logits, target, cfg: Config) -> torch.Tensor:
 
 
 def train_epoch(run: Run) -> None:
-    """The steps of epoch `run.epoch`. Nothing in a step waits for the device, but the loss check (on a
-    GPU every nan_check_every steps)."""
+    """The steps of epoch `run.epoch`; only the loss check waits for the device."""
     cfg, m = run.cfg, run.machine
     order = epoch_order(run)
     run.losses = losses = torch.zeros(len(order), device=m.device)
@@ -810,8 +791,7 @@ def train_epoch(run: Run) -> None:
 
 
 def epoch_order(run: Run) -> torch.Tensor:
-    """The training images of the epoch, as (steps, batch) positions on the device: one copy to the
-    device per epoch, so that no step waits for one."""
+    """The epoch's (steps, batch) positions, copied to the device once so that no step waits for a copy."""
     cfg, m = run.cfg, run.machine
     order = batch_order(len(run.idx["train"]), cfg.batch_size, cfg.seed, run.epoch)
     if m.device.type == "cuda":  # a copy from pageable memory would make the host wait for the GPU
@@ -820,8 +800,7 @@ def epoch_order(run: Run) -> torch.Tensor:
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> torch.Tensor:
-    """Shuffled indices of one epoch, as (steps, batch): deterministic in (seed, epoch), so a resumed run sees
-    the same batches. The ragged remainder (a different one each epoch) is dropped to keep shapes fixed."""
+    """One epoch's shuffle as (steps, batch), fixed by (seed, epoch) for resumes; the remainder is dropped."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     if n < batch_size:  # tiny datasets: one smaller batch
         return perm.view(1, -1)
@@ -847,8 +826,7 @@ def to_input(images_u8: torch.Tensor, machine: Machine) -> torch.Tensor:
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, cfg: Config):
-    """Random left-right flip, rotation, scaling and gamma per image, on the device (the ranges are
-    the aug_* fields). Left-right flips keep anatomy plausible; vertical ones would not. Written by
+    """Flip (left-right: anatomy stays plausible), rotation, scale and gamma per image, on the device; by
     hand because torchvision's transforms draw one set of parameters per call, not per image."""
     n = x.shape[0]
 
@@ -869,8 +847,7 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, 
 
 
 def check_steps(losses: torch.Tensor, since: int, last: int, run: Run) -> float:
-    """The step loop's one wait for the device: stop, naming the first bad step, when a loss or gradient
-    of steps since..last is NaN or inf; else the last loss."""
+    """The last loss of steps since..last, or a stop naming the first whose loss or gradient is not finite."""
     window = losses[since:last + 1].cpu()  # one copy to the host
     bad = (~torch.isfinite(window)).nonzero()
     if len(bad):
@@ -889,8 +866,7 @@ def check_steps(losses: torch.Tensor, since: int, last: int, run: Run) -> float:
 
 
 def end_epoch(run: Run, seconds: float) -> None:
-    """Validate, record the epoch, keep the best model.pth, write last.pth, history.csv and the plots,
-    all by the background writer, so that the next epoch starts at once."""
+    """Validate and record the epoch; model.pth (if best), last.pth, history and plots go to the writer."""
     cfg, m = run.cfg, run.machine
     val, panel = evaluate(run.model, m, run.images, run.masks, run.idx["val"], cfg, cfg.threshold, cfg.panel_images)
     images = len(run.losses) * min(cfg.batch_size, len(run.idx["train"]))
@@ -938,8 +914,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def interrupted(run: Run, e: KeyboardInterrupt) -> Interrupted:
-    """A stop's message: where the run stopped, and the command (from any folder) that continues it
-    from its last finished epoch; a stop before the first one keeps nothing."""
+    """Where the run stopped, and the command that continues it from its last finished epoch."""
     code, where = 143 if isinstance(e, Terminated) else 130, f"stopped in epoch {run.epoch + 1}"
     if run.epoch == run.cfg.epochs:
         where = "stopped after training, before the test was written"
@@ -952,8 +927,7 @@ def interrupted(run: Run, e: KeyboardInterrupt) -> Interrupted:
 
 
 def checkpoint_state(run: Run, kind: str) -> dict:
-    """Everything needed to use ("best") or resume ("last") a model, copied now (training goes on while the
-    writer saves it), as tensors and plain Python types only, which torch.load(weights_only=True) reads."""
+    """All a "best" (use) or "last" (resume) checkpoint holds, copied now, in types weights_only loads."""
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": kind,
              "model": copied(run.model.state_dict()), "config": dataclasses.asdict(run.cfg), "split": run.split,
              "history": copied(run.history), "epoch": run.epoch, "best": dict(run.best),
@@ -977,9 +951,8 @@ def copied(obj):
 
 
 class Writer(ThreadPoolExecutor):
-    """Writes checkpoints and draws plots in one background thread, in the order given, while training goes
-    on. Leaving its `with` block waits for them all, so a stop or an error still writes the last good state;
-    a failed write raises at the next submit or drain."""
+    """Writes and draws in one background thread, in order; its `with` waits for all (a stop still saves),
+    and a failed write raises at the next submit or drain."""
 
     def __init__(self):
         super().__init__(1, thread_name_prefix="writer")
@@ -1022,8 +995,7 @@ EPOCH_METRICS = ("dice", "iou")  # "dice" must stay: the best epoch is the one w
 
 @torch.no_grad()
 def evaluate(model, machine: Machine, images, masks, indices, cfg: Config, threshold: float, keep: int = 0):
-    """Loss and the EPOCH_METRICS of one split part, each the mean over its images; and the first `keep`
-    images with their probabilities."""
+    """Mean loss and EPOCH_METRICS over the images of `indices`; the first `keep` with their probabilities."""
     targets = masks[indices]
     sums = dict.fromkeys(("loss", *EPOCH_METRICS), 0.0)
     kept = []
@@ -1059,8 +1031,7 @@ def logits_in_batches(model, images_u8: torch.Tensor, batch_size: int, machine: 
 
 
 def predict_probabilities(model, images_u8: torch.Tensor, batch_size: int, machine: Machine, flip: bool = False):
-    """Sigmoid probabilities (N,1,S,S) float32 of uint8 images, in batches; with `flip`, the mean of
-    each image's and its left-right mirror's (test-time augmentation)."""
+    """Float32 probabilities of uint8 images; with `flip`, averaged with their mirror images' (TTA)."""
     probs = torch.cat([torch.sigmoid(logits.float()) for _, logits in
                        logits_in_batches(model, images_u8, batch_size, machine)])
     if flip:
@@ -1076,9 +1047,8 @@ def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def scores_from_counts(counts) -> dict[str, np.ndarray]:
-    """Per-image scores of every metric in METRICS from (N, 3) counts. An empty ground truth with an
-    empty prediction scores 1 on every metric; any other zero denominator scores 0 (a prediction on a
-    tumour-free slice, or a missed tumour, is a full miss). No image is skipped."""
+    """Per-image METRICS from (N, 3) counts: both masks empty score 1, another zero denominator 0 (a full
+    miss); no image is skipped."""
     c = np.asarray(counts, dtype=np.float64).reshape(-1, 3)
     tp, fp, fn = c[:, 0], c[:, 1], c[:, 2]
     both_empty = (tp + fp + fn) == 0
@@ -1090,8 +1060,7 @@ def scores_from_counts(counts) -> dict[str, np.ndarray]:
 
 
 def finish_run(run: Run, t_start: float) -> dict:
-    """The best epoch's model: the threshold chosen on validation, then one evaluation on the test part. A
-    stop here leaves a state that --resume finishes; metrics.json, written last, marks the run finished."""
+    """The best epoch's threshold chosen on validation, then one test; metrics.json, last, marks it finished."""
     cfg, out = run.cfg, run.out
     run.writer.drain()
     state = load_checkpoint(out / "model.pth")
@@ -1132,8 +1101,7 @@ def model_from_checkpoint(state: dict, path, device) -> nn.Module:
 
 
 def choose_on_validation(model, machine: Machine, images, masks, val_idx, cfg: Config) -> tuple[float, list[str]]:
-    """The threshold of the grid threshold_min..threshold_max with the best validation Dice (with
-    --tune-threshold), then the POSTPROCESSING steps that raise it further (with --postprocess)."""
+    """The threshold of the grid with the best validation Dice, then the POSTPROCESSING steps that raise it."""
     probs = predict_probabilities(model, images[val_idx], cfg.eval_batch_size, machine, flip=cfg.tta)
     targets, threshold = masks[val_idx].bool(), cfg.threshold
     if cfg.tune_threshold:
@@ -1166,8 +1134,7 @@ def fill_holes(mask: np.ndarray, prob: np.ndarray) -> np.ndarray:
 
 
 def never_empty(mask: np.ndarray, prob: np.ndarray) -> np.ndarray:
-    """An empty mask becomes the most probable region: the pixels connected to the most probable one
-    with at least half its probability."""
+    """An empty mask becomes the region around the most probable pixel, down to half its probability."""
     if mask.any():
         return mask
     _, labels = cv2.connectedComponents((prob >= prob.max() / 2).astype(np.uint8), connectivity=8)
@@ -1194,8 +1161,7 @@ def mean_dice(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 def evaluate_test(model, run: Run, threshold: float, steps: list[str]) -> dict:
-    """Per-image and pooled scores of every metric and HD95 on the test part (thresholded, post-processed), a
-    95% bootstrap interval over patients, the same by tumour type, a per-image CSV, and the test plots."""
+    """Every metric and HD95 on the test part, an interval over patients, by tumour type, per image, plots."""
     cfg, idx = run.cfg, run.idx["test"]
     probs = predict_probabilities(model, run.images[idx], cfg.eval_batch_size, run.machine, flip=cfg.tta)
     pred_np = postprocess(probs.cpu().numpy()[:, 0], threshold, steps)
@@ -1239,8 +1205,8 @@ def summarize(scores: dict[str, np.ndarray], counts: np.ndarray) -> dict:
 
 
 def hd95(pred: np.ndarray, target: np.ndarray) -> float:
-    """95th-percentile symmetric Hausdorff distance in pixels between two binary masks (as MONAI:
-    the larger of the two directed 95th percentiles). NaN when both are empty, inf when one is."""
+    """HD95 in pixels as MONAI: the larger directed 95th percentile; NaN if both are empty, inf if one is."""
+
     pred, target = pred.astype(bool), target.astype(bool)
     if not pred.any() and not target.any():
         return float("nan")
@@ -1262,8 +1228,7 @@ MIN_GROUPS = 5  # fewer patients (groups) than this give no 95% interval: it wou
 
 
 def bootstrap_interval(values: np.ndarray, groups: list[str], n: int = 2000, seed: int = 0) -> list[float] | None:
-    """95% interval of the mean over images, resampling whole groups (patients) with replacement;
-    None for fewer than MIN_GROUPS groups."""
+    """95% interval of the mean over images, resampling whole patients; None below MIN_GROUPS of them."""
     keys, g = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
     if len(keys) < MIN_GROUPS:
         return None
@@ -1279,8 +1244,7 @@ def bootstrap_interval(values: np.ndarray, groups: list[str], n: int = 2000, see
 
 
 def save_panel(path: Path, pictures: tuple, title: str, labels: list[str] | None = None) -> None:
-    """One row per image: Original | Ground truth | Prediction (uint8 images, 0/1 masks), a label on
-    each row, drawn with OpenCV in milliseconds (an epoch can take a second on a GPU)."""
+    """Original | Ground truth | Prediction rows, drawn with OpenCV in milliseconds (an epoch's plot)."""
     scale = max(1, 256 // pictures[0].shape[-1])
     rows = []
     for i, (img, gt, pred) in enumerate(zip(*pictures)):
@@ -1299,8 +1263,8 @@ def save_panel(path: Path, pictures: tuple, title: str, labels: list[str] | None
 
 
 def save_contours(path: Path, pictures: tuple, title: str, names: list[str], dice: np.ndarray, columns: int = 5):
-    """A grid of scans (uint8) with the true tumour (0/1 mask) outlined in green and the prediction in
-    red, each under its Dice and name, drawn at 256 pixels or more so the text reads at normal zoom."""
+    """Scans with the truth outlined in green and the prediction in red, under Dice and name, at >= 256 px."""
+
     tiles = []
     for img, truth, pred, name, d in zip(*pictures, names, dice):
         scale = max(1, -(-256 // img.shape[-1]))
@@ -1450,8 +1414,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def check_gpu_supported(name: str, capability: tuple[int, int], arch_list: list[str]) -> None:
-    """A PyTorch build carries GPU code for some compute capabilities (`sm_75` ...): a GPU older than
-    all of them fails at its first kernel with a traceback, so say it before."""
+    """A GPU older than every compute capability of this PyTorch build would fail at its first kernel."""
     built = [int(m.group(1)) for m in (re.match(r"sm_(\d+)", a) for a in arch_list) if m]  # sm_90a too
     if built and capability[0] * 10 + capability[1] < min(built):
         lowest = min(built)
@@ -1481,8 +1444,7 @@ def precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, str]:
 
 
 def choose_precision(machine: Machine, cfg: Config) -> None:
-    """Precision and layout by fixed rules of the machine and the run's settings; logs the settings
-    that differ from the defaults (config.json holds them all) and what was chosen."""
+    """Precision and layout by fixed rules; logs them and the settings that differ from the defaults."""
     if machine.device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned kernels differ run to run
         if cfg.deterministic:
@@ -1509,8 +1471,7 @@ def precision_name(machine: Machine) -> str:
 
 
 def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
-    """With --resume: the checkpoint to continue and the settings it was trained with, of which the
-    typed fields that may change on a resume replace theirs; else (cfg, None)."""
+    """With --resume: the checkpoint and its settings, the typed resumable ones replaced; else (cfg, None)."""
     if not cfg.resume:
         return cfg, None
     path = Path(cfg.resume)
@@ -1550,8 +1511,7 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
 
 
 def resumed_settings(saved: Config, cfg: Config, typed: frozenset) -> Config:
-    """What a resumed run (or cross-validation) continues with: its saved settings; the typed ones that
-    may change on a resume; this command's device and run control. Another typed change is refused."""
+    """A resumed run's settings: its saved ones, the typed resumable ones, this command's; others refused."""
     fixed = [k for k in sorted(typed) if not field_rule(k, "resumable") and getattr(cfg, k) != getattr(saved, k)]
     if fixed:
         free = [option(f.name) for f in dataclasses.fields(Config) if f.metadata.get("resumable")]
@@ -1572,8 +1532,7 @@ RESUMABLE = ("optimizer",)
 
 
 def load_checkpoint(path: Path | str, resumable: bool = False) -> dict:
-    """A checkpoint of this script, loaded without running any code stored in it and checked whole:
-    the one place that decides whether a checkpoint can be used, and says why not in one sentence."""
+    """A checkpoint, loaded without running code stored in it and checked whole: the one place that decides."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
@@ -1631,9 +1590,8 @@ CV_RECORD = "cross_validation.json"  # in the folder cross_validate.py creates: 
 
 
 def saved_config(config: dict, path: Path | str) -> Config:
-    """A run's saved configuration (checkpoint or config.json at `path`) as a Config, checked as any
-    Config is. Every field that decides what the run learned or predicts must be there, but those in
-    BEFORE_FIELD_EXISTED; the others (the machine, the outputs) get their defaults."""
+    """A run's saved settings as a checked Config: every learned field must be there (but those of
+    BEFORE_FIELD_EXISTED); the others (the machine, the outputs) get their defaults."""
     if not isinstance(config, dict):
         raise UserError(f"{path}: its settings are not a table of fields")
     missing = [k for k in learned_fields() if k not in config and k not in BEFORE_FIELD_EXISTED]
@@ -1660,9 +1618,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 @contextlib.contextmanager
 def run_folder(cfg: Config, resume: dict | None, made: bool = False):
-    """The run's folder, locked while the run writes into it, with the console copied to its train.log: a new
-    folder (new_folder), the fold folder its cross-validation just made, or with --resume the run's own. A new
-    run that stops before its first checkpoint removes the files it wrote there and the folder."""
+    """The run's folder (new, a fold's, or a resumed run's own), locked, the console copied to train.log; a
+    new run that stops before its first checkpoint removes what it wrote there and the folder."""
     folder = Path(cfg.out_dir) if resume or made else new_folder(cfg.out_dir, "outputs", run_name(cfg), "training")
     lock = FileLock(folder / ".lock")
     try:
@@ -1692,8 +1649,7 @@ def run_folder(cfg: Config, resume: dict | None, made: bool = False):
 
 
 def start_records(folder: Path, cfg: Config, split: dict, resume: dict | None) -> None:
-    """What the run is (its settings, its split), once everything was checked; a resumed run trains on,
-    so its earlier test, which would no longer describe model.pth, goes."""
+    """The run's settings and split; a resumed run's earlier test, which no longer describes it, goes."""
     for sub in (folder / "visualizations", folder / "visualizations" / "epochs"):
         if sub.exists() and not sub.is_dir():  # before anything changes: the plots could not be written
             raise UserError(f"{sub} is a file where the run's plots go; move it out of {folder} and run again")
@@ -1713,8 +1669,7 @@ def run_name(cfg: Config) -> str:
 
 
 def new_folder(given: str, parent: str, name: str, program: str) -> Path:
-    """The output folder of this command, which it creates: `given`, or PARENT/DATE-TIME-NAME (with -2,
-    -3 ... if that exists). os.mkdir is atomic, so creating the folder is also the claim on it."""
+    """`given`, or a new PARENT/DATE-TIME-NAME[-N], created: os.mkdir is atomic, so it is also the claim."""
     if given:
         return create_folder(Path(given), program)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -1727,8 +1682,7 @@ def new_folder(given: str, parent: str, name: str, program: str) -> Path:
 
 
 def create_folder(path: Path, program: str, quiet: bool = False) -> Path:
-    """Create `path` (and missing parents); an existing path of any kind is refused in one sentence (a
-    permission or a file in the way is an OSError, which run_cli words)."""
+    """Create `path` and missing parents; an existing path is refused (other OSErrors run_cli words)."""
     made = [p for p in path.parents if not p.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1751,8 +1705,7 @@ MADE_PARENTS: dict = {}  # the parents each new folder of this command needed, f
 
 
 def discard(folder: Path, names: list[str]) -> None:
-    """Remove the files of `names` that this command wrote into the folder it created, then the folder
-    and its subfolders if that leaves them empty: anything else put there is never touched."""
+    """Remove the files this command wrote, then the folders it made if empty: nothing else is touched."""
     for name in names:
         with contextlib.suppress(OSError):
             (folder / name).unlink()
@@ -1765,8 +1718,7 @@ def discard(folder: Path, names: list[str]) -> None:
 
 
 def atomic_write(path: Path | str, write) -> None:
-    """Write through `write(file)` to a temporary file beside `path` (.NAME.*.tmp), fsync, then rename
-    it over `path`: a crash at any moment leaves either the old file or the new one, never a mix."""
+    """Write a temporary file beside `path`, fsync, rename: a crash leaves the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name[:64]}.{os.urandom(6).hex()}.tmp"  # a long name fits too
@@ -1807,8 +1759,7 @@ def save_csv(path, rows: list[dict]) -> None:
 
 
 def utf8(text: str) -> bytes:
-    """A file name that is not UTF-8 (Python holds its bytes as surrogates) as the bytes it has on disk,
-    in a CSV or a hash, rather than an error after a whole run."""
+    """Text whose non-UTF-8 file names (held as surrogates) become their bytes, not an error."""
     return text.encode("utf-8", "surrogateescape")
 
 
@@ -1830,9 +1781,8 @@ def save_figure(path, fig) -> None:
 
 
 def resolve_data_dir(cfg: Config, folder: Path) -> Path:
-    """The data folder, absolute (a saved run resumes from anywhere): --demo's synthetic slices, generated
-    into the run's own folder; --data-dir as given; else the Kaggle dataset in ./data, downloaded once
-    (under a lock, so that runs started together fetch it once)."""
+    """The data folder, absolute: --demo's slices made in the run's folder, --data-dir, or the Kaggle
+    dataset, downloaded once (under a lock, so that runs started together fetch it once)."""
     if cfg.demo:
         demo = folder / "demo-data"
         if not demo.is_dir():  # a resumed demo run has them already
@@ -1852,8 +1802,7 @@ def resolve_data_dir(cfg: Config, folder: Path) -> Path:
 
 
 def make_synthetic_dataset(folder: Path | str, n: int, size: int = 128, seed: int = 0) -> Path:
-    """Write n MRI-like slices and masks: a skull ring, textured brain, ventricles, noise and
-    tumours of varied size, shape and contrast (about 15% of slices have none)."""
+    """n MRI-like slices and masks: skull, brain, ventricles, noise, varied tumours (15% have none)."""
     folder = Path(folder)
     rng = np.random.default_rng(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -1986,9 +1935,7 @@ def field_rule(name: str, rule: str):
 
 
 def check_fields(obj) -> None:
-    """Each field of a settings dataclass against its annotation and rules, in one sentence naming the field.
-    The type comes from the annotation, not from the default, so that a default edited at the top to the wrong
-    type ("20", 16.0, "False") is refused; an int is a valid float."""
+    """Each field against its annotation (so a default edited to "20" or 16.0 is refused) and its rules."""
     hints, where = get_type_hints(type(obj)), Path(sys.modules[type(obj).__module__].__file__).name
     for f in dataclasses.fields(obj):
         value, kind, rules, flag = getattr(obj, f.name), hints[f.name], f.metadata, option(f.name)
@@ -2031,8 +1978,7 @@ def check_batch_fits(cfg: Config, n_train: int) -> None:
 
 
 def build_parser(kind, description: str, prog: str | None = None) -> argparse.ArgumentParser:
-    """The command line of a settings dataclass: one option per field, with the field's help, type
-    and choices, and nothing filled in, so that the caller knows which fields were typed."""
+    """One option per field, nothing filled in: what was parsed is what was typed."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     hints = get_type_hints(kind)
     for f in dataclasses.fields(kind):
@@ -2074,8 +2020,7 @@ def config_from_args(argv: list[str], description: str = "Train a U-Net to segme
 
 
 def command(script: str, *args) -> str:
-    """A command line that runs `script` of this project as this one runs, from any folder: copied from a
-    message to a shell as it is (this Python, absolute paths, quoted)."""
+    """A command line for `script` that works pasted from any folder: this Python, absolute, quoted."""
     return shlex.join([sys.executable, str(Path(__file__).resolve().parent / script), *map(str, args)])
 
 
@@ -2167,14 +2112,10 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, typed)
 
     def oom_hint():
-        cfg, fixed = state.get("cfg", Config()), ""
-        if cfg.resume:  # a resumed run keeps its own batch size
-            fixed = " (a resumed run keeps its batch size: start a new run for a smaller one)"
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                folder = Path(cfg.resume) if Path(cfg.resume).is_dir() else Path(cfg.resume).parent
-                saved = json.loads((folder / "config.json").read_text())
-                cfg = dataclasses.replace(cfg, batch_size=saved["batch_size"])
-        return f"--batch-size {max(1, cfg.batch_size // 2)}{fixed}"
+        cfg = state.get("cfg", Config())
+        if cfg.resume:
+            return "a new run with a smaller --batch-size (a resumed run keeps its batch size)"
+        return f"--batch-size {max(1, cfg.batch_size // 2)}"
 
     return run_cli(entry, "training", oom_hint)
 

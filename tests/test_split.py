@@ -293,9 +293,9 @@ def test_a_groups_file_keeps_dots_that_are_part_of_a_name(tmp_path):
 
 
 BAD_GROUPS = {  # name -> (file bytes, the sentence's words after "PATH: ")
-    "not-utf8": ("image,patient_id\n1,Patient M\xfcller\n".encode("latin-1"), "the groups file is not UTF-8 text"),
-    "nul-bytes": (b"image,patient_id\n1,\0\n", "the groups file holds NUL bytes"),
-    "duplicated-column": (b"image,patient_id,image\n1,P1,2\n", "the column 'image' appears twice in the header"),
+    "not-utf8": ("image,patient_id\n1,Patient M\xfcller\n".encode("latin-1"), "not a readable CSV groups file ('utf-8' codec"),
+    "nul-bytes": (b"image,patient_id\n1,\0\n", "not a readable CSV groups file (it holds NUL bytes)"),
+    "duplicated-column": (b"image,patient_id,image\n1,P1,2\n", "a groups file needs the columns image,patient_id"),
     "listed-twice": (b"image,patient_id\n1,P1\n2,P2\n1,P9\n", "image '1' is listed twice (rows 2 and 4)"),
     "listed-twice-same-patient": (b"image,patient_id\n1,P1\n1.png,P1\n",
                                   "image '1.png' is listed twice (rows 2 and 3)"),
