@@ -75,31 +75,23 @@ THIS_COMMAND = dict(HOW_IT_RUNS, now=True)  # always this command's, never a res
 @dataclass
 class Config:
     # data
-    data_dir: str = setting("", "folder with images/ and masks/ (default: data/brain-tumor-segmentation, "
-                                "downloaded when missing)", **HOW_IT_RUNS)
-    out_dir: str = setting("", "the run's folder, which the run creates (it must not exist yet); default: a new "
-                               "outputs/DATE-TIME-NAME", **THIS_COMMAND)
-    demo: bool = setting(False, "train on synthetic slices generated into the run's folder (offline, seconds on a "
-                                "CPU)")
+    data_dir: str = setting("", "folder with images/ and masks/ (default: the Kaggle dataset)", **HOW_IT_RUNS)
+    out_dir: str = setting("", "the run's new folder (default: outputs/DATE-TIME-NAME)", **THIS_COMMAND)
+    demo: bool = setting(False, "train on synthetic slices made in the run's folder (offline, seconds on a CPU)")
     demo_images: int = setting(600, "synthetic slices generated for --demo", low=10)
     limit: int = setting(0, "use only the first N image pairs (0: all)", low=0)
-    image_size: int = setting(256, "images and masks are resized to this square size (a multiple of 16)", low=16,
-                              high=4096)
-    split: Literal["patient", "random"] = setting("patient", "patient: no patient in two parts; random: by image, "
-                                                             "as the seed did")
+    image_size: int = setting(256, "square size images are resized to (a multiple of 16)", low=16, high=4096)
+    split: Literal["patient", "random"] = setting("patient", "patient: no patient in two parts; random: by image")
     groups: str = setting("", "CSV with columns image,patient_id[,tumor_type] for your own data")
     val_fraction: float = setting(0.2, "fraction of the data for validation", above=0)
     test_fraction: float = setting(0.1, "fraction of the data for the final test", above=0)
     split_seed: int = setting(42, "seed of the split alone: runs of other --seed test on the same images", **SEED_RANGE)
-    folds: int = setting(0, "K >= 3: this run is one fold of a K-fold cross-validation (cross_validate.py trains "
-                            "them all)")
-    fold: int = setting(0, "with --folds: the fold N (1 to K) this run tests on (cross_validate.py: 0 for all)", low=0,
-                        **THIS_COMMAND)
+    folds: int = setting(0, "K >= 3: this run is one fold of a K-fold cross-validation (cross_validate.py)")
+    fold: int = setting(0, "with --folds: the fold (1 to K) this run tests on", low=0, **THIS_COMMAND)
     # model
     base_width: int = setting(32, "channels of the first encoder block; the U-Net doubles it 4 times", low=1)
     # training recipe
-    recipe: Literal["improved", "seed"] = setting("improved", "seed: the original script's recipe exactly (fields "
-                                                              "you set win; see SEED_RECIPE)")
+    recipe: Literal["improved", "seed"] = setting("improved", "seed: the original script's (SEED_RECIPE)")
     epochs: int = setting(20, "training epochs", low=1, resumable=True)
     batch_size: int = setting(16, "images per training step", low=1)
     lr: float = setting(2e-3, "learning rate (the peak one with --schedule onecycle)", above=0)
@@ -115,31 +107,27 @@ class Config:
     aug_rotation: float = setting(15.0, "largest rotation, in degrees either way", low=0, high=180)
     aug_scale: float = setting(0.1, "zoom drawn log-uniformly in exp(+-aug_scale)", low=0, high=1)
     aug_gamma: float = setting(0.3, "gamma drawn log-uniformly in exp(+-aug_gamma)", low=0, high=2)
-    threshold: float = setting(0.5, "probability above which a pixel is tumour (until --tune-threshold replaces it)",
-                               share=True)
+    threshold: float = setting(0.5, "probability above which a pixel is tumour (if not tuned)", share=True)
     tune_threshold: bool = setting(True, "after training, take the threshold with the best validation Dice")
     threshold_min: float = setting(0.2, "the lowest threshold tried", share=True)
     threshold_max: float = setting(0.8, "the highest threshold tried", share=True)
     threshold_step: float = setting(0.05, "the step between thresholds tried (rounded to 4 decimals)", low=0.001)
     tta: bool = setting(True, "average each prediction with its mirror image's (threshold choice, test, predict)")
-    postprocess: bool = setting(True, "after the threshold, try each step of POSTPROCESSING on validation and keep "
-                                      "those that raise its Dice (test and predict apply them)")
+    postprocess: bool = setting(True, "keep each step of POSTPROCESSING that raises the validation Dice")
     # machine: how fast, not what is learned
     device: str = setting("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N", **THIS_COMMAND)
     amp: Literal["auto", "bf16", "fp16", "off"] = setting(
-        "auto", "mixed precision; auto: bf16 on GPUs that have it (else fp16) and on CPUs with AVX-512 BF16 or AMX, "
-                "float32 on other CPUs", **HOW_IT_RUNS)
+        "auto", "mixed precision; auto: bf16 where native (else fp16 on GPUs, float32 on CPUs)", **HOW_IT_RUNS)
     channels_last: bool = setting(True, "channels-last memory format on CUDA and on AVX-512 CPUs", **HOW_IT_RUNS)
     compile: Literal["auto", "on", "off"] = setting(
-        "auto", "torch.compile; auto: on CUDA, and on CPUs in bf16 for runs of CPU_COMPILE_FROM pixels", **HOW_IT_RUNS)
+        "auto", "torch.compile; auto: on CUDA GPUs (on a CPU it gained 4%)", **HOW_IT_RUNS)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = setting(
         "default", "reduce-overhead: CUDA graphs; max-autotune: also autotuned kernels", **HOW_IT_RUNS)
     deterministic: bool = setting(False, "repeatable CUDA runs: deterministic kernels, no autotuning", learns=False)
-    nan_check_every: int = setting(20, "on GPUs, check the loss every N steps (each check waits for the GPU)", low=1,
-                                   learns=False)
+    nan_check_every: int = setting(20, "on GPUs, check the loss every N steps (a wait)", low=1, learns=False)
     eval_batch_size: int = setting(64, "images per step in validation, test and prediction", low=1, **HOW_IT_RUNS)
-    workers: int = setting(0, "threads that decode the images at start-up (0: one per core, at most 8)", low=0,
-                           **HOW_IT_RUNS)
+    workers: int = setting(0, "threads that decode the images (0: one per core, at most 8)", low=0, **HOW_IT_RUNS)
+
     # outputs and run control
     panel_images: int = setting(4, "validation images in each epoch's prediction panel", low=0, **HOW_IT_RUNS)
     test_samples: int = setting(10, "random test images in the final panel", low=0, **HOW_IT_RUNS)
@@ -674,7 +662,7 @@ def build_run(cfg: Config, machine: Machine, data: dict, split: dict, idx: dict,
     images, masks = data["images"].to(machine.device), data["masks"].to(machine.device)
     idx = {part: i.to(machine.device) for part, i in idx.items()}
     first, t0, train_model = idx["train"][:cfg.batch_size], time.time(), model
-    if use_compile(cfg, machine, len(idx["train"])):
+    if use_compile(cfg, machine):
         train_model = compiled_if_it_works(model, cfg, machine, to_input(images[first], machine), masks[first].float())
     compile_seconds = time.time() - t0 if train_model is not model else 0.0
     run = Run(cfg, machine, Path(cfg.out_dir), data["names"], images, masks, split, idx, model, train_model, optimizer,
@@ -684,21 +672,12 @@ def build_run(cfg: Config, machine: Machine, data: dict, split: dict, idx: dict,
     return run
 
 
-def use_compile(cfg: Config, machine: Machine, train_images: int) -> bool:
-    """--compile auto: on CUDA (Triton needs compute capability 7.0); on a CPU in bf16 when the run
-    is long enough to repay a first compile of about a minute (bench/RESULTS.md)."""
+def use_compile(cfg: Config, machine: Machine) -> bool:
+    """--compile auto: on CUDA (Triton needs compute capability 7.0); not on a CPU, where the default
+    recipe trained only 4% faster, after a first compile of 25-60 s (bench/RESULTS.md)."""
     if cfg.compile != "auto":
         return cfg.compile == "on"
-    if machine.device.type == "cuda":
-        return torch.cuda.get_device_capability(machine.device) >= (7, 0)
-    pixels = cfg.epochs * train_images * cfg.image_size ** 2
-    return machine.dtype == torch.bfloat16 and pixels >= CPU_COMPILE_FROM
-
-
-# Training pixels (epochs x training images x image size^2) from which a CPU run in bf16 compiles: a first
-# compile took 25-60 s there, and then the default recipe trained 4% faster (bench/RESULTS.md), so from here
-# on (an hour of training at 256x256) it saves over twice what it costs. The demo does not compile.
-CPU_COMPILE_FROM = 1e9
+    return machine.device.type == "cuda" and torch.cuda.get_device_capability(machine.device) >= (7, 0)
 
 
 def compiled_if_it_works(model: nn.Module, cfg: Config, machine: Machine, x: torch.Tensor, y: torch.Tensor):
