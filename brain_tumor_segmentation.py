@@ -1293,13 +1293,7 @@ def plot_curves(path: Path, history: dict, best_epoch: int = 0) -> None:
 
 def figure(width: float, height: float):
     """A matplotlib figure that needs no screen and no pyplot state, so the writer thread can draw it."""
-    # A bad MPLBACKEND fails the first import, and no backend is used: hidden from that import.
-    backend = os.environ.pop("MPLBACKEND", None) if "matplotlib.figure" not in sys.modules else None
-    try:
-        from matplotlib.figure import Figure
-    finally:
-        if backend is not None:
-            os.environ["MPLBACKEND"] = backend
+    from matplotlib.figure import Figure
     return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -1629,9 +1623,6 @@ def run_folder(cfg: Config, resume: dict | None, made: bool = False):
 
 def start_records(folder: Path, cfg: Config, split: dict, resume: dict | None) -> None:
     """The run's settings and split; a resumed run's earlier test, which no longer describes it, goes."""
-    for sub in (folder / "visualizations", folder / "visualizations" / "epochs"):
-        if sub.exists() and not sub.is_dir():  # before anything changes: the plots could not be written
-            raise UserError(f"{sub} is a file where the run's plots go; move it out of {folder} and run again")
     save_json(folder / "config.json", dataclasses.asdict(cfg))
     save_json(folder / "split.json", split)
     for name in TEST_FILES if resume else ():

@@ -306,7 +306,7 @@ def plot_comparison(path: Path, runs, labels, settings, differences) -> None:
     are named S1, S2 ... in the legend, so that ten runs stay legible; the figure grows with them."""
     fig = bts.figure(18, max(4.5, 2.0 + 0.3 * max(len(runs), len(differences), len(settings))))
     ax1, ax2, ax3 = fig.subplots(1, 3)
-    from matplotlib.lines import Line2D  # after bts.figure, which imports matplotlib whatever MPLBACKEND says
+    from matplotlib.lines import Line2D
     number = {s["label"]: f"S{i + 1}" for i, s in enumerate(settings)}
     colour = {s["label"]: f"C{i % 10}" for i, s in enumerate(settings)}
     of = {id(r): s["label"] for s in settings for r in s["runs"]}
