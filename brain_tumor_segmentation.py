@@ -215,13 +215,12 @@ def load_dataset(data_dir: Path | str, size: int, limit: int = 0, workers: int =
     hash of its files' bytes (the same at every size). A pair that cannot be used is skipped with a warning."""
     pairs = find_pairs(data_dir)[:limit or None]
 
-    def load(pair):
-        name, image_path, mask_path = pair
+    def load(pair):  # -> (name, (image, mask, hash) or None, a warning or '')
         try:
-            image, mask, digest, note = read_pair(image_path, mask_path, size)
-            return name, (image, mask, digest), note
+            *kept, note = read_pair(pair[1], pair[2], size)
+            return pair[0], kept, note
         except ValueError as e:
-            return name, None, f"{e}; pair {name} skipped"
+            return pair[0], None, f"{e}; pair {pair[0]} skipped"
 
     kept = []
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:  # OpenCV decodes without the GIL
@@ -277,8 +276,8 @@ def list_images(folder: Path) -> dict[str, Path]:
     except FileNotFoundError:
         raise UserError(f"{folder}: folder not found") from None
     except OSError as e:
-        raise UserError(f"{folder}: cannot read this folder ({e.strerror or type(e).__name__}); check its "
-                        f"permissions") from None
+        raise UserError(f"{folder}: cannot read this folder ({e.strerror or type(e).__name__})") from None
+
     files = {}
     for path in entries:
         if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
@@ -337,8 +336,7 @@ def decode_file(path: Path | str, convert) -> tuple[np.ndarray, str]:
 
 
 def gray_in_unit_range(image: np.ndarray) -> np.ndarray:
-    """8-bit images divided by 255 as the seed did; 16-bit and float images by their own maximum,
-    because their value range depends on the scanner."""
+    """8-bit by 255 as the seed did; 16-bit and float by their own maximum, whose range the scanner decides."""
     if image.ndim == 3:
         code = {4: cv2.COLOR_BGRA2GRAY, 3: cv2.COLOR_BGR2GRAY}.get(image.shape[2])
         image = cv2.cvtColor(image, code) if code is not None else image[:, :, 0]
@@ -351,9 +349,8 @@ def gray_in_unit_range(image: np.ndarray) -> np.ndarray:
 
 
 def tumour_pixels(mask: np.ndarray) -> np.ndarray:
-    """A pixel is tumour when its strongest colour channel (0 where fully transparent) is above half the mask's
-    lowest level: the non-zero values that cover a tenth of the most common one's area, so that a stray value
-    (JPEG noise, a slip of the brush) is no level. Fits 0/255 and 0/1, noisy, 16-bit and multi-label masks."""
+    """Tumour: the strongest colour channel (0 where transparent) above half the lowest level, a level being a value
+    that covers a tenth of the commonest one's area (not JPEG noise): 0/255, 0/1, 16-bit and multi-label masks."""
     if mask.ndim == 3:
         value = mask[:, :, :3].max(axis=2)
         mask = np.where(mask[:, :, 3] > 0, value, 0) if mask.shape[2] == 4 else value
@@ -399,13 +396,12 @@ def make_split(cfg: Config, data: dict) -> dict:
     for part, members in parts.items():
         split[part] = [names[i] for i in members]
         split[f"{part}_patients"] = sorted({groups[i] for i in members})
-    split["fractions"] = {part: round(len(split[part]) / len(names), 4) for part in parts}
-    wanted = {"val": cfg.val_fraction, "test": cfg.test_fraction}
-    split["warnings"] = []
-    if not cfg.folds and any(abs(split["fractions"][p] - f) > 0.02 for p, f in wanted.items()):
-        split["warnings"].append(f"whole {unit} could not honour --val-fraction {cfg.val_fraction} and --test-fraction "
-                                 f"{cfg.test_fraction} within 0.02: the parts hold {split['fractions']} of the images")
-        warn(split["warnings"][-1])
+    split["fractions"] = fractions = {part: round(len(split[part]) / len(names), 4) for part in parts}
+    off = not cfg.folds and any(abs(fractions[p] - getattr(cfg, f"{p}_fraction")) > 0.02 for p in ("val", "test"))
+    split["warnings"] = [f"whole {unit} could not honour --val-fraction {cfg.val_fraction} and --test-fraction "
+                         f"{cfg.test_fraction} within 0.02: the parts hold {split['fractions']} of the images"] * off
+    for warning in split["warnings"]:
+        warn(warning)
     split["groups"] = dict(zip(names, groups))
     split["tumor_types"] = {n: s for n, s in zip(names, strata) if s}
     split["files"] = {n: data["hashes"][n] for n in names}
@@ -1499,11 +1495,6 @@ def is_finished(folder: Path) -> bool:
     return (folder / "metrics.json").is_file()
 
 
-# What every checkpoint holds; a resumable state (last.pth) holds RESUMABLE too.
-CHECKPOINT = ("model", "config", "split", "history", "threshold", "epoch", "best")
-RESUMABLE = ("optimizer",)
-
-
 def load_checkpoint(path: Path | str, resumable: bool = False) -> dict:
     """A checkpoint, loaded without running code stored in it and checked whole: the one place that decides."""
     path = Path(path)
@@ -1518,29 +1509,15 @@ def load_checkpoint(path: Path | str, resumable: bool = False) -> dict:
     except Exception:  # torch raises many kinds for damaged or foreign files
         raise UserError(f"{path}: not a checkpoint this script can load (damaged, truncated, another kind of file, "
                         f"or one holding Python objects, which could run code when loaded)") from None
-    problem = checkpoint_problem(state, resumable, path)
-    if problem:
-        raise UserError(f"{path}: {problem}")
-    return state
-
-
-def checkpoint_problem(state, resumable: bool, path: Path) -> str:
-    """What makes a loaded checkpoint unusable, or ''."""
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        return "not a checkpoint of this script's U-Net"
+        raise UserError(f"{path}: not a checkpoint of this script's U-Net")
     if state.get("version") != CHECKPOINT_VERSION:
-        return (f"checkpoint format version {state.get('version')}, but this script reads version "
-                f"{CHECKPOINT_VERSION}; use the script version that wrote it")
+        raise UserError(f"{path}: checkpoint format version {state.get('version')}, but this script reads version "
+                        f"{CHECKPOINT_VERSION}; use the script version that wrote it")
     if resumable and state.get("optimizer") is None:
-        return "a best-model file, not a resumable state (that is last.pth, beside it)"
-    missing = [k for k in CHECKPOINT + (RESUMABLE if resumable else ()) if k not in state]
-    if missing:
-        return f"damaged checkpoint, {', '.join(missing)} missing; use another checkpoint"
+        raise UserError(f"{path}: a best-model file, not a resumable state (that is last.pth, beside it)")
     try:
         saved_config(state["config"], path)
-    except UserError as e:
-        return str(e).removeprefix(f"{path}: ")
-    try:
         values = {"threshold not between 0 and 1": not 0 <= state["threshold"] <= 1,
                   "epoch below 0": state["epoch"] < 0,
                   "saved within an epoch by an earlier version of this script": resumable and state.get("step", 0),
@@ -1549,9 +1526,14 @@ def checkpoint_problem(state, resumable: bool, path: Path) -> str:
                   or resumable and not {"how", "unit", "groups", "files"} <= set(state["split"]),
                   "history not a table of lists": not all(isinstance(v, list) for v in state["history"].values()),
                   "weights that are not finite": not all(torch.isfinite(v).all() for v in state["model"].values())}
-    except (TypeError, KeyError, AttributeError):
-        return "damaged checkpoint, a part of it of the wrong type; use another checkpoint"
-    return next((f"damaged checkpoint, {what}" for what, bad in values.items() if bad), "")
+    except KeyError as e:
+        raise UserError(f"{path}: damaged checkpoint, {e.args[0]} missing; use another checkpoint") from None
+    except (TypeError, AttributeError):
+        raise UserError(f"{path}: damaged checkpoint, a part of it of the wrong type; use another checkpoint") from None
+    for what, bad in values.items():
+        if bad:
+            raise UserError(f"{path}: damaged checkpoint, {what}")
+    return state
 
 
 def learned_fields() -> list[str]:

@@ -425,8 +425,7 @@ def test_an_unreadable_folder_is_one_sentence(tmp_path, monkeypatch, capsys):
         return real(self)
 
     monkeypatch.setattr(Path, "iterdir", refusing)
-    with pytest.raises(bts.UserError, match=r"masks: cannot read this folder \(Permission denied\); check its "
-                                            r"permissions"):
+    with pytest.raises(bts.UserError, match=r"masks: cannot read this folder \(Permission denied\)"):
         bts.find_pairs(tmp_path)
     rc, _, err = run_cli(capsys, "--data-dir", tmp_path, "--out-dir", tmp_path / "run", *TINY_ARGS)
     message = one_error(rc, err, "cannot read this folder (Permission denied)")
