@@ -120,7 +120,7 @@ class Config:
         "auto", "mixed precision; auto: bf16 where native (else fp16 on GPUs, float32 on CPUs)", **HOW_IT_RUNS)
     channels_last: bool = setting(True, "channels-last memory format on CUDA and on AVX-512 CPUs", **HOW_IT_RUNS)
     compile: Literal["auto", "on", "off"] = setting(
-        "auto", "torch.compile; auto: on CUDA GPUs (on a CPU it gained 4%)", **HOW_IT_RUNS)
+        "auto", "torch.compile; auto: on CUDA GPUs (on a CPU: --compile on)", **HOW_IT_RUNS)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = setting(
         "default", "reduce-overhead: CUDA graphs; max-autotune: also autotuned kernels", **HOW_IT_RUNS)
     deterministic: bool = setting(False, "repeatable CUDA runs: deterministic kernels, no autotuning", learns=False)
@@ -1354,13 +1354,6 @@ def warn(message: str) -> None:
         f.write(f"warning: {message}\n")
 
 
-def set_up_machine(cfg: Config) -> Machine:
-    """This command's device (a resumed run trains where it is resumed), its precision and layout."""
-    machine = Machine(pick_device(cfg.device))
-    choose_precision(machine, cfg)
-    return machine
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1412,8 +1405,10 @@ def precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, str]:
     return None, "a CPU without native bf16"
 
 
-def choose_precision(machine: Machine, cfg: Config) -> None:
-    """Precision and layout by fixed rules; logs them and the settings that differ from the defaults."""
+def set_up_machine(cfg: Config, machine: Machine | None = None) -> Machine:
+    """This command's device (or `machine`'s), precision and layout by fixed rules, logged with the settings
+    that differ from the defaults."""
+    machine = machine or Machine(pick_device(cfg.device))
     if machine.device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned kernels differ run to run
         if cfg.deterministic:
@@ -1429,6 +1424,7 @@ def choose_precision(machine: Machine, cfg: Config) -> None:
     log(f"device: {machine.device}" + (f" ({torch.cuda.get_device_name(machine.device)})" if machine.device.type ==
                                        "cuda" else f" ({torch.get_num_threads()} threads)")
         + f"; precision: {precision_name(machine)} ({why}); channels-last: {machine.channels_last}")
+    return machine
 
 
 def precision_name(machine: Machine) -> str:

@@ -96,10 +96,10 @@ def test_a_value_of_the_wrong_type_in_code_is_one_sentence_naming_the_field(kwar
 
 def test_the_settings_line_names_only_what_differs_from_the_defaults(capsys):
     machine = bts.Machine(torch.device("cpu"))
-    bts.choose_precision(machine, bts.Config(device="cpu", amp="off", epochs=3, lr=0.001))
+    bts.set_up_machine(bts.Config(device="cpu", amp="off", epochs=3, lr=0.001), machine)
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("settings:"))
     assert line == "settings: epochs=3, lr=0.001, device='cpu', amp='off' (all of them in config.json)"
-    bts.choose_precision(machine, bts.Config())
+    bts.set_up_machine(bts.Config(), machine)
     assert "settings: the defaults (all of them in config.json)" in capsys.readouterr().out
 
 
@@ -330,7 +330,7 @@ WRONG_EDITS = [
     ('epochs: int = setting(20,', 'epochs: int = setting(0,', "--epochs 0: must be at least 1"),
     ('optimizer: Literal["adam", "adamw"] = setting("adamw",', 'optimizer: Literal["adam", "adamw"] = setting("sgd",',
      "--optimizer 'sgd': choose one of adam, adamw"),
-    ('low=16,\n                              high=4096)', 'low=16,\n                              high="4096")',
+    ('low=16, high=4096)', 'low=16, high="4096")',
      "the bounds of image_size must be numbers, not {"),
     ('SEED_RECIPE = dict(optimizer="adam", lr=1e-3,', 'SEED_RECIPE = dict(optimizer="adam", learning_rate=1e-3,',
      f"SEED_RECIPE sets learning_rate, which is not a field of Config {HINT}"),
@@ -387,7 +387,7 @@ def test_defaults_edited_at_the_top_are_the_runs_defaults(tmp_path, monkeypatch,
         assert getattr(cfg, name) == eval(new) and type(getattr(cfg, name)) is type(eval(new)), name
     seed, _ = edited.config_from_args(["--recipe", "seed"])
     assert seed.lr == bts.SEED_RECIPE["lr"] and seed.epochs == 2  # the preset still sets its own fields only
-    edited.choose_precision(edited.Machine(torch.device("cpu")), cfg)
+    edited.set_up_machine(cfg, edited.Machine(torch.device("cpu")))
     assert "settings: the defaults" in capsys.readouterr().out
 
 

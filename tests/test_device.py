@@ -171,13 +171,13 @@ def test_channels_last_on_cuda_whatever_the_cpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # put back after
     monkeypatch.setattr(bts.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     machine = bts.Machine(torch.device("cuda", 0))
-    bts.choose_precision(machine, bts.Config())
+    bts.set_up_machine(bts.Config(), machine)
     assert machine.channels_last is True and machine.dtype is torch.bfloat16
     assert torch.backends.cudnn.benchmark is True  # autotuned kernels, unless --deterministic
     assert "device: cuda:0 (Fake GPU); precision: bfloat16 (a GPU with bf16); channels-last: True" in \
         capsys.readouterr().out
     machine = bts.Machine(torch.device("cuda", 0))
-    bts.choose_precision(machine, bts.Config(channels_last=False))
+    bts.set_up_machine(bts.Config(channels_last=False), machine)
     assert machine.channels_last is False
 
 
