@@ -508,8 +508,7 @@ def group_folds(groups: list[str], strata: list[str], n_folds: int, seed: int) -
 
 
 def split_by_group(groups: list[str], strata: list[str], fractions: tuple[float, float], seed: int) -> dict:
-    """Train/val/test indices from stratified group folds (the first test, the next validation): the first
-    of 20, 50, 100 folds that expresses both fractions, at most one per group."""
+    """Train/val/test from stratified group folds: 20, 50 or 100 (the first that expresses both fractions)."""
     val, test = fractions
     folds = next((k for k in (20, 50, 100) if all(abs(round(f * k) - f * k) < 0.01 for f in (val, test))), 100)
 
@@ -547,8 +546,8 @@ def split_indices(split: dict, data: dict) -> dict[str, torch.Tensor]:
                if n not in position or recorded.get(n) != data["hashes"][n]]
     if changed:
         raise UserError(f"the data changed since this run's split was made: {len(changed)} of its images are missing "
-                        f"or have other contents (for example {changed[0]!r}); resume with the same data, or start "
-                        f"a new run")
+                        f"or have other contents (for example {changed[0]!r}); use the same data, or start a new run")
+
     return {part: torch.tensor([position[n] for n in split[part]], dtype=torch.long)
             for part in ("train", "val", "test")}
 
@@ -609,7 +608,7 @@ NO_BEST = {"epoch": 0, "val_dice": -1.0}  # before the first epoch: any validati
 
 @dataclass
 class Run:
-    """What training carries from step to step; `epoch` and `step` say where it resumes."""
+    """What training carries from step to step; `epoch` says where it resumes."""
     cfg: Config
     machine: Machine
     out: Path  # the run's folder
@@ -677,25 +676,24 @@ def use_compile(cfg: Config, machine: Machine) -> bool:
 
 
 def compiled_if_it_works(model: nn.Module, cfg: Config, machine: Machine, x: torch.Tensor, y: torch.Tensor):
-    """torch.compile(model), compiled now by a step on a real batch whose effects are put back; where that
-    fails (no compiler, an unsupported GPU), a warning and the model itself."""
+    """torch.compile(model), compiled now by a step whose effects are put back; where that fails, the model."""
     compiled = torch.compile(model, mode=cfg.compile_mode)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         with machine.autocast():
             logits = compiled(x)
         compute_loss(logits, y, cfg).backward()
-        works = True
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as e:
         warn(f"the first compiled step failed ({type(e).__name__}: {first_line(e)}); training without "
              f"torch.compile. Pass --compile off to skip the attempt.")
-        works = False
+        compiled = model
     model.load_state_dict(saved)
     model.zero_grad(set_to_none=True)
-    log(f"torch.compile ({cfg.compile_mode}): " + ("compiled and warmed up" if works else "not used"))
-    return compiled if works else model
+    log(f"torch.compile ({cfg.compile_mode}): " + ("compiled and warmed up" if compiled is not model else "not used"))
+    return compiled
+
 
 
 # -----------------------------------------------------------------------------
@@ -827,9 +825,8 @@ def check_steps(losses: torch.Tensor, since: int, last: int, run: Run) -> float:
     bad = (~torch.isfinite(window)).nonzero()
     if len(bad):
         run.writer.drain()  # what is saved is what the message says
-        saved = [name for name in ("model.pth", "last.pth") if (run.out / name).is_file()]
-        kept = (f"{' and '.join(str(run.out / n) for n in saved)} {'are' if len(saved) > 1 else 'is'} from before it"
-                if saved else "no checkpoint had been written, so the run's folder is removed")
+        kept = (f"the checkpoints in {run.out} are from before it" if (run.out / "last.pth").is_file()
+                else "no checkpoint had been written, so the run's folder is removed")
         raise UserError(f"the loss or its gradient became {float(window[int(bad[0])])} at epoch {run.epoch + 1}, "
                         f"step {since + int(bad[0]) + 1}; nothing was saved after that ({kept}). Start a new run "
                         f"with a lower --lr, or --amp off")
@@ -926,8 +923,7 @@ def copied(obj):
 
 
 class Writer(ThreadPoolExecutor):
-    """Writes and draws in one background thread, in order; its `with` waits for all (a stop still saves),
-    and a failed write raises at the next submit or drain."""
+    """Writes in one background thread, in order; `with` waits for all; a failure raises at the next call."""
 
     def __init__(self):
         super().__init__(1, thread_name_prefix="writer")
@@ -1022,8 +1018,7 @@ def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def scores_from_counts(counts) -> dict[str, np.ndarray]:
-    """Per-image METRICS from (N, 3) counts: both masks empty score 1, another zero denominator 0 (a full
-    miss); no image is skipped."""
+    """Per-image METRICS of (N, 3) counts: both masks empty score 1, another zero denominator 0 (a full miss)."""
     c = np.asarray(counts, dtype=np.float64).reshape(-1, 3)
     tp, fp, fn = c[:, 0], c[:, 1], c[:, 2]
     both_empty = (tp + fp + fn) == 0
@@ -1406,8 +1401,7 @@ def precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, str]:
 
 
 def set_up_machine(cfg: Config, machine: Machine | None = None) -> Machine:
-    """This command's device (or `machine`'s), precision and layout by fixed rules, logged with the settings
-    that differ from the defaults."""
+    """This command's device (or `machine`'s), precision and layout by fixed rules, logged."""
     machine = machine or Machine(pick_device(cfg.device))
     if machine.device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned kernels differ run to run

@@ -402,8 +402,8 @@ def test_a_nan_after_the_first_epoch_names_the_step_and_the_checkpoints_from_bef
     on_training_step(monkeypatch, STEPS + 2, nan_loss)  # epoch 2, step 2
     out = tmp_path / "run"
     rc, _, err = run_cli(capsys, "--data-dir", data, "--out-dir", out, *TINY, "--epochs", "2")
-    message = one_error(rc, err, "became nan at epoch 2, step 2", f"{out / 'model.pth'} and {out / 'last.pth'} are "
-                                                                 f"from before it", "--lr")
+    message = one_error(rc, err, "became nan at epoch 2, step 2", f"the checkpoints in {out} are from before it",
+                        "--lr")
     assert "removed" not in message
     last = bts.load_checkpoint(out / "last.pth", resumable=True)
     assert last["epoch"] == 1

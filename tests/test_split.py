@@ -496,7 +496,7 @@ def test_a_resume_on_changed_data_is_one_sentence_naming_an_image(grouped_run, t
     checkpoints = {name: (run / name).read_bytes() for name in ("model.pth", "last.pth", "split.json")}
     rc, _, err = run_cli(capsys, "--resume", run, "--data-dir", data, "--epochs", "2")
     one_error(rc, err, "the data changed since this run's split was made: 1 of its images are missing or have "
-                       f"other contents (for example {changed!r}); resume with the same data, or start a new run")
+                       f"other contents (for example {changed!r}); use the same data, or start a new run")
     assert {name: (run / name).read_bytes() for name in checkpoints} == checkpoints
 
 
