@@ -144,8 +144,8 @@ class Config:
         if self.fold > self.folds and not (self.resume and not self.folds):  # --resume ROOT --fold N: ROOT's K
             raise UserError(f"--fold {self.fold}: must be 0 (all folds) or from 1 to --folds, with --folds")
         if self.groups and self.split == "random":
-            raise UserError("--groups names the patients of a --split patient; --split random would ignore it: "
-                            "drop one of them")
+            raise UserError("--groups names patients, which --split random would ignore: drop one of them")
+
         if self.threshold_min > self.threshold_max:
             raise UserError("--threshold-min must not be above --threshold-max")
         check_batch_fits(self, self.batch_size)
@@ -308,8 +308,7 @@ def read_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray,
     gray, image_hash = decode_file(image_path, gray_in_unit_range)
     mask, mask_hash = decode_file(mask_path, tumour_pixels)
     if mask.shape != gray.shape[:2]:
-        raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                         f"{gray.shape[1]}x{gray.shape[0]}")
+        raise ValueError(f"{mask_path}: mask {mask.shape[1]}x{mask.shape[0]}, image {gray.shape[1]}x{gray.shape[0]}")
     try:
         image, resized = preprocess_image(gray, size), preprocess_mask(mask, size)
     except MemoryError:
@@ -446,8 +445,7 @@ def read_groups_csv(path: Path | str) -> dict[str, tuple[str, str]]:
         raise UserError(f"{path}: not a readable CSV groups file ({first_line(e)}); save it as CSV (UTF-8)") from None
     header = rows[0] if rows else []
     if len(set(header)) < len(header) or not {"image", "patient_id"} <= set(header):
-        raise UserError(f"{path}: a groups file needs the columns image,patient_id (and optionally tumor_type), "
-                        f"each once")
+        raise UserError(f"{path}: a groups file needs the columns image,patient_id[,tumor_type], each once")
     table, line_of = {}, {}
     for line, row in enumerate(rows[1:], 2):
         r = dict(zip(header, row))
@@ -471,9 +469,8 @@ def neighbour_correlations(images: torch.Tensor, names: list[str]) -> tuple[list
 
 
 def table_fits_images(images: torch.Tensor, names: list[str], patients: list[str]) -> bool:
-    """Whether a patient table describes these pixels: in the Figshare data, neighbouring slices of
-    one patient correlate above 0.8 in 86% of cases, of two patients in 1%. Other data that merely
-    has numbered files (the demo's, a user's) shows no such difference."""
+    """Whether a patient table describes these pixels: in the Figshare data neighbouring slices of one patient
+    correlate above 0.8 in 86% of cases, of two patients in 1%; numbered files of other data do not."""
     order, corr = neighbour_correlations(images, names)
     same = np.array([patients[a] == patients[b] for a, b in zip(order[:-1], order[1:])])
     if same.sum() < 2 or (~same).sum() < 1:
@@ -636,9 +633,8 @@ def build_run(cfg: Config, machine: Machine, data: dict, split: dict, idx: dict,
     check_batch_fits(cfg, len(idx["train"]))
     torch.manual_seed(cfg.seed)
     model = UNet(width=cfg.base_width).to(machine.device)
-    log(f"model: U-Net, width {cfg.base_width}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
-        f"(its layers in train.log)")
-    log(str(model), console=False)
+    log(f"model: U-Net, width {cfg.base_width}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    log(str(model), console=False)  # the layers, in train.log only
     if machine.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # One fused kernel for all parameters: on a 2-core CPU 9 ms a step instead of 34 ms for the foreach version.
@@ -668,8 +664,7 @@ def build_run(cfg: Config, machine: Machine, data: dict, split: dict, idx: dict,
 
 
 def use_compile(cfg: Config, machine: Machine) -> bool:
-    """--compile auto: on CUDA (Triton needs compute capability 7.0); not on a CPU, where the default
-    recipe trained only 4% faster, after a first compile of 25-60 s (bench/RESULTS.md)."""
+    """--compile auto: CUDA with Triton's compute capability 7.0; a CPU gained 4% (bench/RESULTS.md)."""
     if cfg.compile != "auto":
         return cfg.compile == "on"
     return machine.device.type == "cuda" and torch.cuda.get_device_capability(machine.device) >= (7, 0)
@@ -995,8 +990,7 @@ def logits_in_batches(model, images_u8: torch.Tensor, batch_size: int, machine: 
             with machine.autocast():
                 yield start, model(x)
     except torch.cuda.OutOfMemoryError:
-        raise UserError(f"the GPU ran out of memory evaluating {batch_size} images at a time: try --eval-batch-size "
-                        f"{max(1, batch_size // 2)}") from None
+        raise UserError(f"GPU out of memory at --eval-batch-size {batch_size}: try {batch_size // 2 or 1}") from None
     finally:
         model.train(was_training)
 
@@ -1065,8 +1059,7 @@ def model_from_checkpoint(state: dict, path, device) -> nn.Module:
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError):
-        raise UserError(f"{path}: its weights do not fit this U-Net (saved with other channel widths or another "
-                        f"architecture)") from None
+        raise UserError(f"{path}: its weights do not fit this U-Net (other widths, or another model)") from None
     return model.to(device).eval()
 
 
@@ -1381,8 +1374,7 @@ def check_gpu_supported(name: str, capability: tuple[int, int], arch_list: list[
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: where bf16 trained 2.2x faster than float32. oneDNN's own bf16 check
-    is also true on AVX-512 CPUs without them, which emulate bf16 slowly."""
+    """AVX-512 BF16 or AMX, where bf16 trained 2.2x faster (oneDNN's check also passes emulated bf16)."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
@@ -1441,11 +1433,9 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
     if not path.parent.is_dir():
         raise UserError(f"{path.parent}: no such run folder to resume")
     if not path.exists():
-        hint = (f"; {path.parent} holds only model.pth, which cannot be continued: start a new run"
-                if (path.parent / "model.pth").exists() else f"; it is a cross-validation: continue it with "
-                f"{command('cross_validate.py', '--resume', path.parent)}" if (path.parent / CV_RECORD).is_file()
-                else "; start a new run without --resume")
-        raise UserError(f"{path}: no resumable state (last.pth) to continue" + hint)
+        hint = (f"it is a cross-validation: continue it with {command('cross_validate.py', '--resume', path.parent)}"
+                if (path.parent / CV_RECORD).is_file() else "start a new run without --resume")
+        raise UserError(f"{path}: no resumable state (last.pth) to continue; {hint}")
     try:
         state = load_checkpoint(path, resumable=True)
     except UserError as e:
@@ -1535,8 +1525,7 @@ CV_RECORD = "cross_validation.json"  # in the folder cross_validate.py creates: 
 
 
 def saved_config(config: dict, path: Path | str) -> Config:
-    """A run's saved settings as a checked Config: every learned field must be there (but those of
-    BEFORE_FIELD_EXISTED); the others (the machine, the outputs) get their defaults."""
+    """A run's saved settings as a checked Config; a learned field not in BEFORE_FIELD_EXISTED must be there."""
     if not isinstance(config, dict):
         raise UserError(f"{path}: its settings are not a table of fields")
     missing = [k for k in learned_fields() if k not in config and k not in BEFORE_FIELD_EXISTED]
@@ -1617,9 +1606,9 @@ def new_folder(given: str, parent: str, name: str, program: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in range(1, 1000):
         path = Path(parent) / f"{stamp}-{name}{f'-{n}' if n > 1 else ''}"
-        with contextlib.suppress(FileExistsError):
-            if not path.exists():
-                return create_folder(path, program, quiet=True)
+        with contextlib.suppress(FileExistsError):  # taken: the next name
+            return create_folder(path, program, quiet=True)
+
     raise UserError(f"{parent}: no free folder name for {stamp}-{name}; choose one with --out-dir or --out")
 
 
@@ -1723,8 +1712,7 @@ def save_figure(path, fig) -> None:
 
 
 def resolve_data_dir(cfg: Config, folder: Path) -> Path:
-    """The data folder, absolute: --demo's slices made in the run's folder, --data-dir, or the Kaggle
-    dataset, downloaded once (under a lock, so that runs started together fetch it once)."""
+    """The data folder, absolute: --demo's slices made in the run's folder, --data-dir, or Kaggle's, downloaded."""
     if cfg.demo:
         demo = folder / "demo-data"
         if not demo.is_dir():  # a resumed demo run has them already
@@ -1822,8 +1810,7 @@ def download_dataset(dest: Path) -> Path:
         roots = [p.parent for p in sorted((tmp / "kagglehub").rglob("images"))
                  if p.is_dir() and (p.parent / "masks").is_dir()]
         if not roots:
-            raise UserError(f"the download of {KAGGLE_DATASET} has no images/ and masks/ folders; download it "
-                            f"by hand and pass --data-dir")
+            raise UserError(f"the download has no images/ and masks/ folders; download it by hand, pass --data-dir")
         check_kaggle_download(roots[0])
         if not dest.exists():  # another machine that shares this folder may have been first
             os.replace(roots[0], dest)
@@ -1848,20 +1835,14 @@ def download_failure(e: BaseException) -> str:
     if isinstance(e, ImportError):
         return (f"the Python package {e.name or 'it needs'} is missing: install the project's requirements "
                 f"(pip install -r requirements.txt)")
-    network = (ConnectionError, TimeoutError)
-    with contextlib.suppress(ImportError):  # kagglehub speaks HTTP through requests
-        import requests
-        network += (requests.ConnectionError, requests.Timeout)
-    if isinstance(e, network):
+    import requests  # what kagglehub speaks HTTP through
+    if isinstance(e, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout)):
         return "no network: Kaggle could not be reached (name lookup or connection failed)"
     status = getattr(getattr(e, "response", None), "status_code", None)
     if status in (401, 403):
         return (f"refused by Kaggle (HTTP {status}): the dataset asks for an account or for consent; kagglehub "
                 f"reads Kaggle credentials (~/.kaggle/kaggle.json, or KAGGLE_USERNAME and KAGGLE_KEY)")
-    if status is not None:
-        return f"Kaggle answered HTTP {status}"
-    detail = first_line(e)
-    return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+    return f"Kaggle answered HTTP {status}" if status is not None else f"{type(e).__name__}: {first_line(e)}"
 
 
 # -----------------------------------------------------------------------------
@@ -1914,9 +1895,9 @@ def check_batch_fits(cfg: Config, n_train: int) -> None:
     if n_train < 1:
         raise UserError("no training image: add data")
     if min(cfg.batch_size, n_train) * (cfg.image_size // 16) ** 2 < 2:
-        raise UserError(f"--image-size {cfg.image_size} with batches of {min(cfg.batch_size, n_train)} image: the "
-                        f"bottleneck is 1x1 and batch norm needs 2 values; use --batch-size 2 or more (and at least 2 "
-                        f"training images), or --image-size 32")
+        raise UserError(f"--image-size {cfg.image_size} with batches of {min(cfg.batch_size, n_train)} image: batch "
+                        f"norm needs 2 values; use 2 training images and --batch-size 2 or more, or --image-size 32")
+
 
 
 def build_parser(kind, description: str, prog: str | None = None) -> argparse.ArgumentParser:

@@ -514,7 +514,7 @@ def test_bad_files_are_skipped_with_a_warning_naming_each_and_nothing_is_written
     lines = warnings_of(capsys.readouterr().err)
     for path, why in ((tiny_dataset / "images" / "x.png", "not a readable image"),
                       (tiny_dataset / "masks" / "zero.png", "not a readable image"),
-                      (tiny_dataset / "masks" / "wrongsize.png", "mask is 40x36 but its image is 48x48"),
+                      (tiny_dataset / "masks" / "wrongsize.png", "mask 40x36, image 48x48"),
                       (tiny_dataset / "images" / "huge.png", "the decoder refused it")):
         assert any(l.startswith(f"warning: {path}: {why}") and "skipped" in l for l in lines), (path, lines)
     assert lines[-1] == "warning: 4 of 16 pairs skipped (see the warnings above)"

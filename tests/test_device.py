@@ -372,7 +372,7 @@ def test_out_of_memory_in_a_resumed_run_says_its_batch_size_cannot_change(stoppe
 def test_out_of_memory_in_evaluation_names_the_eval_batch_size(data, tmp_path, monkeypatch, capsys):
     out_of_memory_at(monkeypatch, evaluating=True)
     rc, _, err = run_cli(capsys, "--data-dir", data, "--out-dir", tmp_path / "run", *TINY_ARGS)
-    one_error(rc, err, "ran out of memory evaluating 64 images at a time: try --eval-batch-size 32")
+    one_error(rc, err, "out of memory at --eval-batch-size 64: try 32")
     assert "--batch-size 4" not in err
 
 
