@@ -151,11 +151,9 @@ class Config:
         check_batch_fits(self, self.batch_size)
 
 
-# The default recipe, `improved`, is the dataclass above: edit a field there and runs use it. Leaving
-# out its loss, its optimizer and schedule, or its augmentation lowered validation Dice on two
-# patient splits, and the mirror average raised it on both (bench/RESULTS.md).
-# `--recipe seed` is the original script's recipe, kept to reproduce it: it sets these fields,
-# except those given on the command line.
+# The default recipe, `improved`, is the dataclass above. Leaving out its loss, its optimizer and schedule,
+# or its augmentation lowered validation Dice on two patient splits; the mirror average raised it on both
+# (bench/RESULTS.md). `--recipe seed` reproduces the original script: it sets these fields, but typed ones.
 SEED_RECIPE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", loss="dice",
                    augment=False, tune_threshold=False, tta=False)
 # --demo: a synthetic dataset small enough to train well in seconds on a CPU.
@@ -167,9 +165,8 @@ PATIENTS_CSV = Path(__file__).resolve().parent / "patients.csv"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 CHECKPOINT_FORMAT = "brain-tumor-segmentation-unet"
 CHECKPOINT_VERSION = 1
-# For checkpoints written before a field existed: the value that keeps their behaviour (not the
-# current default, which may differ). Any other field that decides what a run learned or predicts
-# must be in a checkpoint's config: one that lacks it is refused, naming the file.
+# For checkpoints written before a field existed: the value that keeps their behaviour (not the current
+# default). A checkpoint lacking any other field that decides what a run learned or predicts is refused.
 BEFORE_FIELD_EXISTED = {"tta": False, "split_seed": 42, "postprocess": False}
 
 
@@ -411,24 +408,20 @@ def find_groups(cfg: Config, names: list[str], images: torch.Tensor) -> tuple[li
     """The group (patient) and tumour type of each image, where they came from, and what a group is."""
     if cfg.split == "random":
         return list(names), [""] * len(names), "random split by image (--split random)", "images"
+    table = read_groups_csv(cfg.groups or PATIENTS_CSV) if cfg.groups or PATIENTS_CSV.is_file() else {}
+    missing = [n for n in names if n not in table]
+    if cfg.groups and missing:
+        raise UserError(f"{cfg.groups}: no patient for {len(missing)} images, for example {missing[0]!r}")
+    types = [table[n][1] for n in names] if not missing else []
     if cfg.groups:
-        table = read_groups_csv(cfg.groups)
-        missing = [n for n in names if n not in table]
-        if missing:
-            raise UserError(f"{cfg.groups}: no patient for {len(missing)} images, for example {missing[0]!r}")
-        return [table[n][0] for n in names], [table[n][1] for n in names], f"split by patient ({cfg.groups})", \
-            "patients"
-    table = read_groups_csv(PATIENTS_CSV) if PATIENTS_CSV.is_file() else {}
-    if table and all(n in table for n in names):
-        # Ids that differ only by a trailing letter (MR040240, MR040240B, ...) look like one patient scanned
-        # again (README, "Honest metrics"): one group, so that no re-scan crosses the split.
-        patients = [re.sub(r"(?<=\d)[A-Z]$", "", table[n][0]) for n in names]
-        if table_fits_images(images, names, patients):
-            return patients, [table[n][1] for n in names], "split by patient (patients.csv; re-scans kept " \
-                                                           "together)", "patients"
-    groups = group_by_similarity(images, names)
-    return groups, [""] * len(names), ("split by groups of similar neighbouring slices: APPROXIMATE, pass "
-                                       "--groups FILE.csv with the patient of each image for an exact one"), "groups"
+        return [table[n][0] for n in names], types, f"split by patient ({cfg.groups})", "patients"
+    # Ids that differ only by a trailing letter (MR040240, MR040240B, ...) look like one patient scanned
+    # again (README, "Honest metrics"): one group, so that no re-scan crosses the split.
+    patients = [re.sub(r"(?<=\d)[A-Z]$", "", table[n][0]) for n in names] if not missing else []
+    if patients and table_fits_images(images, names, patients):
+        return patients, types, "split by patient (patients.csv; re-scans kept together)", "patients"
+    return group_by_similarity(images, names), [""] * len(names), "split by groups of similar neighbouring slices: " \
+        "APPROXIMATE, pass --groups FILE.csv with the patient of each image for an exact one", "groups"
 
 
 def read_groups_csv(path: Path | str) -> dict[str, tuple[str, str]]:
@@ -944,10 +937,9 @@ class Writer(ThreadPoolExecutor):
 # Evaluation: the metrics, the threshold, the test
 
 
-# The overlap metrics, as (numerator, denominator) of an image's true positive, false positive and
-# false negative pixel counts. Each is scored per image in the test (metrics.json, the per-image CSV,
-# the by-type table) and in predict --masks; those in EPOCH_METRICS also after every epoch on
-# validation (the log, the history, the curves). Adding a metric is one entry here.
+# The overlap metrics, as (numerator, denominator) of an image's true positive, false positive and false
+# negative pixel counts, scored per image in the test and in predict --masks, and those in EPOCH_METRICS
+# after every epoch on validation. Adding a metric is one entry here.
 METRICS = {
     "dice": lambda tp, fp, fn: (2 * tp, 2 * tp + fp + fn),
     "iou": lambda tp, fp, fn: (tp, tp + fp + fn),
@@ -1079,6 +1071,7 @@ def choose_on_validation(model, machine: Machine, images, masks, val_idx, cfg: C
     chosen, best = [], mean_dice(postprocess(probs, threshold, []), targets)
     for step in POSTPROCESSING:
         dice = mean_dice(postprocess(probs, threshold, [*chosen, step]), targets)
+
         log(f"post-processing on validation: {step} {'kept' if dice > best else 'left out'} (Dice {best:.4f} with "
             f"the steps before it, {dice:.4f} with it)")
         if dice > best:
@@ -1104,23 +1097,25 @@ def never_empty(mask: np.ndarray, prob: np.ndarray) -> np.ndarray:
     return labels == labels.flat[int(np.argmax(prob))]
 
 
-# The post-processing steps (nnU-Net's way): after the threshold is chosen, each is tried on the validation
-# images in this order and kept only if it raises their mean Dice; model.pth keeps the choice, which the test
-# and predict.py apply. Adding a step is one entry: name -> function(mask, probabilities) -> mask.
+# Post-processing, nnU-Net's way: each step is tried on validation in this order and kept if it raises the
+# mean Dice; model.pth keeps the choice for the test and predict.py. A step: name -> f(mask, probabilities).
+
 POSTPROCESSING = {"largest_component": largest_component, "fill_holes": fill_holes, "never_empty": never_empty}
 
 
+def mean_dice(pred: np.ndarray, target: np.ndarray) -> float:
+    counts = confusion_counts(torch.from_numpy(pred), torch.from_numpy(target))
+    return float(scores_from_counts(counts)["dice"].mean())
+
+
 def postprocess(probs: np.ndarray, threshold: float, steps: list[str]) -> np.ndarray:
+
     """Boolean masks (N,H,W) of probabilities (N,H,W): the threshold, then each step in turn."""
     masks = probs > threshold
     for step in steps:
         masks = np.stack([POSTPROCESSING[step](m, p) for m, p in zip(masks, probs)])
     return masks
 
-
-def mean_dice(pred: np.ndarray, target: np.ndarray) -> float:
-    counts = confusion_counts(torch.from_numpy(pred), torch.from_numpy(target))
-    return float(scores_from_counts(counts)["dice"].mean())
 
 
 def evaluate_test(model, run: Run, threshold: float, steps: list[str]) -> dict:
@@ -1322,8 +1317,7 @@ class Machine:
 LOG_FILES: list = []  # the run's open train.log: log() and warn() write there too
 
 
-def log(*args, console: bool = True) -> None:
-    text = " ".join(str(a) for a in args)
+def log(text: str, console: bool = True) -> None:
     if console:
         tqdm.write(text, file=sys.stdout)  # above a progress bar, never on its line
         sys.stdout.flush()
@@ -1735,9 +1729,10 @@ def make_synthetic_dataset(folder: Path | str, n: int, size: int = 128, seed: in
     """n MRI-like slices and masks: skull, brain, ventricles, noise, varied tumours (15% have none)."""
     folder = Path(folder)
     rng = np.random.default_rng(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    for part in ("images", "masks"):
+        (folder / part).mkdir(parents=True, exist_ok=True)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+
 
     def ellipse(cx, cy, ax, ay, angle):
         c, s = math.cos(angle), math.sin(angle)
@@ -1752,8 +1747,7 @@ def make_synthetic_dataset(folder: Path | str, n: int, size: int = 128, seed: in
         head = ellipse(0.5 + rng.normal(0, 0.02), 0.5 + rng.normal(0, 0.02), rng.uniform(0.36, 0.44),
                        rng.uniform(0.41, 0.47), rng.uniform(-0.3, 0.3))
         brain = head < 0.78
-        image = np.where(head < 1.0, 0.8, 0.0).astype(np.float32)  # skull and scalp
-        image[brain] = 0.0
+        image = np.where(head < 1.0, 0.8, 0.0).astype(np.float32) * ~brain  # skull and scalp
         image += brain * (0.38 + smooth_noise(size / 20, 0.06))
         ventricles = ellipse(0.5, 0.5 + rng.normal(0, 0.02), rng.uniform(0.03, 0.07), rng.uniform(0.08, 0.14),
                              rng.uniform(-0.2, 0.2)) < 1
@@ -1767,9 +1761,8 @@ def make_synthetic_dataset(folder: Path | str, n: int, size: int = 128, seed: in
                            rng.uniform(0, math.pi)) + smooth_noise(size / 25, 0.25)
             mask = (blob < 1) & brain
             contrast = rng.uniform(0.18, 0.5)
-            ring = rng.random() < 0.3  # ring-enhancing tumours have a darker core
             image[mask] = 0.38 + contrast
-            if ring:
+            if rng.random() < 0.3:  # ring-enhancing tumours have a darker core
                 image[mask & (blob < 0.45)] = 0.38 + contrast * 0.3
             image += mask * smooth_noise(size / 40, 0.04)
         image = cv2.GaussianBlur(image, (0, 0), 0.8) + rng.normal(0, 0.03, (size, size)).astype(np.float32)
@@ -1920,8 +1913,7 @@ def build_parser(kind, description: str, prog: str | None = None) -> argparse.Ar
     return parser
 
 
-def config_from_args(argv: list[str], description: str = "Train a U-Net to segment brain tumours in MRI slices "
-                     "(predict.py segments new scans with a trained model; compare.py compares runs).") \
+def config_from_args(argv: list[str], description: str = "Train a U-Net to segment brain tumours in MRI slices.") \
         -> tuple[Config, frozenset]:
     """The defaults, then the --demo and --recipe seed presets, then what was typed; and the typed fields."""
     typed = vars(build_parser(Config, description).parse_args(argv))
@@ -1969,9 +1961,8 @@ def write_failure(e: OSError, program: str) -> str:
     where = e.filename or "an output file"
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         way = " (a run that saved last.pth continues with --resume)" if resumes(program) else ""
-        cause = "the disk is full" if e.errno != errno.EFBIG else "the file is larger than this system allows"
-        return (f"{cause} (writing {where}). Files are written whole or not at all, so the earlier versions are "
-                f"intact; free some space and run again{way}")
+        return (f"{'the file is larger than this system allows' if e.errno == errno.EFBIG else 'the disk is full'} "
+                f"(writing {where}); files are written whole, so none is half-written: free space, run again{way}")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"no permission to write {where}; choose another output folder"
     if e.errno == errno.ENOTDIR:
@@ -2020,11 +2011,11 @@ def run_tool(kind, entry, description: str, prog: str, argv: list[str] | None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     state = {}
 
     def entry():
-        cfg, typed = config_from_args(argv)
+        cfg, typed = config_from_args(sys.argv[1:] if argv is None else argv)
+
         state["cfg"] = cfg
         if cfg.resume and {"folds", "fold"} & typed:
             raise UserError("--folds and --fold choose a new run's split: a resumed run keeps its own (a cross-"

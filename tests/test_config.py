@@ -248,7 +248,7 @@ def test_config_json_holds_absolute_paths(preset_run):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--split", "random", "--groups", "groups.csv"], "--split random would ignore it"),
+    (["--split", "random", "--groups", "groups.csv"], "which --split random would ignore"),
     (["--groups", "groups.csv", "--split", "random"], "drop one of them"),
     (["--folds", "3", "--test-fraction", "0.2"], "--val-fraction and --test-fraction size the single split"),
     (["--folds", "3", "--val-fraction", "0.3"], "with --folds K, test and validation are a K-th"),
