@@ -878,6 +878,7 @@ def interrupted(run: Run, e: KeyboardInterrupt) -> Interrupted:
     code, where = 143 if isinstance(e, Terminated) else 130, f"stopped in epoch {run.epoch + 1}"
     if run.epoch == run.cfg.epochs:
         where = "stopped after training, before the test was written"
+
     if not (run.out / "last.pth").is_file():
         return Interrupted(f"{where}, before the first checkpoint: nothing was kept; start the run again", code, where)
     again = command(Path(__file__).name, "--resume", run.out.resolve(),
@@ -1351,20 +1352,15 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
     if device.type == "cuda":
         device = torch.device("cuda", device.index or 0)
-        check_gpu_supported(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
-                            torch.cuda.get_arch_list())
+        # A GPU older than every compute capability this build has code for fails at its first kernel: say it now.
+        built = [int(m.group(1)) for m in (re.match(r"sm_(\d+)", a) for a in torch.cuda.get_arch_list()) if m]
+        major, minor = torch.cuda.get_device_capability(device)
+        if built and major * 10 + minor < min(built):
+            raise UserError(f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) is older than "
+                            f"every GPU this PyTorch {torch.__version__} build supports (from {min(built) / 10:.1f}): "
+                            f"install a PyTorch build for it (README, 'Which GPUs'), or use --device cpu")
         torch.cuda.set_device(device)  # libraries that say just "cuda" mean this one
     return device
-
-
-def check_gpu_supported(name: str, capability: tuple[int, int], arch_list: list[str]) -> None:
-    """A GPU older than every compute capability of this PyTorch build would fail at its first kernel."""
-    built = [int(m.group(1)) for m in (re.match(r"sm_(\d+)", a) for a in arch_list) if m]  # sm_90a too
-    if built and capability[0] * 10 + capability[1] < min(built):
-        lowest = min(built)
-        raise UserError(f"{name} (compute capability {capability[0]}.{capability[1]}) is older than every GPU this "
-                        f"PyTorch {torch.__version__} build supports (from {lowest // 10}.{lowest % 10}): install a "
-                        f"PyTorch build for it (README, 'Which GPUs'), or use --device cpu")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -1493,9 +1489,9 @@ def load_checkpoint(path: Path | str, resumable: bool = False) -> dict:
     try:
         saved_config(state["config"], path)
         values = {"threshold not between 0 and 1": not 0 <= state["threshold"] <= 1,
-                  "epoch below 0": state["epoch"] < 0,
                   "saved within an epoch by an earlier version of this script": resumable and state.get("step", 0),
-                  "best epoch unknown": not 0 <= state["best"]["epoch"] <= state["epoch"] + 1,
+                  "best epoch unknown": not 0 <= state["best"]["epoch"] <= state["epoch"] + 1,  # or epoch < 0
+
                   "split parts missing": not all(isinstance(state["split"][p], list) for p in ("train", "val", "test"))
                   or resumable and not {"how", "unit", "groups", "files"} <= set(state["split"]),
                   "history not a table of lists": not all(isinstance(v, list) for v in state["history"].values()),
