@@ -208,8 +208,7 @@ def train(cfg: Config, typed: frozenset = frozenset(), made: bool = False) -> di
 
 
 def load_dataset(data_dir: Path | str, size: int, limit: int = 0, workers: int = 0) -> dict:
-    """Every readable pair decoded once: names, images and masks as uint8 (N,1,S,S) tensors, and each pair's
-    hash of its files' bytes (the same at every size). A pair that cannot be used is skipped with a warning."""
+    """Every readable pair decoded once: names, uint8 (N,1,S,S) images and masks, each pair's bytes' hash."""
     pairs = find_pairs(data_dir)[:limit or None]
 
     def load(pair):  # -> (name, (image, mask, hash) or None, a warning or '')
@@ -374,8 +373,7 @@ def preprocess_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 def make_split(cfg: Config, data: dict) -> dict:
-    """Train/val/test by patient, each tumour type spread evenly (--folds K: fold --fold tests, the next one
-    validates), from the data, groups and split_seed alone: runs of other seeds test on the same images."""
+    """Train/val/test by patient, tumour types spread evenly, from data, groups and split_seed alone."""
     names = data["names"]
     groups, strata, source, unit = find_groups(cfg, names, data["images"])
     if cfg.folds:
@@ -587,13 +585,8 @@ class UNet(nn.Module):
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True))
-
-
-NO_BEST = {"epoch": 0, "val_dice": -1.0}  # before the first epoch: any validation Dice is better
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(True))
 
 
 @dataclass
@@ -613,7 +606,7 @@ class Run:
     scaler: torch.amp.GradScaler
     writer: Writer
     history: dict = field(default_factory=dict)  # a list per key of end_epoch's record
-    best: dict = field(default_factory=lambda: dict(NO_BEST))
+    best: dict = field(default_factory=lambda: {"epoch": 0, "val_dice": -1.0})  # any validation Dice is better
     epoch: int = 0  # epochs finished: where a resumed run continues
     losses: torch.Tensor | None = None  # this epoch's per-step training losses (summed whole, in one order)
     compile_seconds: float = 0.0
@@ -717,7 +710,9 @@ def compute_loss(logits, target, cfg: Config) -> torch.Tensor:
 def train_epoch(run: Run) -> None:
     """The steps of epoch `run.epoch`; only the loss check waits for the device."""
     cfg, m = run.cfg, run.machine
-    order = epoch_order(run)
+    order = batch_order(len(run.idx["train"]), cfg.batch_size, cfg.seed, run.epoch)
+    pinned = order.pin_memory() if m.device.type == "cuda" else order  # from pageable memory the host would wait
+    order = run.idx["train"][pinned.to(m.device, non_blocking=True)]  # one copy per epoch: no step waits for one
     run.losses = losses = torch.zeros(len(order), device=m.device)
     bar = tqdm(total=order.numel(), desc=f"epoch {run.epoch + 1}/{cfg.epochs}", unit="img", dynamic_ncols=True,
                leave=False, mininterval=1)
@@ -749,15 +744,6 @@ def train_epoch(run: Run) -> None:
         run.scaler.update()
         bar.update(len(batch))
     bar.close()
-
-
-def epoch_order(run: Run) -> torch.Tensor:
-    """The epoch's (steps, batch) positions, copied to the device once so that no step waits for a copy."""
-    cfg, m = run.cfg, run.machine
-    order = batch_order(len(run.idx["train"]), cfg.batch_size, cfg.seed, run.epoch)
-    if m.device.type == "cuda":  # a copy from pageable memory would make the host wait for the GPU
-        order = order.pin_memory()
-    return run.idx["train"][order.to(m.device, non_blocking=True)]
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> torch.Tensor:
@@ -1202,19 +1188,17 @@ def bootstrap_interval(values: np.ndarray, groups: list[str], n: int = 2000, see
 # Plots
 
 
-def save_panel(path: Path, pictures: tuple, title: str, labels: list[str] | None = None) -> None:
+def save_panel(path: Path, pictures: tuple, title: str) -> None:
     """Original | Ground truth | Prediction rows, drawn with OpenCV in milliseconds (an epoch's plot)."""
     scale = max(1, 256 // pictures[0].shape[-1])
     rows = []
-    for i, (img, gt, pred) in enumerate(zip(*pictures)):
+    for img, gt, pred in zip(*pictures):
         tiles = [cv2.resize(t.astype(np.uint8), None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
                  for t in (img, gt * 255, pred * 255)]
-        if labels:
-            cv2.putText(tiles[0], ascii_text(labels[i]), (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 255, 1, cv2.LINE_AA)
         gap = np.full((tiles[0].shape[0], 4), 96, np.uint8)  # gray lines keep the black tiles apart
-        rows += [np.hstack([tiles[0], gap, tiles[1], gap, tiles[2]]), np.full((4, 3 * tiles[0].shape[1] + 8), 96,
-                                                                              np.uint8)]
-    picture = np.vstack(rows[:-1])
+        rows.append(cv2.copyMakeBorder(np.hstack([tiles[0], gap, tiles[1], gap, tiles[2]]), 0, 4, 0, 0,
+                                       cv2.BORDER_CONSTANT, value=96))
+    picture = np.vstack(rows)[:-4]
     header = np.zeros((28, picture.shape[1]), np.uint8)
     cv2.putText(header, ascii_text(title) + "   (original | ground truth | prediction)", (6, 19),
                 cv2.FONT_HERSHEY_SIMPLEX, 0.5, 255, 1, cv2.LINE_AA)
@@ -1451,13 +1435,13 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
 
 def resumed_settings(saved: Config, cfg: Config, typed: frozenset) -> Config:
     """A resumed run's settings: its saved ones, the typed resumable ones, this command's; others refused."""
-    fixed = [k for k in sorted(typed) if not field_rule(k, "resumable") and getattr(cfg, k) != getattr(saved, k)]
+    free = [f.name for f in dataclasses.fields(Config) if f.metadata.get("resumable")]
+    fixed = [k for k in sorted(typed) if k not in free and getattr(cfg, k) != getattr(saved, k)]
     if fixed:
-        free = [option(f.name) for f in dataclasses.fields(Config) if f.metadata.get("resumable")]
         raise UserError(f"{', '.join(option(k) for k in fixed)}: a resumed run keeps the settings it was trained with "
-                        f"(only {', '.join(free)} can change); start a new run to change them")
+                        f"(only {', '.join(map(option, free))} can change); start a new run to change them")
     now = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config) if f.metadata.get("now")}
-    return dataclasses.replace(saved, **{**{k: getattr(cfg, k) for k in typed if field_rule(k, "resumable")}, **now})
+    return dataclasses.replace(saved, **{**{k: getattr(cfg, k) for k in typed if k in free}, **now})
 
 
 def is_finished(folder: Path) -> bool:
@@ -1542,8 +1526,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 @contextlib.contextmanager
 def run_folder(cfg: Config, resume: dict | None, made: bool = False):
-    """The run's folder (new, a fold's, or a resumed run's own), locked, the console copied to train.log; a
-    new run that stops before its first checkpoint removes what it wrote there and the folder."""
+    """The run's folder, locked, the console copied to its train.log; removed if new and stopped early."""
+
     folder = Path(cfg.out_dir) if resume or made else new_folder(cfg.out_dir, "outputs", run_name(cfg), "training")
     lock = FileLock(folder / ".lock")
     try:
@@ -1698,7 +1682,8 @@ def save_figure(path, fig) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Data: the folder, downloaded or generated once
+# Data: the Kaggle download, or the demo's synthetic slices
+
 
 
 def resolve_data_dir(cfg: Config, folder: Path) -> Path:
@@ -1773,11 +1758,10 @@ def check_kaggle_download(root: Path) -> None:
     expected = {str(i) for i in range(1, KAGGLE_PAIRS + 1)}
     images, masks = set(list_images(root / "images")), set(list_images(root / "masks"))
     if images != expected or masks != expected:
-        missing = len(expected - (images & masks))
+        missing, extra = len(expected - (images & masks)), len((images | masks) - expected)
         raise UserError(f"{root}: {len(images)} images and {len(masks)} masks, but {KAGGLE_DATASET} has "
-                        f"{KAGGLE_PAIRS} pairs named 1..{KAGGLE_PAIRS} ({missing} missing, "
-                        f"{len((images | masks) - expected)} unexpected): a partial or changed download, "
-                        f"not trained on. Delete {root} and run again to download it anew, or pass --data-dir")
+                        f"{KAGGLE_PAIRS} pairs 1..{KAGGLE_PAIRS} ({missing} missing, {extra} unexpected): a partial "
+                        f"or changed download, not trained on. Delete {root} to download it anew, or pass --data-dir")
 
 
 def download_dataset(dest: Path) -> Path:
@@ -1840,10 +1824,6 @@ def download_failure(e: BaseException) -> str:
 
 def option(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-def field_rule(name: str, rule: str):
-    return Config.__dataclass_fields__[name].metadata.get(rule)
 
 
 def check_fields(obj) -> None:
@@ -1909,8 +1889,8 @@ def build_parser(kind, description: str, prog: str | None = None) -> argparse.Ar
     return parser
 
 
-def config_from_args(argv: list[str], description: str = "Train a U-Net to segment brain tumours in MRI slices.") \
-        -> tuple[Config, frozenset]:
+def config_from_args(argv: list[str], description: str = "Train a U-Net on brain MRI.") -> tuple[Config, frozenset]:
+
     """The defaults, then the --demo and --recipe seed presets, then what was typed; and the typed fields."""
     typed = vars(build_parser(Config, description).parse_args(argv))
     for name, preset in (("DEMO_DEFAULTS", DEMO_DEFAULTS), ("SEED_RECIPE", SEED_RECIPE)):
