@@ -116,18 +116,15 @@ class Config:
     postprocess: bool = setting(True, "keep each step of POSTPROCESSING that raises the validation Dice")
     # machine: how fast, not what is learned
     device: str = setting("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N", **THIS_COMMAND)
-    amp: Literal["auto", "bf16", "fp16", "off"] = setting(
-        "auto", "mixed precision; auto: bf16 where native (else fp16 on GPUs, float32 on CPUs)", **HOW_IT_RUNS)
+    amp: Literal["auto", "bf16", "fp16", "off"] = setting("auto", "mixed precision; auto: native bf16", **HOW_IT_RUNS)
     channels_last: bool = setting(True, "channels-last memory format on CUDA and on AVX-512 CPUs", **HOW_IT_RUNS)
-    compile: Literal["auto", "on", "off"] = setting(
-        "auto", "torch.compile; auto: on CUDA GPUs (on a CPU: --compile on)", **HOW_IT_RUNS)
+    compile: Literal["auto", "on", "off"] = setting("auto", "torch.compile; auto: on CUDA GPUs", **HOW_IT_RUNS)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = setting(
         "default", "reduce-overhead: CUDA graphs; max-autotune: also autotuned kernels", **HOW_IT_RUNS)
     deterministic: bool = setting(False, "repeatable CUDA runs: deterministic kernels, no autotuning", learns=False)
     nan_check_every: int = setting(20, "on GPUs, check the loss every N steps (a wait)", low=1, learns=False)
     eval_batch_size: int = setting(64, "images per step in validation, test and prediction", low=1, **HOW_IT_RUNS)
     workers: int = setting(0, "threads that decode the images (0: one per core, at most 8)", low=0, **HOW_IT_RUNS)
-
     # outputs and run control
     panel_images: int = setting(4, "validation images in each epoch's prediction panel", low=0, **HOW_IT_RUNS)
     test_samples: int = setting(10, "random test images in the final panel", low=0, **HOW_IT_RUNS)
@@ -145,7 +142,6 @@ class Config:
             raise UserError(f"--fold {self.fold}: must be 0 (all folds) or from 1 to --folds, with --folds")
         if self.groups and self.split == "random":
             raise UserError("--groups names patients, which --split random would ignore: drop one of them")
-
         if self.threshold_min > self.threshold_max:
             raise UserError("--threshold-min must not be above --threshold-max")
         check_batch_fits(self, self.batch_size)
@@ -273,7 +269,6 @@ def list_images(folder: Path) -> dict[str, Path]:
         raise UserError(f"{folder}: folder not found") from None
     except OSError as e:
         raise UserError(f"{folder}: cannot read this folder ({e.strerror or type(e).__name__})") from None
-
     files = {}
     for path in entries:
         if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
@@ -535,7 +530,6 @@ def split_indices(split: dict, data: dict) -> dict[str, torch.Tensor]:
     if changed:
         raise UserError(f"the data changed since this run's split was made: {len(changed)} of its images are missing "
                         f"or have other contents (for example {changed[0]!r}); use the same data, or start a new run")
-
     return {part: torch.tensor([position[n] for n in split[part]], dtype=torch.long)
             for part in ("train", "val", "test")}
 
@@ -674,7 +668,6 @@ def compiled_if_it_works(model: nn.Module, cfg: Config, machine: Machine, x: tor
     model.zero_grad(set_to_none=True)
     log(f"torch.compile ({cfg.compile_mode}): " + ("compiled and warmed up" if compiled is not model else "not used"))
     return compiled
-
 
 
 # -----------------------------------------------------------------------------
@@ -864,7 +857,6 @@ def interrupted(run: Run, e: KeyboardInterrupt) -> Interrupted:
     code, where = 143 if isinstance(e, Terminated) else 130, f"stopped in epoch {run.epoch + 1}"
     if run.epoch == run.cfg.epochs:
         where = "stopped after training, before the test was written"
-
     if not (run.out / "last.pth").is_file():
         return Interrupted(f"{where}, before the first checkpoint: nothing was kept; start the run again", code, where)
     again = command(Path(__file__).name, "--resume", run.out.resolve(),
@@ -1058,7 +1050,6 @@ def choose_on_validation(model, machine: Machine, images, masks, val_idx, cfg: C
     chosen, best = [], mean_dice(postprocess(probs, threshold, []), targets)
     for step in POSTPROCESSING:
         dice = mean_dice(postprocess(probs, threshold, [*chosen, step]), targets)
-
         log(f"post-processing on validation: {step} {'kept' if dice > best else 'left out'} (Dice {best:.4f} with "
             f"the steps before it, {dice:.4f} with it)")
         if dice > best:
@@ -1096,13 +1087,11 @@ def mean_dice(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 def postprocess(probs: np.ndarray, threshold: float, steps: list[str]) -> np.ndarray:
-
     """Boolean masks (N,H,W) of probabilities (N,H,W): the threshold, then each step in turn."""
     masks = probs > threshold
     for step in steps:
         masks = np.stack([POSTPROCESSING[step](m, p) for m, p in zip(masks, probs)])
     return masks
-
 
 
 def evaluate_test(model, run: Run, threshold: float, steps: list[str]) -> dict:
@@ -1151,7 +1140,6 @@ def summarize(scores: dict[str, np.ndarray], counts: np.ndarray) -> dict:
 
 def hd95(pred: np.ndarray, target: np.ndarray) -> float:
     """HD95 in pixels as MONAI: the larger directed 95th percentile; NaN if both are empty, inf if one is."""
-
     pred, target = pred.astype(bool), target.astype(bool)
     if not pred.any() and not target.any():
         return float("nan")
@@ -1207,7 +1195,6 @@ def save_panel(path: Path, pictures: tuple, title: str) -> None:
 
 def save_contours(path: Path, pictures: tuple, title: str, names: list[str], dice: np.ndarray, columns: int = 5):
     """Scans with the truth outlined in green and the prediction in red, under Dice and name, at >= 256 px."""
-
     tiles = []
     for img, truth, pred, name, d in zip(*pictures, names, dice):
         scale = max(1, -(-256 // img.shape[-1]))
@@ -1399,8 +1386,7 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
     """With --resume: the checkpoint and its settings, the typed resumable ones replaced; else (cfg, None)."""
     if not cfg.resume:
         return cfg, None
-    path = Path(cfg.resume)
-    path = path if path.suffix == ".pth" else path / "last.pth"
+    path = Path(cfg.resume) if cfg.resume.endswith(".pth") else Path(cfg.resume) / "last.pth"
     if "out_dir" in typed and Path(cfg.out_dir).resolve() != path.parent.resolve():
         raise UserError(f"--out-dir {cfg.out_dir} and --resume {cfg.resume} name two folders: a resumed run continues "
                         f"in its own folder, {path.parent}. Leave out --out-dir, or start a new run there")
@@ -1475,7 +1461,6 @@ def load_checkpoint(path: Path | str, resumable: bool = False) -> dict:
         values = {"threshold not between 0 and 1": not 0 <= state["threshold"] <= 1,
                   "saved within an epoch by an earlier version of this script": resumable and state.get("step", 0),
                   "best epoch unknown": not 0 <= state["best"]["epoch"] <= state["epoch"] + 1,  # or epoch < 0
-
                   "split parts missing": not all(isinstance(state["split"][p], list) for p in ("train", "val", "test"))
                   or resumable and not {"how", "unit", "groups", "files"} <= set(state["split"]),
                   "history not a table of lists": not all(isinstance(v, list) for v in state["history"].values()),
@@ -1527,7 +1512,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
 @contextlib.contextmanager
 def run_folder(cfg: Config, resume: dict | None, made: bool = False):
     """The run's folder, locked, the console copied to its train.log; removed if new and stopped early."""
-
     folder = Path(cfg.out_dir) if resume or made else new_folder(cfg.out_dir, "outputs", run_name(cfg), "training")
     lock = FileLock(folder / ".lock")
     try:
@@ -1582,7 +1566,6 @@ def new_folder(given: str, parent: str, name: str, program: str) -> Path:
         path = Path(parent) / f"{stamp}-{name}{f'-{n}' if n > 1 else ''}"
         with contextlib.suppress(FileExistsError):  # taken: the next name
             return create_folder(path, program, quiet=True)
-
     raise UserError(f"{parent}: no free folder name for {stamp}-{name}; choose one with --out-dir or --out")
 
 
@@ -1599,9 +1582,8 @@ def create_folder(path: Path, program: str, quiet: bool = False) -> Path:
         if quiet:
             raise
         way = f"; to continue that run, pass --resume {path}" if resumes(program) else ""
-        raise UserError(f"{path} exists already: {program} writes only into a folder it creates, so it never changes "
-                        f"what is there. Name a new folder, or leave the option out for a new time-stamped one{way}") \
-            from None
+        raise UserError(f"{path} exists already: {program} writes only into a folder it creates; name a new one, or "
+                        f"leave the option out for a new time-stamped one{way}") from None
     MADE_PARENTS[path] = made
     return path
 
@@ -1685,7 +1667,6 @@ def save_figure(path, fig) -> None:
 # Data: the Kaggle download, or the demo's synthetic slices
 
 
-
 def resolve_data_dir(cfg: Config, folder: Path) -> Path:
     """The data folder, absolute: --demo's slices made in the run's folder, --data-dir, or Kaggle's, downloaded."""
     if cfg.demo:
@@ -1700,10 +1681,10 @@ def resolve_data_dir(cfg: Config, folder: Path) -> Path:
     # The lock lives in the temporary folder, so that the data folder's parent holds nothing else.
     key = hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:16]
     with FileLock(Path(tempfile.gettempdir()) / f"brain-tumor-segmentation-{key}.lock"):
-        if folder.is_dir():  # downloaded by an earlier run: checked, never fetched again
-            check_kaggle_download(folder)
-            return folder.resolve()
-        return download_dataset(folder).resolve()
+        if not folder.is_dir():  # else downloaded by an earlier run: checked, never fetched again
+            download_dataset(folder)
+        check_kaggle_download(folder)
+        return folder.resolve()
 
 
 def make_synthetic_dataset(folder: Path | str, n: int, size: int = 128, seed: int = 0) -> Path:
@@ -1713,7 +1694,6 @@ def make_synthetic_dataset(folder: Path | str, n: int, size: int = 128, seed: in
     for part in ("images", "masks"):
         (folder / part).mkdir(parents=True, exist_ok=True)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-
 
     def ellipse(cx, cy, ax, ay, angle):
         c, s = math.cos(angle), math.sin(angle)
@@ -1764,7 +1744,7 @@ def check_kaggle_download(root: Path) -> None:
                         f"or changed download, not trained on. Delete {root} to download it anew, or pass --data-dir")
 
 
-def download_dataset(dest: Path) -> Path:
+def download_dataset(dest: Path) -> None:
     """The Kaggle dataset, downloaded into a temporary folder beside `dest`, checked, then moved into place."""
     made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -1787,9 +1767,7 @@ def download_dataset(dest: Path) -> Path:
         check_kaggle_download(roots[0])
         if not dest.exists():  # another machine that shares this folder may have been first
             os.replace(roots[0], dest)
-        check_kaggle_download(dest)
         log(f"dataset ready in {dest}")
-        return dest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in made:  # a failed download leaves no trace, not even the folder
@@ -1868,7 +1846,6 @@ def check_batch_fits(cfg: Config, n_train: int) -> None:
                         f"norm needs 2 values; use 2 training images and --batch-size 2 or more, or --image-size 32")
 
 
-
 def build_parser(kind, description: str, prog: str | None = None) -> argparse.ArgumentParser:
     """One option per field, nothing filled in: what was parsed is what was typed."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -1890,7 +1867,6 @@ def build_parser(kind, description: str, prog: str | None = None) -> argparse.Ar
 
 
 def config_from_args(argv: list[str], description: str = "Train a U-Net on brain MRI.") -> tuple[Config, frozenset]:
-
     """The defaults, then the --demo and --recipe seed presets, then what was typed; and the typed fields."""
     typed = vars(build_parser(Config, description).parse_args(argv))
     for name, preset in (("DEMO_DEFAULTS", DEMO_DEFAULTS), ("SEED_RECIPE", SEED_RECIPE)):
@@ -1991,7 +1967,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def entry():
         cfg, typed = config_from_args(sys.argv[1:] if argv is None else argv)
-
         state["cfg"] = cfg
         if cfg.resume and {"folds", "fold"} & typed:
             raise UserError("--folds and --fold choose a new run's split: a resumed run keeps its own (a cross-"

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import brain_tumor_segmentation as bts  # noqa: E402
 from brain_tumor_segmentation import UserError, setting  # noqa: E402
 
+
 @dataclass
 class CompareConfig:
     runs: list[str] = setting([], "output folders of finished runs or cross-validations (a quoted glob works)",
