@@ -19,7 +19,7 @@ and export.py use a finished run, cross_validate.py runs train() once per fold; 
 Measured (bench/RESULTS.md): the default run (256x256, 20 epochs, compiled, bf16) takes 59 s start to
 finish on one H200, test Dice 0.712 (95% CI 0.637-0.858, 16 patients; the seed recipe 0.576), and about
 3 hours on 2 cores of an AMD EPYC with AVX-512 BF16; there `make demo` (synthetic, 48x48, 12 epochs)
-took 32.2 s start to finish (best of two, 2026-12-04), test Dice 0.973.
+took 24.4 s start to finish (best of two, 2026-12-05), test Dice 0.973.
 """
 from __future__ import annotations
 
