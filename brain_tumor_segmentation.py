@@ -116,7 +116,8 @@ class Config:
     postprocess: bool = setting(True, "keep each step of POSTPROCESSING that raises the validation Dice")
     # machine: how fast, not what is learned
     device: str = setting("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N", **THIS_COMMAND)
-    amp: Literal["auto", "bf16", "fp16", "off"] = setting("auto", "mixed precision; auto: native bf16", **HOW_IT_RUNS)
+    amp: Literal["auto", "bf16", "fp16", "off"] = setting(
+        "auto", "mixed precision; auto: bf16 where native, fp16 on older GPUs, else float32", **HOW_IT_RUNS)
     channels_last: bool = setting(True, "channels-last memory format on CUDA and on AVX-512 CPUs", **HOW_IT_RUNS)
     compile: Literal["auto", "on", "off"] = setting("auto", "torch.compile; auto: on CUDA GPUs", **HOW_IT_RUNS)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = setting(
@@ -175,8 +176,7 @@ class UserError(Exception):
 
 
 def train(cfg: Config, typed: frozenset = frozenset(), made: bool = False) -> dict:
-    """One training run, each step a function below; returns the test metrics. `typed`: the fields given on
-    the command line (a resumed run keeps its others); `made`: OUT_DIR was just made (a cross-validation's)."""
+    """One run, step by step; returns the test metrics. `typed`: the fields typed; `made`: OUT_DIR is new (a fold)."""
     t_start = time.time()
     RUN_WARNINGS.clear()
     cfg, resume = resumed_state(cfg, typed)                      # --resume: the checkpoint and its settings
@@ -1018,8 +1018,7 @@ def finish_run(run: Run, t_start: float) -> dict:
     interval = f"95% CI {t['dice_ci95'][0]:.4f}-{t['dice_ci95'][1]:.4f}" if t["dice_ci95"] else "no interval"
     log(f"test ({t['images']} images, {t['patients']} {unit}): Dice {t['dice']:.4f} [{interval}], "
         + ", ".join(f"{name} {t[name]:.4f}" for name in METRICS if name != "dice")
-        + (f", HD95 {t['hd95']:.1f} px" if t["hd95"] is not None else ", HD95 undefined (no image where both masks "
-                                                                       "have tumour)"))
+        + (f", HD95 {t['hd95']:.1f} px" if t["hd95"] is not None else ", HD95 undefined (no tumour in both masks)"))
     predict = command("predict.py", "--model", out.resolve())
     log(f"done in {time.time() - t_start:.1f} s; segment new scans with:\n  {predict} SCAN.png ...\nrun folder: {out}")
     return metrics
@@ -1108,8 +1107,7 @@ def evaluate_test(model, run: Run, threshold: float, steps: list[str]) -> dict:
     summary = {**summarize(scores, counts), "patients": len(set(groups)),
                "dice_ci95": bootstrap_interval(scores["dice"], groups, seed=cfg.split_seed)}
     if summary["dice_ci95"] is None:
-        warn(f"the test part holds {len(set(groups))} {run.split['unit']}: too few for a 95% interval over them "
-             f"(at least {MIN_GROUPS}), so none is given")
+        warn(f"the test part holds {len(set(groups))} {run.split['unit']}: too few (< {MIN_GROUPS}) for a 95% interval")
     by_type = {t: summarize({k: v[types == t] for k, v in scores.items()}, counts[types == t])
                for t in sorted(set(types)) if t}
     save_csv(run.out / "test_per_image.csv", [
@@ -1244,7 +1242,10 @@ def plot_curves(path: Path, history: dict, best_epoch: int = 0) -> None:
 
 def figure(width: float, height: float):
     """A matplotlib figure that needs no screen and no pyplot state, so the writer thread can draw it."""
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ValueError as e:  # an unknown MPLBACKEND fails matplotlib's import
+        raise UserError(f"MPLBACKEND={os.environ.get('MPLBACKEND')}: {first_line(e)}; unset it") from None
     return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -1386,7 +1387,7 @@ def resumed_state(cfg: Config, typed: frozenset) -> tuple[Config, dict | None]:
     """With --resume: the checkpoint and its settings, the typed resumable ones replaced; else (cfg, None)."""
     if not cfg.resume:
         return cfg, None
-    path = Path(cfg.resume) if cfg.resume.endswith(".pth") else Path(cfg.resume) / "last.pth"
+    path = Path(cfg.resume) if Path(cfg.resume).suffix == ".pth" else Path(cfg.resume) / "last.pth"
     if "out_dir" in typed and Path(cfg.out_dir).resolve() != path.parent.resolve():
         raise UserError(f"--out-dir {cfg.out_dir} and --resume {cfg.resume} name two folders: a resumed run continues "
                         f"in its own folder, {path.parent}. Leave out --out-dir, or start a new run there")
@@ -1459,8 +1460,9 @@ def load_checkpoint(path: Path | str, resumable: bool = False) -> dict:
     try:
         saved_config(state["config"], path)
         values = {"threshold not between 0 and 1": not 0 <= state["threshold"] <= 1,
+                  "epoch below 0": state["epoch"] < 0,
                   "saved within an epoch by an earlier version of this script": resumable and state.get("step", 0),
-                  "best epoch unknown": not 0 <= state["best"]["epoch"] <= state["epoch"] + 1,  # or epoch < 0
+                  "best epoch unknown": not 0 <= state["best"]["epoch"] <= state["epoch"] + 1,
                   "split parts missing": not all(isinstance(state["split"][p], list) for p in ("train", "val", "test"))
                   or resumable and not {"how", "unit", "groups", "files"} <= set(state["split"]),
                   "history not a table of lists": not all(isinstance(v, list) for v in state["history"].values()),
@@ -1534,14 +1536,17 @@ def run_folder(cfg: Config, resume: dict | None, made: bool = False):
         log_file.close()
         lock.release()
         if not keep:  # its own files only: an epoch's plots may be written before a checkpoint fails
-            shutil.rmtree(folder / "demo-data", ignore_errors=True)
             plots = [p.relative_to(folder) for p in folder.glob("visualizations/epochs/epoch_[0-9][0-9][0-9].png")]
+            demo = [f"demo-data/{part}/{i}.png" for part in ("images", "masks") for i in range(1, cfg.demo_images + 1)]
             discard(folder, ["train.log", "config.json", "split.json", "history.csv", ".lock", "model.pth",
-                             "visualizations/loss_curves.png", *plots])
+                             "visualizations/loss_curves.png", *plots, *(demo if cfg.demo else [])])
 
 
 def start_records(folder: Path, cfg: Config, split: dict, resume: dict | None) -> None:
     """The run's settings and split; a resumed run's earlier test, which no longer describes it, goes."""
+    for sub in (folder / "visualizations", folder / "visualizations" / "epochs"):
+        if sub.exists() and not sub.is_dir():  # before anything changes: the plots could not be written
+            raise UserError(f"{sub} is a file where the run's plots go; move it out of {folder} and run again")
     save_json(folder / "config.json", dataclasses.asdict(cfg))
     save_json(folder / "split.json", split)
     for name in TEST_FILES if resume else ():
@@ -1918,7 +1923,7 @@ def write_failure(e: OSError, program: str) -> str:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"no permission to write {where}; choose another output folder"
     if e.errno == errno.ENOTDIR:
-        return f"cannot create {where}: a file stands where one of its folders should be; choose another"
+        return f"cannot write {where}: a file stands where one of its folders should be"
     return f"cannot write {where}: {e.strerror or e}"
 
 

@@ -72,7 +72,6 @@ run = bts.build_run(cfg, machine, data, split, idx, None)
 bts.train_epoch(run)  # warm: cuDNN autotuning may sync
 run.epoch, cfg.nan_check_every = 0, 1000
 torch.cuda.set_sync_debug_mode("error")
-order = bts.epoch_order(run)  # one copy per epoch, then steps that never wait
 bts.train_epoch(run)
 print("a training epoch ran under set_sync_debug_mode('error') without waiting for the GPU")
 EOF

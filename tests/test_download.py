@@ -195,14 +195,22 @@ def test_demo_with_a_data_dir_is_refused_before_anything_is_made(tmp_path, capsy
     assert sorted(os.listdir(tmp_path)) == ["tmp"]
 
 
-def test_a_demo_stopped_while_it_generates_leaves_no_folder(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("users_file", [False, True], ids=["alone", "with-a-users-file"])
+def test_a_demo_stopped_while_it_generates_leaves_no_folder_but_a_users_file(users_file, tmp_path, capsys,
+                                                                                monkeypatch):
     real = bts.make_synthetic_dataset
 
     def interrupted(folder, n, **kwargs):
         real(folder, 5, **kwargs)  # the first five pairs, then Ctrl-C
+        if users_file:
+            (folder / "images" / "mine.txt").write_text("put here meanwhile")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(bts, "make_synthetic_dataset", interrupted)
     rc, _, err = run_cli(capsys, "--demo", "--demo-images", "12", "--out-dir", tmp_path / "a", *TINY_ARGS)
     assert rc == 130 and "aborted" in err, err
-    assert sorted(os.listdir(tmp_path)) == ["tmp"]
+    if users_file:
+        left = [str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*") if p.is_file()]
+        assert left == ["demo-data/images/mine.txt"]  # the run's own files went, the user's stayed
+    else:
+        assert sorted(os.listdir(tmp_path)) == ["tmp"]

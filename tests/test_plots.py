@@ -2,12 +2,16 @@
 epoch and the learning rate, and the epoch panels (Original | Ground truth | Prediction)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import cv2
 import numpy as np
 import pytest
 
 import brain_tumor_segmentation as bts
-from conftest import TINY_ARGS, squares_dataset
+from conftest import SCRIPT, TINY_ARGS, one_error, squares_dataset
 
 GREEN, RED = (0, 200, 0), (0, 0, 255)
 
@@ -58,3 +62,12 @@ def test_the_loss_curves_mark_the_best_epoch_and_show_the_learning_rate(tmp_path
         marks = [line for line in ax.get_lines() if list(line.get_xdata()) == [2, 2]]
         assert marks and "best epoch (2)" in [t.get_text() for t in ax.get_legend().get_texts()]
     assert list(axes[2].get_lines()[0].get_ydata()) == pytest.approx(history["lr"])
+
+
+@pytest.mark.subprocess
+def test_an_unknown_mplbackend_is_one_sentence_naming_it(tmp_path):
+    """matplotlib refuses to import under an unknown MPLBACKEND: the run says so, without a traceback."""
+    command = [sys.executable, str(SCRIPT), "--demo", "--demo-images", "20", *TINY_ARGS, "--out-dir", str(tmp_path / "r")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "MPLBACKEND": "nonsense", "OMP_NUM_THREADS": "1"})
+    one_error(result.returncode, result.stderr, "MPLBACKEND=nonsense:", "unset it")

@@ -416,6 +416,8 @@ DAMAGES = {
     "saved-mid-epoch-by-an-earlier-version": lambda p: edit_checkpoint(p, "step", 1),
     "lr-text": lambda p: edit_checkpoint(p, "config.lr", "fast"),
     "epoch-negative": lambda p: edit_checkpoint(p, "epoch", -5),
+    "epoch-minus-one-best-zero": lambda p: (edit_checkpoint(p, "epoch", -1),
+                                            edit_checkpoint(p, "best", {"epoch": 0, "val_dice": -1.0})),
     "image-size-17": lambda p: edit_checkpoint(p, "config.image_size", 17),
     "history-text": lambda p: edit_checkpoint(p, "history", {"epoch": "x"}),
     "config-none": lambda p: edit_checkpoint(p, "config", None),

@@ -148,7 +148,7 @@ def test_a_file_where_a_parent_folder_should_be_is_refused_before_anything_runs(
         if parent.is_dir():
             shutil.rmtree(parent)
         parent.write_text("a file of the same name\n")
-        target, named = "", f"cannot create {DEFAULT_PARENT[program]}:"
+        target, named = "", f"cannot write {DEFAULT_PARENT[program]}:"
     before = everything(work, base)
     rc, out, err = run_program(program, capsys, base, target)
     one_error(rc, err, named, "a file stands where one of its folders should be")
@@ -170,15 +170,17 @@ def test_a_file_where_the_runs_subfolder_goes_is_refused_before_anything_trains(
 
 
 @pytest.mark.slow
-def test_a_file_where_a_resumed_runs_plots_go_stops_it_in_one_sentence(base, tmp_path, capsys):
-    """A file put inside a run's folder where its plots go: the resumed run stops at the first plot, one
-    sentence naming it, and the file stays."""
+def test_a_file_where_a_resumed_runs_subfolder_goes_is_refused_before_the_run_changes(base, tmp_path, capsys):
+    """Issue class Q: what stands where an output folder goes is known before anything is done, in a
+    resumed run's own folder too: one sentence naming it, and the run (a finished one) left as it was."""
     run = Path(shutil.copytree(base["runs"][0], tmp_path / "run"))
     shutil.rmtree(run / "visualizations")
     (run / "visualizations").write_text("a user's file\n")
-    rc, _, err = run_cli(capsys, "--resume", run, "--epochs", "2")
+    before = snapshot(run, ignore="train.log")
+    rc, stdout, err = run_cli(capsys, "--resume", run, "--epochs", "2")
     one_error(rc, err, str(run / "visualizations"))
-    assert (run / "visualizations").read_text() == "a user's file\n"
+    assert not re.search(r"^epoch +2/2", stdout, re.M) and bts.load_checkpoint(run / "last.pth")["epoch"] == 1
+    assert snapshot(run, ignore="train.log") == before, "the finished run was changed before the refusal"
 
 
 @pytest.mark.subprocess
