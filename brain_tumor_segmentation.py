@@ -388,7 +388,7 @@ def make_split(cfg: Config, data: dict) -> dict:
     split["fractions"] = fractions = {part: round(len(split[part]) / len(names), 4) for part in parts}
     off = not cfg.folds and any(abs(fractions[p] - getattr(cfg, f"{p}_fraction")) > 0.02 for p in ("val", "test"))
     split["warnings"] = [f"whole {unit} could not honour --val-fraction {cfg.val_fraction} and --test-fraction "
-                         f"{cfg.test_fraction} within 0.02: the parts hold {split['fractions']} of the images"] * off
+                         f"{cfg.test_fraction} within 0.02: the parts hold {fractions} of the images"] if off else []
     for warning in split["warnings"]:
         warn(warning)
     split["groups"] = dict(zip(names, groups))
@@ -1076,7 +1076,6 @@ def never_empty(mask: np.ndarray, prob: np.ndarray) -> np.ndarray:
 
 # Post-processing, nnU-Net's way: each step is tried on validation in this order and kept if it raises the
 # mean Dice; model.pth keeps the choice for the test and predict.py. A step: name -> f(mask, probabilities).
-
 POSTPROCESSING = {"largest_component": largest_component, "fill_holes": fill_holes, "never_empty": never_empty}
 
 
